@@ -1,0 +1,237 @@
+"""Speed and memory benchmarks: the single source of the figures in docs/benchmarks.md.
+
+`bench_ops` times forward+backward of one layer (conv2d, our DCN in each layout, torchvision's DCN);
+`bench_model` times whole training steps of the assignment's network for each deformable placement.
+Timings are medians over repetitions after a warm-up, with the thread count fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from harness.errors import HarnessError
+from harness.ops import deform_conv2d, deform_conv2d_shared, expand_shared_offset
+
+# (N, C, O, H=W) from the foundation issue, plus a stride-2 and a dilation-2 case.
+DEFAULT_SHAPES: list[tuple[int, int, int, int, int, int]] = [
+    (8, 32, 32, 64, 1, 1),
+    (16, 64, 64, 32, 1, 1),
+    (16, 128, 128, 16, 1, 1),
+    (16, 64, 64, 32, 2, 1),
+    (16, 64, 64, 32, 1, 2),
+]
+IMPLS = ("conv2d", "per_tap", "shared", "modulated", "torchvision")
+
+
+@dataclass
+class LayerShape:
+    n: int
+    c: int
+    o: int
+    size: int
+    stride: int = 1
+    dilation: int = 1
+    kernel: int = 3
+
+    @property
+    def label(self) -> str:
+        extra = "".join(
+            f" {name}{v}" for name, v in (("s", self.stride), ("d", self.dilation)) if v != 1
+        )
+        return f"{self.n}x{self.c}->{self.o} @{self.size}{extra}"
+
+    @classmethod
+    def parse(cls, text: str) -> LayerShape:
+        """'N,C,O,H[,stride[,dilation]]' → LayerShape."""
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            values = []
+        if not 4 <= len(values) <= 6 or min(values) < 1:
+            raise HarnessError(f"shape {text!r} must be N,C,O,H[,stride[,dilation]] with positive integers")
+        return cls(*values)
+
+
+def _make_case(shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32) -> Callable[[], None]:
+    """A closure running forward+backward of one layer implementation on fixed random tensors."""
+    gen = torch.Generator().manual_seed(0)
+    k, pad = shape.kernel, shape.dilation * (shape.kernel // 2)
+    x = torch.randn(shape.n, shape.c, shape.size, shape.size, generator=gen, dtype=dtype).requires_grad_()
+    w = (torch.randn(shape.o, shape.c, k, k, generator=gen, dtype=dtype) * 0.05).requires_grad_()
+    b = torch.zeros(shape.o, dtype=dtype, requires_grad=True)
+    out = (shape.size + 2 * pad - shape.dilation * (k - 1) - 1) // shape.stride + 1
+    taps = k * k
+    geometry = (shape.stride, pad, shape.dilation)
+
+    def shared_offset() -> torch.Tensor:
+        return (torch.randn(shape.n, 2, out, out, generator=gen, dtype=dtype) * 2).requires_grad_()
+
+    def tap_offset() -> torch.Tensor:
+        return (torch.randn(shape.n, 2 * taps, out, out, generator=gen, dtype=dtype) * 2).requires_grad_()
+
+    if impl == "conv2d":
+        def run() -> None:
+            F.conv2d(x, w, b, shape.stride, pad, shape.dilation).sum().backward()
+    elif impl == "shared":
+        off = shared_offset()
+
+        def run() -> None:
+            deform_conv2d_shared(x, off, w, b, *geometry).sum().backward()
+    elif impl == "per_tap":
+        off = tap_offset()
+
+        def run() -> None:
+            deform_conv2d(x, off, w, b, *geometry).sum().backward()
+    elif impl == "modulated":
+        off = tap_offset()
+        mask = torch.rand(shape.n, taps, out, out, generator=gen, dtype=dtype).requires_grad_()
+
+        def run() -> None:
+            deform_conv2d(x, off, w, b, *geometry, mask=mask).sum().backward()
+    elif impl == "torchvision":
+        from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+        off = tap_offset()
+
+        def run() -> None:
+            tv_deform_conv2d(x, off, w, b, *geometry).sum().backward()
+    elif impl == "shared_expanded":
+        off = shared_offset()
+
+        def run() -> None:
+            deform_conv2d(x, expand_shared_offset(off, taps), w, b, *geometry).sum().backward()
+    else:
+        raise HarnessError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
+    return run
+
+
+def median_ms(fn: Callable[[], None], warmup: int, reps: int, min_time_s: float = 0.0) -> float:
+    """Median wall-clock of fn in milliseconds after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps or (time.perf_counter() - start < min_time_s and len(times) < 10 * reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def peak_memory_mb(shape: LayerShape, impl: str) -> float:
+    """Peak extra resident memory (MiB) of one forward+backward, measured in a fresh process."""
+    code = (
+        "import resource, json, torch, sys;"
+        "from harness.bench import LayerShape, _make_case;"
+        "torch.set_num_threads(1);"
+        f"run = _make_case(LayerShape(**{asdict(shape)!r}), {impl!r});"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "run();"
+        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {impl} {shape.label}: {done.stderr.strip()[-400:]}")
+    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+@dataclass
+class OpsRow:
+    shape: str
+    impl: str
+    ms: float
+    ratio_to_conv2d: float
+    peak_mb: float | None = None
+
+
+def bench_ops(
+    shapes: Sequence[LayerShape], impls: Sequence[str] = IMPLS, warmup: int = 2, reps: int = 5,
+    threads: int = 2, memory: bool = False, progress: Callable[[str], None] | None = None,
+) -> list[OpsRow]:
+    """Forward+backward median time of each implementation on each shape, and its ratio to conv2d."""
+    torch.set_num_threads(threads)
+    rows: list[OpsRow] = []
+    for shape in shapes:
+        base = None
+        for impl in ("conv2d", *[i for i in impls if i != "conv2d"]):
+            if progress:
+                progress(f"{shape.label} {impl}")
+            ms = median_ms(_make_case(shape, impl), warmup, reps, min_time_s=0.5)
+            base = ms if impl == "conv2d" else base
+            peak = peak_memory_mb(shape, impl) if memory else None
+            if impl in impls:
+                rows.append(OpsRow(shape.label, impl, ms, ms / base if base else float("nan"), peak))
+    return rows
+
+
+@dataclass
+class ModelRow:
+    placement: str
+    images_per_s: float
+    ms_per_step: float
+    relative_to_standard: float
+
+
+def bench_model(
+    placements: Sequence[str], image_size: int = 64, batch: int = 32, arch: str = "unet_encoder",
+    width: float = 0.25, offset_channels: str = "per_tap", modulated: bool = False,
+    warmup: int = 2, reps: int = 5, threads: int = 2, progress: Callable[[str], None] | None = None,
+) -> list[ModelRow]:
+    """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement."""
+    from harness.models import DeformOptions, create_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size)
+    targets = (torch.rand(batch, 80) < 0.05).float()
+    rows: list[ModelRow] = []
+    base_ips = None
+    for placement in placements:
+        if progress:
+            progress(placement)
+        model = create_model(
+            arch, width=width, deform_layers=placement,
+            options=DeformOptions(offset_channels=offset_channels, modulated=modulated),
+        )
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            F.binary_cross_entropy_with_logits(model(images), targets).backward()
+            optimizer.step()
+
+        ms = median_ms(step, warmup, reps, min_time_s=1.0)
+        ips = batch / (ms / 1000)
+        base_ips = ips if base_ips is None else base_ips
+        rows.append(ModelRow(placement, ips, ms, ips / base_ips))
+    return rows
+
+
+def machine_description() -> dict[str, str | int]:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }

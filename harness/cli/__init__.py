@@ -1,0 +1,45 @@
+"""`harness` command line: thin wrappers that call the library and print for the user.
+
+User mistakes arrive as `HarnessError` and are printed as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from harness.cli import bench as _bench  # noqa: F401  (registers commands)
+from harness.cli.app import app, err_console
+from harness.errors import HarnessError
+
+_OPTIONAL_COMMANDS = ("data", "run", "report", "tune", "evaluate")
+for _name in _OPTIONAL_COMMANDS:
+    try:
+        __import__(f"harness.cli.{_name}")
+    except ModuleNotFoundError as exc:  # a command module not written yet
+        if exc.name != f"harness.cli.{_name}":
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="harness")
+    except HarnessError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

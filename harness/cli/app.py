@@ -1,0 +1,21 @@
+"""The Typer application and its sub-command groups; command modules attach to these."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="harness",
+    help="Benchmark and ablation harness for deformable convolution.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Speed and memory benchmarks (figures for docs/benchmarks.md).", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect, generate and download COCO-format data.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err_console = Console(stderr=True)

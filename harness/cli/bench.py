@@ -1,0 +1,96 @@
+"""`harness bench ops|model`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from harness.bench import DEFAULT_SHAPES, IMPLS, LayerShape, bench_model, bench_ops, machine_description
+from harness.cli.app import bench_app, console
+from harness.errors import HarnessError
+
+
+@bench_app.command("ops")
+def ops(
+    shape: Annotated[
+        list[str] | None,
+        typer.Option("--shape", help="N,C,O,H[,stride[,dilation]]; repeat for several (default: the standard set)"),
+    ] = None,
+    impl: Annotated[list[str] | None, typer.Option("--impl", help=f"subset of {', '.join(IMPLS)}")] = None,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
+    reps: Annotated[int, typer.Option(help="timed repetitions (median reported)")] = 5,
+    warmup: Annotated[int, typer.Option(help="untimed warm-up calls")] = 2,
+    memory: Annotated[bool, typer.Option("--memory", help="also measure peak RSS per case (subprocess each)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Forward+backward time of conv2d vs our DCN (per_tap, shared, modulated) vs torchvision's DCN."""
+    shapes = [LayerShape.parse(s) for s in shape] if shape else [LayerShape(*s) for s in DEFAULT_SHAPES]
+    impls = tuple(impl) if impl else IMPLS
+    unknown = [i for i in impls if i not in IMPLS]
+    if unknown:
+        raise HarnessError(f"unknown --impl {unknown}; known: {', '.join(IMPLS)}")
+    with console.status("benchmarking") as status:
+        rows = bench_ops(shapes, impls, warmup, reps, threads, memory, progress=status.update)
+    if as_json:
+        print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    table = Table(title=f"forward+backward, fp32, {threads} threads (median of {reps})")
+    table.add_column("shape N×C→O @H")
+    for name in impls:
+        table.add_column(name, justify="right")
+    if "torchvision" in impls and "per_tap" in impls:
+        table.add_column("per_tap vs tv", justify="right")
+    by_shape: dict[str, dict[str, object]] = {}
+    for row in rows:
+        by_shape.setdefault(row.shape, {})[row.impl] = row
+    for label, cells in by_shape.items():
+        values = []
+        for name in impls:
+            r = cells[name]
+            text = f"{r.ms:.2f} ms" if name == "conv2d" else f"{r.ms:.2f} ms ({r.ratio_to_conv2d:.1f}×)"
+            if r.peak_mb is not None:
+                text += f" {r.peak_mb:.0f} MiB"
+            values.append(text)
+        if "torchvision" in impls and "per_tap" in impls:
+            values.append(f"{cells['torchvision'].ms / cells['per_tap'].ms:.1f}× faster")
+        table.add_row(label, *values)
+    console.print(table)
+    console.print(f"machine: {machine_description()}")
+
+
+@bench_app.command("model")
+def model(
+    placement: Annotated[
+        list[str] | None, typer.Option("--placement", help="deform_layers spec; repeat (default: none, first:2, all)")
+    ] = None,
+    image_size: Annotated[int, typer.Option(help="square input size in px")] = 64,
+    batch: Annotated[int, typer.Option(help="batch size")] = 32,
+    arch: Annotated[str, typer.Option(help="unet_encoder or small3")] = "unet_encoder",
+    width: Annotated[float, typer.Option(help="width multiplier")] = 0.25,
+    offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
+    modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
+    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
+    reps: Annotated[int, typer.Option(help="timed steps (median reported)")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Training-step images/s of the network for each deformable placement."""
+    placements = placement or ["none", "first:2", "all"]
+    with console.status("benchmarking") as status:
+        rows = bench_model(
+            placements, image_size, batch, arch, width, offset_channels, modulated,
+            reps=reps, threads=threads, progress=status.update,
+        )
+    if as_json:
+        print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    table = Table(title=f"{arch} ×{width} training step, {image_size} px, batch {batch}, {offset_channels}")
+    for col in ("placement", "images/s", "ms/step", "vs standard"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r.placement, f"{r.images_per_s:.1f}", f"{r.ms_per_step:.1f}", f"{r.relative_to_standard:.2f}×")
+    console.print(table)
+    console.print(f"machine: {machine_description()}")

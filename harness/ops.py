@@ -1,0 +1,389 @@
+"""Deformable convolution (DCNv1 and the DCNv2 modulated form) in plain PyTorch.
+
+`deform_conv2d` takes the arguments and offset layout of `torchvision.ops.deform_conv2d`: for kernel
+tap ``k = i * kw + j`` of offset group ``g``, channel ``2 * (g * kh * kw + k)`` holds Δy and the next
+one Δx. Bilinear sampling is done by `grid_sample` (zeros outside the image, exactly like
+torchvision's kernel), the weighted sum by one batched matmul, and autograd provides every gradient.
+
+`deform_conv2d_shared` is the fast path for the layout the course assignment used: one (Δy, Δx) per
+offset group shared by all kernel taps. Because every tap then sees the same fractional position, the
+layer equals an ordinary stride-1 convolution over the zero-padded plane followed by one bilinear
+sample of its output per output pixel, which costs little more than the convolution itself.
+
+`DeformConv2d` is the layer the networks use: conv weights plus a zero-initialised offset (and mask)
+predictor, so at initialisation an unmodulated layer is exactly an ordinary convolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+OffsetLayout = Literal["shared", "per_tap"]
+Backend = Literal["native", "torchvision"]
+
+IntPair = int | tuple[int, int]
+
+
+def _pair(value: IntPair, name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    pair = tuple(int(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, given {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_common(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """Validate input/weight/bias; return (groups, kh, kw) and the output size as Ho*Wo pair."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D [N, C, H, W], given shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D [O, C/groups, kh, kw], given shape {tuple(weight.shape)}")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
+        raise ValueError(
+            f"stride and dilation must be >= 1 and padding >= 0, given stride={stride}, "
+            f"padding={padding}, dilation={dilation}"
+        )
+    n_in = input.shape[1]
+    out_channels, channels_per_group = weight.shape[:2]
+    if channels_per_group == 0 or n_in % channels_per_group != 0:
+        raise ValueError(
+            f"weight expects C/groups = {channels_per_group} input channels per group, which does not "
+            f"divide the input's {n_in} channels (weight shape {tuple(weight.shape)}, "
+            f"input shape {tuple(input.shape)})"
+        )
+    groups = n_in // channels_per_group
+    if out_channels % groups != 0:
+        raise ValueError(
+            f"groups={groups} (from input {n_in} / weight {channels_per_group} channels) must divide the "
+            f"{out_channels} output channels of weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), given {tuple(bias.shape)}")
+    return groups, out_channels, weight.shape[2], weight.shape[3]
+
+
+def _check_offset(
+    name: str, tensor: Tensor, batch: int, per_group: int, n_in: int, out_hw: tuple[int, int]
+) -> int:
+    """Validate an offset or mask tensor and return its number of offset groups."""
+    if tensor.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, channels, Ho, Wo], given shape {tuple(tensor.shape)}")
+    channels = tensor.shape[1]
+    if channels == 0 or channels % per_group != 0:
+        raise ValueError(
+            f"{name} must have a positive multiple of {per_group} channels (one set per offset group), "
+            f"given {channels} (shape {tuple(tensor.shape)})"
+        )
+    groups = channels // per_group
+    if n_in % groups != 0:
+        raise ValueError(
+            f"{name} has {channels} channels = {groups} offset groups, which do not divide the "
+            f"{n_in} input channels"
+        )
+    expected = (batch, channels, *out_hw)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, given {tuple(tensor.shape)}")
+    return groups
+
+
+def _normalise(coords: Tensor, size: int) -> Tensor:
+    """Pixel coordinates → grid_sample's [-1, 1] frame (align_corners=False; exact for size 1 too)."""
+    return (2.0 * coords + 1.0) / size - 1.0
+
+
+def _tap_grid(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    like: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Undeformed sampling positions (y, x) of every tap at every output pixel, each [K, Ho, Wo]."""
+    kh, kw = kernel
+    ho, wo = out_hw
+    opts = {"dtype": like.dtype, "device": like.device}
+    rows = torch.arange(ho, **opts) * stride[0] - padding[0]
+    cols = torch.arange(wo, **opts) * stride[1] - padding[1]
+    tap_rows = torch.arange(kh, **opts) * dilation[0]
+    tap_cols = torch.arange(kw, **opts) * dilation[1]
+    y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo)
+    x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo)
+    return y.reshape(kh * kw, ho, wo), x.reshape(kh * kw, ho, wo)
+
+
+def deform_conv2d(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Deformable 2-D convolution with torchvision's signature and offset layout.
+
+    Shapes: input [N, C, H, W]; offset [N, 2·G·kh·kw, Ho, Wo] (G offset groups, inferred);
+    weight [O, C/groups, kh, kw] (conv groups inferred); mask [N, G·kh·kw, Ho, Wo] (DCNv2).
+    """
+    stride_, padding_, dilation_ = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    groups, out_channels, kh, kw = _check_common(input, weight, bias, stride_, padding_, dilation_)
+    n, c, h, w = input.shape
+    out_hw = (
+        _output_size(h, kh, stride_[0], padding_[0], dilation_[0]),
+        _output_size(w, kw, stride_[1], padding_[1], dilation_[1]),
+    )
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding_} and dilation "
+            f"{dilation_}: output would be {out_hw[0]}x{out_hw[1]}"
+        )
+    taps = kh * kw
+    offset_groups = _check_offset("offset", offset, n, 2 * taps, c, out_hw)
+    if mask is not None:
+        mask_groups = _check_offset("mask", mask, n, taps, c, out_hw)
+        if mask_groups != offset_groups:
+            raise ValueError(
+                f"mask must have {offset_groups * taps} channels (offset groups x kh*kw) to match the offset, "
+                f"given {mask.shape[1]}"
+            )
+
+    ho, wo = out_hw
+    length = ho * wo
+    base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
+    delta = offset.view(n, offset_groups, taps, 2, ho, wo)
+    grid = torch.stack(
+        (_normalise(base_x + delta[:, :, :, 1], w), _normalise(base_y + delta[:, :, :, 0], h)), dim=-1
+    ).view(n * offset_groups, taps * ho, wo, 2)
+    if grid.dtype != input.dtype:
+        grid = grid.to(input.dtype)
+    columns = F.grid_sample(
+        input.reshape(n * offset_groups, c // offset_groups, h, w),
+        grid,
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )  # [N·G, C/G, K·Ho, Wo]
+    if mask is not None:
+        columns = columns.view(n, offset_groups, c // offset_groups, taps, length) * mask.view(
+            n, offset_groups, 1, taps, length
+        ).to(columns.dtype)
+    columns = columns.reshape(n, groups, (c // groups) * taps, length)
+    out = torch.matmul(weight.reshape(groups, out_channels // groups, (c // groups) * taps), columns)
+    out = out.view(n, out_channels, ho, wo)
+    if bias is not None:
+        out = out + bias.view(1, out_channels, 1, 1)
+    return out
+
+
+def deform_conv2d_shared(
+    input: Tensor,
+    offset: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> Tensor:
+    """Deformable convolution whose offset is shared by all kernel taps: offset [N, 2·G, Ho, Wo].
+
+    Exact (not an approximation) and equal to `deform_conv2d` with the offset repeated over the taps:
+    convolve the zero-padded input at stride 1, then bilinearly sample the result at
+    stride·p0 − padding + Δp(p0). With several offset groups and several conv groups at once it falls
+    back to the general path.
+    """
+    stride_, padding_, dilation_ = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    groups, out_channels, kh, kw = _check_common(input, weight, bias, stride_, padding_, dilation_)
+    n, c, h, w = input.shape
+    out_hw = (
+        _output_size(h, kh, stride_[0], padding_[0], dilation_[0]),
+        _output_size(w, kw, stride_[1], padding_[1], dilation_[1]),
+    )
+    if min(out_hw) < 1:
+        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw}: output would be {out_hw}")
+    offset_groups = _check_offset("offset", offset, n, 2, c, out_hw)
+    if offset_groups > 1 and groups > 1:
+        return deform_conv2d(
+            input, expand_shared_offset(offset, kh * kw), weight, bias, stride_, padding_, dilation_
+        )
+
+    reach_y, reach_x = (kh - 1) * dilation_[0], (kw - 1) * dilation_[1]
+    if offset_groups == 1:
+        full = F.conv2d(input, weight, None, 1, (reach_y, reach_x), dilation_, groups)
+    else:  # conv groups == 1: one convolution per offset group, stacked as conv groups
+        per = c // offset_groups
+        split = weight.view(out_channels, offset_groups, per, kh, kw).transpose(0, 1)
+        full = F.conv2d(
+            input, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
+            (reach_y, reach_x), dilation_, offset_groups,
+        )
+    full_h, full_w = full.shape[-2:]  # row i of `full` is the correlation anchored at input row i - reach_y
+    ho, wo = out_hw
+    opts = {"dtype": offset.dtype, "device": offset.device}
+    rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
+    cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)
+    delta = offset.view(n, offset_groups, 2, ho, wo)
+    grid = torch.stack(
+        (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
+    ).view(n * offset_groups, ho, wo, 2)
+    out = F.grid_sample(
+        full.reshape(n * offset_groups, out_channels, full_h, full_w),
+        grid.to(full.dtype),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
+    )
+    if offset_groups > 1:
+        out = out.view(n, offset_groups, out_channels, ho, wo).sum(1)
+    if bias is not None:
+        out = out + bias.view(1, out_channels, 1, 1)
+    return out
+
+
+def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:
+    """[N, 2·G, Ho, Wo] shared offsets → torchvision's per-tap layout [N, 2·G·taps, Ho, Wo]."""
+    n, channels, ho, wo = offset.shape
+    groups = channels // 2
+    return (
+        offset.view(n, groups, 1, 2, ho, wo)
+        .expand(n, groups, taps, 2, ho, wo)
+        .reshape(n, groups * taps * 2, ho, wo)
+    )
+
+
+class DeformConv2d(nn.Module):
+    """A convolution whose sampling grid is deformed by offsets predicted from its own input.
+
+    The offset (and, for DCNv2, mask) predictor is a convolution with the same kernel, stride,
+    padding and dilation, zero-initialised: at initialisation the offsets are 0 (and the mask 0.5),
+    so an unmodulated layer is exactly ``nn.Conv2d`` with the same weights. Its parameters are
+    returned by `offset_parameters()` so that an optimizer can give them their own learning rate.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair = 3,
+        stride: IntPair = 1,
+        padding: IntPair = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        offset_channels: OffsetLayout = "per_tap",
+        modulated: bool = False,
+        offset_groups: int = 1,
+        backend: Backend = "native",
+    ) -> None:
+        super().__init__()
+        if offset_channels not in ("shared", "per_tap"):
+            raise ValueError(f"offset_channels must be 'shared' or 'per_tap', given {offset_channels!r}")
+        if backend not in ("native", "torchvision"):
+            raise ValueError(f"backend must be 'native' or 'torchvision', given {backend!r}")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}"
+            )
+        if offset_groups < 1 or in_channels % offset_groups:
+            raise ValueError(f"offset_groups={offset_groups} must divide in_channels={in_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups, self.offset_groups = groups, offset_groups
+        self.offset_channels: OffsetLayout = offset_channels
+        self.modulated, self.backend = modulated, backend
+
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kh, kw))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        taps = kh * kw
+        self.n_offset = 2 * offset_groups * (taps if offset_channels == "per_tap" else 1)
+        self.n_mask = offset_groups * taps if modulated else 0
+        self.offset_predictor = nn.Conv2d(
+            in_channels, self.n_offset + self.n_mask, self.kernel_size, self.stride, self.padding,
+            self.dilation, bias=True,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Conv weights as `nn.Conv2d` initialises them; the offset/mask predictor at exactly zero."""
+        reference = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, groups=self.groups, bias=self.bias is not None
+        )
+        with torch.no_grad():
+            self.weight.copy_(reference.weight)
+            if self.bias is not None:
+                self.bias.copy_(reference.bias)
+        nn.init.zeros_(self.offset_predictor.weight)
+        nn.init.zeros_(self.offset_predictor.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, **options: object) -> DeformConv2d:
+        """A deformable layer with `conv`'s geometry and a copy of its weights."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+            conv.dilation, conv.groups, conv.bias is not None, **options,  # type: ignore[arg-type]
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None and layer.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    def offset_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the offset/mask predictor (DCNv2 trains them at 0.1x the learning rate)."""
+        return self.offset_predictor.parameters()
+
+    def predict(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The offsets (in this layer's layout) and the mask (after the sigmoid) for `input`."""
+        raw = self.offset_predictor(input)
+        offset = raw[:, : self.n_offset]
+        mask = torch.sigmoid(raw[:, self.n_offset :]) if self.modulated else None
+        return offset, mask
+
+    def forward(self, input: Tensor) -> Tensor:
+        offset, mask = self.predict(input)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        if self.backend == "torchvision":
+            from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+            if self.offset_channels == "shared":
+                offset = expand_shared_offset(offset, taps)
+            return tv_deform_conv2d(
+                input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask
+            )
+        if self.offset_channels == "shared" and mask is None:
+            return deform_conv2d_shared(
+                input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation
+            )
+        if self.offset_channels == "shared":
+            offset = expand_shared_offset(offset, taps)
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+            f"offset_channels={self.offset_channels}, modulated={self.modulated}, "
+            f"offset_groups={self.offset_groups}, backend={self.backend}"
+        )
