@@ -108,6 +108,19 @@ def _normalise(coords: Tensor, size: int) -> Tensor:
     return (2.0 * coords + 1.0) / size - 1.0
 
 
+def _pad_to_power_of_two(t: Tensor) -> Tensor:
+    """Zero-pad H and W (bottom/right) up to powers of two.
+
+    grid_sample maps pixel coordinates to [-1, 1] and back; with a power-of-two size both mappings
+    are exact for integer coordinates, so samples at whole pixels (every sample when the offsets are
+    zero) take the same corners, and the same one-sided gradient, as torchvision's kernel. The extra
+    zeros read exactly like the zeros outside the image.
+    """
+    h, w = t.shape[-2:]
+    pad_h, pad_w = (1 << (h - 1).bit_length()) - h, (1 << (w - 1).bit_length()) - w
+    return F.pad(t, (0, pad_w, 0, pad_h)) if pad_h or pad_w else t
+
+
 def _tap_grid(
     kernel: tuple[int, int],
     stride: tuple[int, int],
@@ -170,13 +183,18 @@ def deform_conv2d(
     length = ho * wo
     base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
     delta = offset.view(n, offset_groups, taps, 2, ho, wo)
+    source = _pad_to_power_of_two(input.reshape(n * offset_groups, c // offset_groups, h, w))
     grid = torch.stack(
-        (_normalise(base_x + delta[:, :, :, 1], w), _normalise(base_y + delta[:, :, :, 0], h)), dim=-1
+        (
+            _normalise(base_x + delta[:, :, :, 1], source.shape[-1]),
+            _normalise(base_y + delta[:, :, :, 0], source.shape[-2]),
+        ),
+        dim=-1,
     ).view(n * offset_groups, taps * ho, wo, 2)
     if grid.dtype != input.dtype:
         grid = grid.to(input.dtype)
     columns = F.grid_sample(
-        input.reshape(n * offset_groups, c // offset_groups, h, w),
+        source,
         grid,
         mode="bilinear",
         padding_mode="zeros",
@@ -235,7 +253,9 @@ def deform_conv2d_shared(
             input, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
             (reach_y, reach_x), dilation_, offset_groups,
         )
-    full_h, full_w = full.shape[-2:]  # row i of `full` is the correlation anchored at input row i - reach_y
+    # row i of `full` is the correlation anchored at input row i - reach_y
+    full = _pad_to_power_of_two(full.reshape(n * offset_groups, out_channels, *full.shape[-2:]))
+    full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
     opts = {"dtype": offset.dtype, "device": offset.device}
     rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
@@ -245,7 +265,7 @@ def deform_conv2d_shared(
         (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
     ).view(n * offset_groups, ho, wo, 2)
     out = F.grid_sample(
-        full.reshape(n * offset_groups, out_channels, full_h, full_w),
+        full,
         grid.to(full.dtype),
         mode="bilinear",
         padding_mode="zeros",

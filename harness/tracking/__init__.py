@@ -1,0 +1,1 @@
+"""The package that talks to MLflow: the runner writes runs, the report reads them (docs/tracking.md)."""

@@ -1,0 +1,56 @@
+"""`harness bench` runs and reports sane numbers (tiny shapes; no speed assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.bench import LayerShape, bench_model, bench_ops
+from harness.cli import main
+from harness.errors import HarnessError
+
+
+def test_bench_ops_rows_and_ratio():
+    rows = bench_ops([LayerShape(1, 4, 4, 8)], ("conv2d", "per_tap", "shared", "torchvision"), warmup=1, reps=1)
+    assert [r.impl for r in rows] == ["conv2d", "per_tap", "shared", "torchvision"]
+    assert rows[0].ratio_to_conv2d == pytest.approx(1.0)
+    assert all(r.ms > 0 for r in rows)
+
+
+def test_bench_ops_memory_probe():
+    rows = bench_ops([LayerShape(2, 8, 8, 16)], ("conv2d", "per_tap"), warmup=0, reps=1, memory=True)
+    assert all(r.peak_mb is not None and r.peak_mb >= 0 for r in rows)
+
+
+def test_bench_model_relative_to_first():
+    rows = bench_model(["none", "first:1"], image_size=32, batch=2, arch="small3", warmup=0, reps=1)
+    assert rows[0].relative_to_standard == pytest.approx(1.0)
+    assert rows[1].images_per_s > 0
+
+
+def test_cli_bench_ops_json(capsys):
+    code = main(["bench", "ops", "--shape", "1,4,4,8", "--impl", "conv2d", "--impl", "shared",
+                 "--reps", "1", "--warmup", "0", "--json"])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["impl"] for r in data["rows"]] == ["conv2d", "shared"]
+    assert "cpu" in data["machine"]
+
+
+@pytest.mark.parametrize("text", ["1,2,3", "a,b,c,d", "1,2,3,0"])
+def test_bad_shape(text):
+    with pytest.raises(HarnessError, match="N,C,O,H"):
+        LayerShape.parse(text)
+
+
+def test_cli_bad_shape_is_one_line_exit_2(capsys):
+    assert main(["bench", "ops", "--shape", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+def test_every_command_has_help(capsys):
+    for argv in (["--help"], ["bench", "--help"], ["bench", "ops", "--help"], ["bench", "model", "--help"]):
+        assert main(argv) == 0
+    assert "Forward+backward" in capsys.readouterr().out

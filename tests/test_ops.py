@@ -1,0 +1,201 @@
+"""Our deformable convolution against torchvision's kernel, and the DeformConv2d layer."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+from harness.ops import DeformConv2d, deform_conv2d, deform_conv2d_shared, expand_shared_offset
+
+
+def _out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _case(
+    dtype: torch.dtype, n=2, c=4, o=6, h=7, w=9, k=3, s=1, p=1, d=1, groups=1, offset_groups=1,
+    mask=True, scale=2.5, seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+    kh = kw = k
+    ho, wo = _out(h, kh, s, p, d), _out(w, kw, s, p, d)
+    x = torch.randn(n, c, h, w, generator=g, dtype=dtype)
+    weight = torch.randn(o, c // groups, kh, kw, generator=g, dtype=dtype)
+    bias = torch.randn(o, generator=g, dtype=dtype)
+    # large offsets so that many samples fall outside the image
+    offset = torch.randn(n, 2 * offset_groups * kh * kw, ho, wo, generator=g, dtype=dtype) * scale
+    m = torch.rand(n, offset_groups * kh * kw, ho, wo, generator=g, dtype=dtype) if mask else None
+    return x, offset, weight, bias, m, (s, p, d)
+
+
+def _grads(fn, tensors):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    (out * upstream).sum().backward()
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+CASES = [
+    dict(s=s, p=p, d=d, mask=m)
+    for s, p, d, m in itertools.product((1, 2), (0, 1, 2), (1, 2), (False, True))
+] + [
+    dict(groups=2, c=4, o=6),
+    dict(offset_groups=2, c=4),
+    dict(groups=2, offset_groups=4, c=8, o=4, mask=True),
+    dict(k=1, p=0),
+    dict(k=5, p=2, h=9, w=6),
+    dict(h=5, w=11, s=2, d=2, p=2, mask=True),
+    dict(scale=8.0, mask=True),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_torchvision_forward_and_gradients(case, dtype, tol):
+    x, offset, weight, bias, mask, (s, p, d) = _case(dtype, **case)
+    tensors = [x, offset, weight, bias, mask]
+
+    def ours(x, off, w, b, m):
+        return deform_conv2d(x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
+
+    def theirs(x, off, w, b, m):
+        return tv_deform_conv2d(x, off, w, b, stride=(s, s), padding=(p, p), dilation=(d, d), mask=m)
+
+    out_a, grads_a = _grads(ours, tensors)
+    out_b, grads_b = _grads(theirs, tensors)
+    assert out_a.shape == out_b.shape
+    torch.testing.assert_close(out_a, out_b, atol=tol, rtol=0)
+    for name, ga, gb in zip(("input", "offset", "weight", "bias", "mask"), grads_a, grads_b, strict=True):
+        if gb is None:
+            continue
+        torch.testing.assert_close(ga, gb, atol=tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize(
+    "s,p,d,offset_groups,groups",
+    [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 2, 1, 1), (2, 0, 2, 1, 1), (1, 1, 1, 2, 1), (1, 1, 1, 2, 2)],
+)
+def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups):
+    dtype = torch.float64
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 8, 10, generator=g, dtype=dtype)
+    w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=dtype)
+    b = torch.randn(6, generator=g, dtype=dtype)
+    ho, wo = _out(8, 3, s, p, d), _out(10, 3, s, p, d)
+    # offsets large enough to leave the image, and some exactly on integers
+    off = torch.randn(2, 2 * offset_groups, ho, wo, generator=g, dtype=dtype) * 4
+    off[:, :, 0, 0] = 1.0
+
+    def shared(x, off, w, b):
+        return deform_conv2d_shared(x, off, w, b, s, p, d)
+
+    def reference(x, off, w, b):
+        return tv_deform_conv2d(x, expand_shared_offset(off, 9), w, b, (s, s), (p, p), (d, d))
+
+    out_a, grads_a = _grads(shared, [x, off, w, b])
+    out_b, grads_b = _grads(reference, [x, off, w, b])
+    torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
+
+
+def test_gradcheck_fp64():
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=1, c=2, o=2, h=4, w=5, scale=1.3)
+    inputs = [t.requires_grad_() for t in (x, offset, weight, bias, mask)]
+    assert torch.autograd.gradcheck(
+        lambda *a: deform_conv2d(*a[:4], stride=s, padding=p, dilation=d, mask=a[4]), inputs, eps=1e-6, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("layout", ["shared", "per_tap"])
+@pytest.mark.parametrize("backend", ["native", "torchvision"])
+def test_layer_equals_conv_at_initialisation(layout, backend):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(5, 7, 3, stride=2, padding=1, dilation=1)
+    layer = DeformConv2d.from_conv(conv, offset_channels=layout, backend=backend)
+    x = torch.randn(2, 5, 11, 9)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=0)
+    expected_offsets = 2 * (9 if layout == "per_tap" else 1)
+    assert layer.offset_predictor.out_channels == expected_offsets
+    assert all((p == 0).all() for p in layer.offset_parameters())
+
+
+def test_modulated_layer_starts_at_half_mask_and_trains_offsets():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = DeformConv2d.from_conv(conv, offset_channels="shared", modulated=True)
+    assert layer.offset_predictor.out_channels == 2 + 9
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(layer(x), 0.5 * conv(x), atol=1e-5, rtol=0)
+    layer(x).square().sum().backward()
+    grads = [p.grad for p in layer.offset_parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize(
+    "layout,modulated", [("shared", False), ("shared", True), ("per_tap", False), ("per_tap", True)]
+)
+def test_native_and_torchvision_backends_agree_with_nonzero_offsets(layout, modulated):
+    torch.manual_seed(1)
+    a = DeformConv2d(4, 6, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2)
+    b = DeformConv2d(4, 6, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2,
+                     backend="torchvision")
+    with torch.no_grad():
+        torch.nn.init.normal_(a.offset_predictor.weight, std=0.5)
+        torch.nn.init.normal_(a.offset_predictor.bias, std=0.5)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 9, 9)
+    torch.testing.assert_close(a(x), b(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda t: {**t, "input": t["input"][0]}, r"input must be 4-D"),
+        (
+            lambda t: {**t, "offset": t["offset"][:, :17]},
+            r"offset must have a positive multiple of 18 channels.*given 17",
+        ),
+        (
+            lambda t: {**t, "offset": t["offset"][:, :, :3]},
+            r"offset must have shape \(2, 18, 7, 9\), given \(2, 18, 3, 9\)",
+        ),
+        (lambda t: {**t, "mask": t["mask"][:, :5]}, r"mask must have a positive multiple of 9 channels.*given 5"),
+        (lambda t: {**t, "mask": t["mask"][:1]}, r"mask must have shape \(2, 9, 7, 9\), given \(1, 9, 7, 9\)"),
+        (lambda t: {**t, "weight": t["weight"][:, :3]}, r"weight expects C/groups = 3.*4 channels"),
+        (lambda t: {**t, "weight": t["weight"][0]}, r"weight must be 4-D"),
+        (lambda t: {**t, "bias": t["bias"][:2]}, r"bias must have shape \(6,\), given \(2,\)"),
+        (lambda t: {**t, "weight": t["weight"][:5, :2]}, r"groups=2 .* must divide the 5 output channels"),
+    ],
+)
+def test_bad_shapes_raise_value_error_naming_shapes(mutate, match):
+    x, offset, weight, bias, mask, _ = _case(torch.float32)
+    t = mutate({"input": x, "offset": offset, "weight": weight, "bias": bias, "mask": mask})
+    with pytest.raises(ValueError, match=match):
+        deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], 1, 1, 1, t["mask"])
+
+
+def test_offset_groups_must_divide_channels():
+    x = torch.randn(1, 3, 5, 5)
+    with pytest.raises(ValueError, match="2 offset groups, which do not divide the 3 input channels"):
+        deform_conv2d(x, torch.zeros(1, 36, 5, 5), torch.randn(2, 3, 3, 3), padding=1)
+    with pytest.raises(ValueError, match="offset_groups=2 must divide in_channels=3"):
+        DeformConv2d(3, 4, offset_groups=2)
+
+
+def test_native_path_does_not_call_torchvision(monkeypatch):
+    import torchvision.ops
+
+    def boom(*args, **kwargs):
+        raise AssertionError("native path called torchvision")
+
+    monkeypatch.setattr(torchvision.ops, "deform_conv2d", boom)
+    layer = DeformConv2d(3, 4, 3, padding=1)
+    layer(torch.randn(1, 3, 6, 6)).sum().backward()
+    assert F.conv2d is not boom
