@@ -1,0 +1,201 @@
+"""`harness run`, `harness list` and `harness ui`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from harness.cli.app import app, console, err_console
+from harness.errors import HarnessError
+from harness.runner import RunnerOptions, RunOutcome, run_ablation
+from harness.spec import PlannedRun, expand, load_ablation, parse_set, select, shard
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="override a config key for every run: key.path=value (repeatable); "
+                 "grid.<axis>=[..] replaces a grid axis"),
+]
+DataRootOption = Annotated[
+    Path | None, typer.Option("--data-root", help="COCO root (annotations/ + <split>/ images); or $HARNESS_COCO_ROOT")
+]
+OnlyOption = Annotated[
+    list[str] | None, typer.Option("--only", help="glob over variant or run names (repeatable)")
+]
+
+
+def _plan(file: Path, set_items: list[str] | None, data_root: Path | None, only: list[str] | None,
+          shard_spec: str | None = None):
+    spec = load_ablation(file)
+    runs = expand(spec, parse_set(set_items), data_root, source=str(file))
+    return spec, shard(select(runs, only), shard_spec)
+
+
+@app.command("list")
+def list_runs(
+    file: Annotated[Path, typer.Argument(help="ablation YAML file")],
+    set_items: SetOption = None,
+    data_root: DataRootOption = None,
+    only: OnlyOption = None,
+) -> None:
+    """Print the runs an ablation file expands to: name, overrides, config hash."""
+    spec, runs = _plan(file, set_items, data_root, only)
+    table = Table(title=f"{spec.name}: {len(runs)} runs (baseline: {spec.baseline_variant})")
+    for col in ("#", "run", "variant overrides", "hash"):
+        table.add_column(col)
+    for i, run in enumerate(runs):
+        override = spec.variants.get(run.variant) or {}
+        table.add_row(str(i), run.name, _inline(override), run.config_hash)
+    console.print(table)
+
+
+def _inline(data: dict) -> str:
+    from harness.spec import flatten
+
+    return ", ".join(f"{k}={v}" for k, v in flatten(data).items()) or "—"
+
+
+class RichEvents:
+    """Live progress: runs done/total, the current run's epochs, and its steps with ETA."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.runs_task = progress.add_task("runs", total=None)
+        self.epoch_task = progress.add_task("epochs", total=None, visible=False)
+        self.step_task = progress.add_task("steps", total=None, visible=False)
+        self.data_task = progress.add_task("data", total=None, visible=False)
+        self.current: PlannedRun | None = None
+
+    def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None:
+        for name in stale:
+            self.progress.console.print(f"[yellow]marked stale RUNNING run {name} as KILLED[/]")
+        if skipped:
+            self.progress.console.print(f"skipping {len(skipped)} run(s) already FINISHED with the same config hash")
+        self.progress.update(self.runs_task, total=to_run, completed=0, description=f"runs ({total} planned)")
+
+    def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None:
+        self.current = run
+        note = f" (resuming after epoch {resumed_from})" if resumed_from else ""
+        self.progress.console.print(f"[bold]▶ {run.name}[/] [dim]{run.config_hash}[/]{note}")
+        self.progress.update(self.data_task, visible=False)
+        self.progress.update(
+            self.epoch_task, total=run.config.train.epochs, completed=resumed_from, visible=True,
+            description=f"epochs · {run.name}",
+        )
+
+    def data_progress(self, phase: str, done: int, total: int) -> None:
+        self.progress.update(self.data_task, description=phase, completed=done, total=total or None, visible=True)
+
+    def step(self, step: int, steps: int) -> None:
+        self.progress.update(self.step_task, completed=step, total=steps, visible=True, description="steps")
+
+    def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None:
+        self.progress.update(self.epoch_task, completed=epoch)
+        self.progress.console.print(
+            f"  epoch {epoch:>3}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
+            f"mAP {record['val_map']:.4f}  F1 {record['val_micro_f1']:.4f}  {record['epoch_time_s']:.1f}s",
+            highlight=False,
+        )
+
+    def run_finished(self, outcome: RunOutcome) -> None:
+        self.progress.advance(self.runs_task)
+        self.progress.update(self.step_task, visible=False)
+        if outcome.status == "failed":
+            self.progress.console.print(f"  [red]FAILED[/] {outcome.reason}", highlight=False)
+
+
+def summary_table(outcomes: list[RunOutcome]) -> Table:
+    table = Table(title="summary")
+    for col, justify in (("run", "left"), ("seed", "right"), ("status", "left"), ("best mAP", "right"),
+                         ("best F1", "right"), ("s/epoch", "right"), ("img/s", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    colours = {"finished": "green", "failed": "red", "skipped": "dim", "killed": "yellow"}
+    for o in outcomes:
+        s = o.summary
+
+        def fmt(key: str, spec: str, s: dict = s) -> str:
+            return format(s[key], spec) if key in s else "—"
+
+        table.add_row(
+            o.run.variant + "".join(f" {k}={v}" for k, v in o.run.grid.items() if k != "seed"),
+            str(o.run.config.seed), f"[{colours.get(o.status, 'white')}]{o.status}[/]",
+            fmt("best_val_map", ".4f"), fmt("best_val_micro_f1", ".4f"),
+            fmt("mean_epoch_time_s", ".2f"), fmt("mean_train_images_per_s", ".1f"),
+        )
+    return table
+
+
+@app.command("run")
+def run(
+    file: Annotated[Path, typer.Argument(help="ablation YAML file, e.g. ablations/quickstart.yaml")],
+    only: OnlyOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the runs, train nothing")] = False,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI or "
+                                 "sqlite:///results/mlflow.db")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps (overrides train.device)")]
+    = None,
+    set_items: SetOption = None,
+    data_root: DataRootOption = None,
+    no_profile: Annotated[bool, typer.Option("--no-profile", help="turn the torch.profiler window off")] = False,
+    shard_spec: Annotated[
+        str | None, typer.Option("--shard", help="i/n: run every n-th planned run starting at i (many workers)")
+    ] = None,
+    results_dir: Annotated[Path, typer.Option("--results-dir", help="checkpoints, caches, traces")] = Path("results"),
+) -> int:
+    """Train every run of an ablation file under torch.profiler and log it to MLflow (resumable)."""
+    if device is not None and device not in ("auto", "cpu", "cuda", "mps"):
+        raise HarnessError(f"--device {device!r}: expected auto, cpu, cuda or mps")
+    spec, runs = _plan(file, set_items, data_root, only, shard_spec)
+    if dry_run:
+        list_runs(file, set_items, data_root, only)
+        console.print("dry run: nothing trained")
+        return 0
+    options = RunnerOptions(tracking_uri, device, not no_profile, results_dir, str(file))
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=console, transient=True,
+    )
+    with progress:
+        outcomes = run_ablation(spec, runs, options, RichEvents(progress))
+    console.print(summary_table(outcomes))
+    failed = [o for o in outcomes if o.status == "failed"]
+    console.print(
+        f"{spec.name}: {sum(o.status == 'finished' for o in outcomes)} finished, {len(failed)} failed, "
+        f"{sum(o.status == 'skipped' for o in outcomes)} skipped in {time.perf_counter() - started:.0f}s · "
+        f"MLflow experiment '{spec.name}' at {options.tracking_uri or os.environ.get('MLFLOW_TRACKING_URI') or 'sqlite:///results/mlflow.db'}",
+        highlight=False,
+    )
+    if failed:
+        for o in failed:
+            err_console.print(f"[red]failed[/] {o.run.name}: {o.reason}", highlight=False)
+        return 1
+    return 0
+
+
+@app.command("ui")
+def ui(
+    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store to browse")] = None,
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+) -> int:
+    """Open the MLflow UI on the harness store, bound to 127.0.0.1."""
+    from harness.tracking.store import check_reachable, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    check_reachable(uri, create=False)
+    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0

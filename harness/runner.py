@@ -1,0 +1,286 @@
+"""Run an ablation: every planned run trained in turn, logged to MLflow, resumable, failures isolated.
+
+For each run: skip it if a FINISHED child with the same config hash exists; otherwise prepare the
+data (decode-once cache), call `harness.train.fit` with a checkpoint under results/checkpoints/<hash>
+and a profiler trace under results/profiles/<run>, and log what docs/tracking.md lists. A run that
+raises is marked FAILED with its reason and the grid goes on; Ctrl-C marks the current run KILLED and
+stops; a killed process leaves a RUNNING run that the next start marks KILLED and resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+from harness import __version__
+from harness.data import PreparedData, prepare_data, synthesize
+from harness.errors import HarnessError
+from harness.spec import AblationSpec, DataConfig, PlannedRun, RunConfig, flatten
+from harness.tracking.store import AblationStore, ChildRun
+from harness.train import FitResult, fit, resolve_device
+
+
+class RunnerEvents(Protocol):
+    """What the runner reports while it works (the CLI draws it with rich)."""
+
+    def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None: ...
+    def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None: ...
+    def data_progress(self, phase: str, done: int, total: int) -> None: ...
+    def step(self, step: int, steps: int) -> None: ...
+    def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None: ...
+    def run_finished(self, outcome: RunOutcome) -> None: ...
+
+
+class SilentEvents:
+    def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None: ...
+    def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None: ...
+    def data_progress(self, phase: str, done: int, total: int) -> None: ...
+    def step(self, step: int, steps: int) -> None: ...
+    def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None: ...
+    def run_finished(self, outcome: RunOutcome) -> None: ...
+
+
+@dataclass
+class RunOutcome:
+    run: PlannedRun
+    status: str  # finished | failed | skipped | killed
+    reason: str = ""
+    summary: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""
+
+
+@dataclass
+class RunnerOptions:
+    tracking_uri: str | None = None
+    device: str | None = None  # overrides train.device
+    profile: bool = True
+    results_dir: Path = Path("results")
+    source_file: str = ""
+
+
+def git_commit() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5, check=False,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def environment_tags(device: torch.device) -> dict[str, str]:
+    name = str(device)
+    if device.type == "cuda":
+        name = f"cuda ({torch.cuda.get_device_name(device)})"
+    elif device.type == "cpu":
+        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "harness.git_commit": git_commit(),
+        "harness.device": name,
+        "harness.host": socket.gethostname(),
+        "harness.pid": str(os.getpid()),
+        "harness.torch": torch.__version__,
+        "harness.cuda": torch.version.cuda or "none",
+        "harness.version": __version__,
+        "harness.python": platform.python_version(),
+    }
+
+
+def _data_root(config: DataConfig, results_dir: Path, progress: Callable[[str, int, int], None]) -> Path:
+    """The COCO root a run reads: the configured one, or the generated synthetic task (made once)."""
+    if config.source == "synthetic":
+        synth = config.synthetic
+        root = results_dir / "data" / f"synthetic-{synth.n_train}-{synth.n_val}-{config.image_size}-{synth.seed}"
+        if not (root / "annotations" / "instances_val2017.json").exists():
+            progress("generating synthetic task", 0, 1)
+            synthesize(root, n_train=synth.n_train, n_val=synth.n_val, size=config.image_size, seed=synth.seed)
+        return root
+    if not config.root:
+        raise HarnessError(
+            "no COCO root: pass --data-root DIR, set data.root in the ablation file, or set $HARNESS_COCO_ROOT"
+        )
+    root = Path(config.root).expanduser()
+    if not root.is_dir():
+        raise HarnessError(f"data root not found: {root}")
+    return root
+
+
+class DataCache:
+    """Prepared data shared by the runs of one invocation that read the same subset."""
+
+    def __init__(self, results_dir: Path) -> None:
+        self.results_dir = results_dir
+        self._entries: dict[str, PreparedData] = {}
+
+    def get(self, config: DataConfig, progress: Callable[[str, int, int], None]) -> PreparedData:
+        root = _data_root(config, self.results_dir, progress)
+        key = repr((str(root.resolve()), config.model_dump(exclude={"hflip", "random_resized_crop"})))
+        if key not in self._entries:
+            self._entries[key] = prepare_data(
+                root, train_split=config.train_split, val_split=config.val_split,
+                train_size=config.train_size, val_size=config.val_size, image_size=config.image_size,
+                resize=config.resize, subset_seed=config.subset_seed, cache_dir=self.results_dir / "cache",
+                drop_empty=config.drop_empty, include_crowd=config.include_crowd,
+                strict_images=config.strict_images, progress=progress,
+            )
+        return self._entries[key]
+
+
+def resolve_lr(config: RunConfig) -> float:
+    """A number, or the best rate of an Optuna study (`lr: {from_study: NAME}`)."""
+    lr = config.train.lr
+    if isinstance(lr, float | int):
+        return float(lr)
+    from harness.tune import best_lr_from_study
+
+    return best_lr_from_study(lr.from_study)
+
+
+def _safe_dirname(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+
+
+def run_ablation(
+    spec: AblationSpec,
+    runs: list[PlannedRun],
+    options: RunnerOptions,
+    events: RunnerEvents | None = None,
+) -> list[RunOutcome]:
+    """Train every planned run not yet FINISHED in the store; return one outcome per planned run."""
+    events = events or SilentEvents()
+    device = resolve_device(options.device or runs[0].config.train.device if runs else "cpu")
+    store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
+    stale = store.mark_stale_running()
+    finished = store.finished_hashes()
+    outcomes: list[RunOutcome] = []
+    pending = []
+    for run in runs:
+        if run.config_hash in finished:
+            outcomes.append(RunOutcome(run, "skipped", "already FINISHED with this config hash"))
+        else:
+            pending.append(run)
+    events.plan(len(runs), len(pending), [o.run.name for o in outcomes], stale)
+    if not pending:
+        return outcomes
+
+    env = environment_tags(device)
+    parent_id = store.start_parent(
+        f"{spec.name} {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
+        {**env, "harness.ablation_file": options.source_file, "harness.planned_runs": len(pending)},
+    )
+    data_cache = DataCache(options.results_dir)
+    parent_status = "FINISHED"
+    try:
+        for index, run in enumerate(pending):
+            outcome = _run_one(run, index, store, parent_id, env, device, data_cache, options, events)
+            outcomes.append(outcome)
+            events.run_finished(outcome)
+            if outcome.status != "finished":
+                parent_status = "FAILED"
+    except KeyboardInterrupt:
+        store.finish_parent(parent_id, "KILLED")
+        raise
+    store.finish_parent(parent_id, parent_status)
+    return outcomes
+
+
+def _run_one(
+    run: PlannedRun, index: int, store: AblationStore, parent_id: str, env: dict[str, str],
+    device: torch.device, data_cache: DataCache, options: RunnerOptions, events: RunnerEvents,
+) -> RunOutcome:
+    config = run.config.model_copy(deep=True)
+    if options.device:
+        config.train.device = options.device  # type: ignore[assignment]
+    if not options.profile:
+        config.profile.enabled = False
+    checkpoint = options.results_dir / "checkpoints" / run.config_hash / "last.pt"
+    trace_dir = options.results_dir / "profiles" / _safe_dirname(f"{run.name}-{run.config_hash}")
+    tags = {
+        **env,
+        "harness.variant": run.variant,
+        "harness.group": run.group,
+        "harness.grid": json.dumps(run.grid),
+        "harness.seed": config.seed,
+        "harness.config_hash": run.config_hash,
+        "harness.baseline": str(run.baseline).lower(),
+        "harness.trace_dir": str(trace_dir),
+    }
+    previous = store.child_by_hash(run.config_hash) if checkpoint.exists() else None
+    if previous is not None:
+        child = store.reopen_child(previous.info.run_id, {**tags, "harness.resumed_by": parent_id})
+    else:
+        checkpoint.unlink(missing_ok=True)  # a checkpoint without its run cannot be resumed honestly
+        child = store.start_child(parent_id, run.name, flatten(config.model_dump(mode="json")), tags)
+        child.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+
+    try:
+        data = data_cache.get(config.data, events.data_progress)
+        lr = resolve_lr(config)
+        logged = child.logged_steps("val_map") if previous is not None else set()
+        resumed_from = _resumed_epoch(checkpoint)
+        events.run_started(run, index, resumed_from)
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            logged.add(epoch)
+            events.epoch(run, epoch, record)
+
+        result = fit(
+            config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace_dir,
+            on_epoch=on_epoch, on_step=events.step,
+        )
+        # epochs trained before an interruption whose metrics never reached the store
+        for record in result.history:
+            epoch = int(record["epoch"])
+            if epoch not in logged:
+                child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        _log_result(child, result, data, lr)
+    except KeyboardInterrupt:
+        child.set_tags({"harness.failure": "interrupted (Ctrl-C); rerun to resume from the last epoch"})
+        child.finish("KILLED")
+        raise
+    except HarnessError as exc:
+        child.fail(str(exc))
+        return RunOutcome(run, "failed", str(exc), run_id=child.run_id)
+    except Exception as exc:  # a failing run must not stop the grid
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+        child.fail(reason)
+        child.log_text(traceback.format_exc(), "traceback.txt")
+        return RunOutcome(run, "failed", reason, run_id=child.run_id)
+    child.finish()
+    return RunOutcome(run, "finished", summary=result.summary, run_id=child.run_id)
+
+
+def _resumed_epoch(checkpoint: Path) -> int:
+    if not checkpoint.exists():
+        return 0
+    try:
+        return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"])
+    except Exception:  # a corrupt checkpoint is reported by fit
+        return 0
+
+
+def _log_result(child: ChildRun, result: FitResult, data: PreparedData, lr: float) -> None:
+    summary = dict(result.summary)
+    summary["lr_used"] = lr
+    summary["train_images"] = float(data.train_images.shape[0])
+    summary["val_images"] = float(data.val_images.shape[0])
+    summary["skipped_images"] = float(data.skipped)
+    child.log_metrics(summary, step=0)
+    child.log_text(result.model_summary, "model_summary.txt")
+    if result.profile is not None:
+        child.log_text(result.profile.op_table_csv(), "profile/op_table.csv")
+    child.set_tags({"harness.resumed_from_epoch": result.resumed_from} if result.resumed_from else {})

@@ -1,0 +1,280 @@
+"""One training run, read top to bottom: seed → model → optimizer → epochs (train, evaluate, checkpoint).
+
+`fit` knows nothing of MLflow or Optuna: it reports each epoch to an `on_epoch` callback (which may
+raise to stop, as a pruned trial does) and resumes from its own checkpoint file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from harness.data import BatchLoader, PreparedData
+from harness.metrics import HIGHER_IS_BETTER, multilabel_metrics
+from harness.models import DeformOptions, create_model, measure_cost, offset_parameters
+from harness.profiling import ProfileSummary, ProfileWindow
+from harness.spec import RunConfig
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+StepCallback = Callable[[int, int], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → cuda, else mps, else cpu; an unavailable explicit device is a clear error."""
+    from harness.errors import HarnessError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda: no CUDA device is available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise HarnessError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PeakMemory:
+    """Samples this process's RSS in a background thread: the peak during a run, not the process's life."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak_bytes = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def build_optimizer(model: nn.Module, config: RunConfig, lr: float) -> torch.optim.Optimizer:
+    """Main parameters at `lr`; offset/mask predictors at `lr * offset_lr_mult` (their own group)."""
+    train = config.train
+    offset_ids = {id(p) for p in offset_parameters(model)}
+    main = [p for p in model.parameters() if id(p) not in offset_ids]
+    groups: list[dict[str, Any]] = [{"params": main, "lr": lr, "name": "main"}]
+    if offset_ids:
+        groups.append(
+            {"params": list(offset_parameters(model)), "lr": lr * train.offset_lr_mult, "name": "offsets"}
+        )
+    if train.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(groups, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    train = config.train
+    if train.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=train.epochs)
+    if train.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=train.step_size, gamma=train.gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader) -> dict[str, float]:
+    """Validation loss and every multi-label metric, prefixed val_."""
+    model.eval()
+    scores, targets, loss_sum, count = [], [], 0.0, 0
+    for x, y in loader:
+        logits = model(x)
+        loss_sum += F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum").item() / y.shape[1]
+        count += y.shape[0]
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        targets.append(y.cpu())
+    metrics = multilabel_metrics(torch.cat(scores), torch.cat(targets))
+    return {"val_loss": loss_sum / max(count, 1), **{f"val_{k}": v for k, v in metrics.items()}}
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    summary: dict[str, float]
+    profile: ProfileSummary | None
+    model_summary: str
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
+    """best_/final_ of every val metric, best_epoch (by val_map) and epoch-time means."""
+    summary: dict[str, float] = {}
+    if not history:
+        return summary
+    for key in history[-1]:
+        if not key.startswith("val_"):
+            continue
+        values = [h[key] for h in history if key in h]
+        higher = HIGHER_IS_BETTER.get(key.removeprefix("val_"), True)
+        summary[f"best_{key}"] = max(values) if higher else min(values)
+        summary[f"final_{key}"] = values[-1]
+    best = max(range(len(history)), key=lambda i: history[i].get("val_map", -math.inf))
+    summary["best_epoch"] = float(history[best].get("epoch", best + 1))
+    summary["mean_epoch_time_s"] = float(np.mean([h["epoch_time_s"] for h in history]))
+    summary["mean_train_images_per_s"] = float(np.mean([h["train_images_per_s"] for h in history]))
+    summary["total_data_wait_s"] = float(np.sum([h["data_wait_s"] for h in history]))
+    return summary
+
+
+def fit(
+    config: RunConfig,
+    data: PreparedData,
+    *,
+    lr: float,
+    device: torch.device,
+    checkpoint_path: Path | None = None,
+    trace_dir: Path | None = None,
+    on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
+) -> FitResult:
+    """Train one configuration on prepared data and return its per-epoch history and summary."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    seed_everything(config.seed)
+    m = config.model
+    model = create_model(
+        m.arch, num_classes=data.num_classes, width=m.width, deform_layers=m.deform_layers,
+        options=DeformOptions(m.offset_channels, m.modulated, m.offset_groups, m.backend), dropout=m.dropout,
+    )
+    cost = measure_cost(model, config.data.image_size)
+    model.to(device)
+    optimizer = build_optimizer(model, config, lr)
+    scheduler = build_scheduler(optimizer, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_loader = BatchLoader(
+        data.train_images, data.train_targets, batch_size=config.train.batch_size, shuffle=True,
+        hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
+        generator=generator, device=device,
+    )
+    val_loader = BatchLoader(
+        data.val_images, data.val_targets, batch_size=max(config.train.batch_size, 64), shuffle=False,
+        hflip=False, device=device,
+    )
+
+    history: list[dict[str, float]] = []
+    profile: ProfileSummary | None = None
+    start_epoch = 1
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, profile = state["history"], state.get("profile")
+        start_epoch = state["epoch"] + 1
+    resumed_from = start_epoch - 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n_train = data.train_images.shape[0]
+    with PeakMemory() as memory:
+        for epoch in range(start_epoch, config.train.epochs + 1):
+            model.train()
+            steps = len(train_loader)
+            window = ProfileWindow(
+                config.profile, trace_dir or Path("results/profiles/unnamed"), steps
+            ) if profile is None and trace_dir is not None else None
+            loss_sum, seen = 0.0, 0
+            started = time.perf_counter()
+            with window if window is not None else contextlib.nullcontext():
+                for step, (x, y) in enumerate(train_loader, start=1):
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = F.binary_cross_entropy_with_logits(model(x), y)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
+                    loss.backward()
+                    if config.train.grad_clip:
+                        nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
+                    optimizer.step()
+                    loss_sum += loss.item() * y.shape[0]
+                    seen += y.shape[0]
+                    if window is not None:
+                        window.step()
+                    if on_step is not None:
+                        on_step(step, steps)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            epoch_time = time.perf_counter() - started
+            if window is not None and window.summary is not None:
+                profile = window.summary
+            record = {
+                "epoch": float(epoch),
+                "train_loss": loss_sum / max(seen, 1),
+                **evaluate(model, val_loader),
+                "epoch_time_s": epoch_time,
+                "train_images_per_s": n_train / epoch_time if epoch_time > 0 else 0.0,
+                "data_wait_s": float(train_loader.wait_seconds),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            history.append(record)
+            scheduler.step()
+            if checkpoint_path is not None and config.train.checkpoint:
+                _atomic_save(
+                    {
+                        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                        "torch_rng": torch.get_rng_state(), "history": history, "profile": profile,
+                    },
+                    checkpoint_path,
+                )
+            if on_epoch is not None:
+                on_epoch(epoch, record)
+
+    summary = summarise_history(history)
+    summary["peak_rss_mb"] = memory.peak_bytes / 2**20
+    if device.type == "cuda":
+        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    summary["params"] = float(cost.params)
+    summary["flops_per_image"] = float(cost.flops_per_image)
+    if profile is not None:
+        summary["profile_deform_share"] = profile.deform_share
+        summary["profile_step_ms"] = profile.step_ms
+    model_summary = (
+        f"{model}\n\nparameters: {cost.params:,}\nforward FLOPs per image at {config.data.image_size}px: "
+        f"{cost.flops_per_image:,}\ndeformable conv layers: {model.deform_indices}\n"
+    )
+    return FitResult(history, summary, profile, model_summary, resumed_from)
