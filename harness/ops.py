@@ -108,6 +108,11 @@ def _normalise(coords: Tensor, size: int) -> Tensor:
     return (2.0 * coords + 1.0) / size - 1.0
 
 
+def _coordinate_dtype(offset: Tensor, input: Tensor) -> torch.dtype:
+    """Sampling positions need at least fp32: in bf16/fp16 (autocast) a position of 60 is off by 0.25 px."""
+    return torch.float64 if torch.float64 in (offset.dtype, input.dtype) else torch.float32
+
+
 def _pad_to_power_of_two(t: Tensor) -> Tensor:
     """Zero-pad H and W (bottom/right) up to powers of two.
 
@@ -181,6 +186,7 @@ def deform_conv2d(
 
     ho, wo = out_hw
     length = ho * wo
+    offset = offset.to(_coordinate_dtype(offset, input))
     base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
     delta = offset.view(n, offset_groups, taps, 2, ho, wo)
     source = _pad_to_power_of_two(input.reshape(n * offset_groups, c // offset_groups, h, w))
@@ -257,6 +263,7 @@ def deform_conv2d_shared(
     full = _pad_to_power_of_two(full.reshape(n * offset_groups, out_channels, *full.shape[-2:]))
     full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
+    offset = offset.to(_coordinate_dtype(offset, input))
     opts = {"dtype": offset.dtype, "device": offset.device}
     rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
     cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)

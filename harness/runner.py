@@ -26,6 +26,7 @@ import yaml
 
 from harness import __version__
 from harness.data import PreparedData, prepare_data, synthesize
+from harness.distributed import DistContext, barrier, broadcast, init_from_env
 from harness.errors import HarnessError
 from harness.spec import AblationSpec, DataConfig, PlannedRun, RunConfig, flatten
 from harness.tracking.store import AblationStore, ChildRun
@@ -162,6 +163,11 @@ def run_ablation(
     """Train every planned run not yet FINISHED in the store; return one outcome per planned run."""
     events = events or SilentEvents()
     device = resolve_device(options.device or runs[0].config.train.device if runs else "cpu")
+    context = init_from_env(device.type)
+    if device.type == "cuda" and context.enabled:
+        device = torch.device("cuda", context.local_rank)
+    if not context.is_main:
+        return _follow(runs, device, options, context)
     store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
     stale = store.mark_stale_running()
     finished = store.finished_hashes()
@@ -172,11 +178,13 @@ def run_ablation(
             outcomes.append(RunOutcome(run, "skipped", "already FINISHED with this config hash"))
         else:
             pending.append(run)
+    broadcast([r.config_hash for r in pending], context)
     events.plan(len(runs), len(pending), [o.run.name for o in outcomes], stale)
     if not pending:
         return outcomes
 
     env = environment_tags(device)
+    env["harness.world_size"] = str(context.world_size)
     parent_id = store.start_parent(
         f"{spec.name} {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
         {**env, "harness.ablation_file": options.source_file, "harness.planned_runs": len(pending)},
@@ -185,11 +193,14 @@ def run_ablation(
     parent_status = "FINISHED"
     try:
         for index, run in enumerate(pending):
-            outcome = _run_one(run, index, store, parent_id, env, device, data_cache, options, events)
+            outcome = _run_one(run, index, store, parent_id, env, device, data_cache, options, events, context)
             outcomes.append(outcome)
             events.run_finished(outcome)
             if outcome.status != "finished":
                 parent_status = "FAILED"
+                if context.enabled:  # the other ranks cannot skip ahead in step: stop the job
+                    store.finish_parent(parent_id, parent_status)
+                    raise HarnessError(f"run {run.name} failed under torchrun: {outcome.reason}; rerun to resume")
     except KeyboardInterrupt:
         store.finish_parent(parent_id, "KILLED")
         raise
@@ -197,15 +208,38 @@ def run_ablation(
     return outcomes
 
 
-def _run_one(
-    run: PlannedRun, index: int, store: AblationStore, parent_id: str, env: dict[str, str],
-    device: torch.device, data_cache: DataCache, options: RunnerOptions, events: RunnerEvents,
-) -> RunOutcome:
+def _follow(runs: list[PlannedRun], device: torch.device, options: RunnerOptions, context: DistContext) -> list[RunOutcome]:
+    """Ranks > 0 under torchrun: train the runs rank 0 chose, in step with it; log nothing."""
+    pending_hashes = broadcast(None, context)
+    by_hash = {r.config_hash: r for r in runs}
+    data_cache = DataCache(options.results_dir)
+    for config_hash in pending_hashes:
+        run = by_hash[config_hash]
+        config = _execution_config(run, options)
+        barrier(context)  # rank 0 has prepared (and cached) the data
+        data = data_cache.get(config.data, lambda *_: None)
+        fit(
+            config, data, lr=resolve_lr(config), device=device,
+            checkpoint_path=options.results_dir / "checkpoints" / run.config_hash / "last.pt", context=context,
+        )
+    return []
+
+
+def _execution_config(run: PlannedRun, options: RunnerOptions) -> RunConfig:
     config = run.config.model_copy(deep=True)
     if options.device:
         config.train.device = options.device  # type: ignore[assignment]
     if not options.profile:
         config.profile.enabled = False
+    return config
+
+
+def _run_one(
+    run: PlannedRun, index: int, store: AblationStore, parent_id: str, env: dict[str, str],
+    device: torch.device, data_cache: DataCache, options: RunnerOptions, events: RunnerEvents,
+    context: DistContext,
+) -> RunOutcome:
+    config = _execution_config(run, options)
     checkpoint = options.results_dir / "checkpoints" / run.config_hash / "last.pt"
     trace_dir = options.results_dir / "profiles" / _safe_dirname(f"{run.name}-{run.config_hash}")
     tags = {
@@ -228,6 +262,7 @@ def _run_one(
 
     try:
         data = data_cache.get(config.data, events.data_progress)
+        barrier(context)  # the other ranks read the data from the cache now
         lr = resolve_lr(config)
         logged = child.logged_steps("val_map") if previous is not None else set()
         resumed_from = _resumed_epoch(checkpoint)
@@ -240,7 +275,7 @@ def _run_one(
 
         result = fit(
             config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace_dir,
-            on_epoch=on_epoch, on_step=events.step,
+            on_epoch=on_epoch, on_step=events.step, context=context,
         )
         # epochs trained before an interruption whose metrics never reached the store
         for record in result.history:

@@ -102,6 +102,8 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     checkpoint: bool = True
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
 
 
 class ProfileConfig(Strict):
@@ -125,8 +127,143 @@ class RunConfig(Strict):
     profile: ProfileConfig = ProfileConfig()
 
 
+# The validation metrics `fit` reports each epoch: what a search may optimise (docs/tuning.md).
+SEARCH_METRICS = (
+    "val_loss", "val_map", "val_micro_f1", "val_micro_precision", "val_micro_recall", "val_macro_f1",
+    "val_macro_precision", "val_macro_recall", "val_cp", "val_cr", "val_cf1", "val_op", "val_or", "val_of1",
+)
+
+
+class FloatRange(Strict):
+    """A searched float: `{low, high, log}` (log-uniform by default)."""
+
+    low: float
+    high: float
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (low is {self.low}); set log: false to search from 0")
+        return self
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+class IntChoices(Strict):
+    """A searched integer picked from a list: `{choices: [16, 32, 64]}`."""
+
+    choices: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"choices must be distinct, given {value}")
+        return value
+
+    def contains(self, value: float) -> bool:
+        return value in self.choices
+
+
+class Objective(Strict):
+    """What a trial scores: the best value over epochs of one validation metric."""
+
+    metric: str = "val_map"
+    direction: Literal["maximize", "minimize"] | None = None  # default: minimize val_loss, maximize the rest
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in SEARCH_METRICS:
+            raise ValueError(f"unknown metric {value!r}; valid: {', '.join(SEARCH_METRICS)}")
+        return value
+
+    @property
+    def goal(self) -> Literal["maximize", "minimize"]:
+        if self.direction is not None:
+            return self.direction
+        return "minimize" if self.metric == "val_loss" else "maximize"
+
+
+def _named(value: Any) -> Any:
+    """`median` is short for `{name: median}` (samplers and pruners)."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class SamplerSpec(Strict):
+    name: Literal["tpe"] = "tpe"
+    seed: int = 0
+    n_startup_trials: Annotated[int, Field(ge=0)] = 10
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _named(value)
+
+
+class MedianPrunerSpec(Strict):
+    name: Literal["median"] = "median"
+    n_startup_trials: Annotated[int, Field(ge=0)] = 5
+    n_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    interval_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class HyperbandPrunerSpec(Strict):
+    name: Literal["hyperband"]
+    min_resource: Annotated[int, Field(ge=1)] = 1
+    max_resource: Annotated[int, Field(ge=1)] | None = None  # default: train.epochs
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+
+
+class NoPrunerSpec(Strict):
+    name: Literal["none"]
+
+
+PrunerSpec = Annotated[MedianPrunerSpec | HyperbandPrunerSpec | NoPrunerSpec, Field(discriminator="name")]
+
+
+class SearchSpec(Strict):
+    """The `search:` section: one Optuna study per variant (and non-seed grid point), `harness tune`."""
+
+    lr: FloatRange
+    weight_decay: FloatRange | None = None
+    batch_size: IntChoices | None = None
+    offset_lr_mult: FloatRange | None = None
+    objective: Objective = Objective()
+    n_trials: Annotated[int, Field(ge=1)] = 20
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = MedianPrunerSpec()
+    enqueue: list[dict[str, float]] = Field(default_factory=list)
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_shorthand(cls, value: Any) -> Any:
+        return _named(value)
+
+    @property
+    def space(self) -> dict[str, FloatRange | IntChoices]:
+        """The searched train.* keys and their ranges, in a fixed order (lr first)."""
+        names = ("lr", "weight_decay", "batch_size", "offset_lr_mult")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _enqueued_in_space(self) -> SearchSpec:
+        space = self.space
+        for index, params in enumerate(self.enqueue):
+            for key, value in params.items():
+                if key not in space:
+                    raise ValueError(f"enqueue[{index}]: {key!r} is not searched (searched: {', '.join(space)})")
+                if not space[key].contains(value):
+                    raise ValueError(f"enqueue[{index}]: {key}={value} is outside its range")
+        return self
+
+
 # Keys that change how a run executes but not what it computes: left out of the identity hash.
-_EXECUTION_KEYS = ("profile", "train.device", "train.threads", "train.checkpoint")
+_EXECUTION_KEYS = ("profile", "train.device", "train.threads", "train.checkpoint", "train.channels_last")
 
 
 class AblationSpec(Strict):
@@ -136,7 +273,7 @@ class AblationSpec(Strict):
     base: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"default": {}})
     grid: dict[str, list[Any]] = Field(default_factory=dict)
-    search: dict[str, Any] | None = None
+    search: SearchSpec | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> AblationSpec:

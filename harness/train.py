@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.data import BatchLoader, PreparedData
+from harness.distributed import SINGLE, DistContext, barrier, gather_cat, mean_over_ranks
 from harness.metrics import HIGHER_IS_BETTER, multilabel_metrics
 from harness.models import DeformOptions, create_model, measure_cost, offset_parameters
 from harness.profiling import ProfileSummary, ProfileWindow
@@ -115,18 +116,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: BatchLoader) -> dict[str, float]:
-    """Validation loss and every multi-label metric, prefixed val_."""
+def evaluate(
+    model: nn.Module, loader: BatchLoader, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+    context: DistContext = SINGLE,
+) -> dict[str, float]:
+    """Validation loss and every multi-label metric, prefixed val_ (over every rank's share of val)."""
     model.eval()
     scores, targets, loss_sum, count = [], [], 0.0, 0
     for x, y in loader:
-        logits = model(x)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
         loss_sum += F.binary_cross_entropy_with_logits(logits.float(), y, reduction="sum").item() / y.shape[1]
         count += y.shape[0]
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(y.cpu())
-    metrics = multilabel_metrics(torch.cat(scores), torch.cat(targets))
-    return {"val_loss": loss_sum / max(count, 1), **{f"val_{k}": v for k, v in metrics.items()}}
+    metrics = multilabel_metrics(gather_cat(torch.cat(scores), context), gather_cat(torch.cat(targets), context))
+    val_loss = mean_over_ranks(loss_sum / max(count, 1), count, context)
+    return {"val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}}
 
 
 @dataclass
@@ -169,8 +177,13 @@ def fit(
     trace_dir: Path | None = None,
     on_epoch: EpochCallback | None = None,
     on_step: StepCallback | None = None,
+    context: DistContext = SINGLE,
 ) -> FitResult:
-    """Train one configuration on prepared data and return its per-epoch history and summary."""
+    """Train one configuration on prepared data and return its per-epoch history and summary.
+
+    Under torchrun (`context.enabled`) every rank calls this: the model is wrapped in DDP, each rank
+    trains on its share of every batch, only rank 0 writes the checkpoint and calls `on_epoch`.
+    """
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
@@ -181,17 +194,28 @@ def fit(
     )
     cost = measure_cost(model, config.data.image_size)
     model.to(device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16")
+    train_model: nn.Module = model
+    if context.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, config, lr)
     scheduler = build_scheduler(optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
     train_loader = BatchLoader(
-        data.train_images, data.train_targets, batch_size=config.train.batch_size, shuffle=True,
-        hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
-        generator=generator, device=device,
+        data.train_images, data.train_targets, batch_size=max(1, config.train.batch_size // context.world_size),
+        shuffle=True, hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
+        generator=generator, device=device, rank=context.rank, world_size=context.world_size,
     )
     val_loader = BatchLoader(
-        data.val_images, data.val_targets, batch_size=max(config.train.batch_size, 64), shuffle=False,
-        hflip=False, device=device,
+        data.val_images[context.rank :: context.world_size], data.val_targets[context.rank :: context.world_size],
+        batch_size=max(config.train.batch_size, 64), shuffle=False, hflip=False, device=device,
     )
 
     history: list[dict[str, float]] = []
@@ -205,6 +229,8 @@ def fit(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, profile = state["history"], state.get("profile")
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         start_epoch = state["epoch"] + 1
     resumed_from = start_epoch - 1
 
@@ -216,20 +242,26 @@ def fit(
             model.train()
             steps = len(train_loader)
             window = ProfileWindow(
-                config.profile, trace_dir or Path("results/profiles/unnamed"), steps
-            ) if profile is None and trace_dir is not None else None
+                config.profile, trace_dir, steps
+            ) if profile is None and trace_dir is not None and context.is_main else None
             loss_sum, seen = 0.0, 0
             started = time.perf_counter()
             with window if window is not None else contextlib.nullcontext():
                 for step, (x, y) in enumerate(train_loader, start=1):
+                    if config.train.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = F.binary_cross_entropy_with_logits(model(x), y)
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        logits = train_model(x)
+                    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
-                    loss.backward()
+                    scaler.scale(loss).backward()
                     if config.train.grad_clip:
+                        scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     loss_sum += loss.item() * y.shape[0]
                     seen += y.shape[0]
                     if window is not None:
@@ -243,8 +275,8 @@ def fit(
                 profile = window.summary
             record = {
                 "epoch": float(epoch),
-                "train_loss": loss_sum / max(seen, 1),
-                **evaluate(model, val_loader),
+                "train_loss": mean_over_ranks(loss_sum / max(seen, 1), seen, context),
+                **evaluate(model, val_loader, amp_dtype, config.train.channels_last, context),
                 "epoch_time_s": epoch_time,
                 "train_images_per_s": n_train / epoch_time if epoch_time > 0 else 0.0,
                 "data_wait_s": float(train_loader.wait_seconds),
@@ -252,16 +284,18 @@ def fit(
             }
             history.append(record)
             scheduler.step()
-            if checkpoint_path is not None and config.train.checkpoint:
+            if checkpoint_path is not None and config.train.checkpoint and context.is_main:
                 _atomic_save(
                     {
                         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                         "torch_rng": torch.get_rng_state(), "history": history, "profile": profile,
+                        "scaler": scaler.state_dict(),
                     },
                     checkpoint_path,
                 )
-            if on_epoch is not None:
+            barrier(context)  # no rank runs ahead of the checkpoint
+            if on_epoch is not None and context.is_main:
                 on_epoch(epoch, record)
 
     summary = summarise_history(history)

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from harness.cli.app import app, console, err_console
+from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
 from harness.runner import RunnerOptions, RunOutcome, run_ablation
 from harness.spec import PlannedRun, expand, load_ablation, parse_set, select, shard
@@ -150,16 +151,38 @@ def run(
         str | None, typer.Option("--shard", help="i/n: run every n-th planned run starting at i (many workers)")
     ] = None,
     results_dir: Annotated[Path, typer.Option("--results-dir", help="checkpoints, caches, traces")] = Path("results"),
+    nproc: Annotated[
+        int, typer.Option("--nproc", help="data-parallel processes per run (starts torchrun; gloo on CPU, NCCL on GPU)")
+    ] = 1,
 ) -> int:
     """Train every run of an ablation file under torch.profiler and log it to MLflow (resumable)."""
     if device is not None and device not in ("auto", "cpu", "cuda", "mps"):
         raise HarnessError(f"--device {device!r}: expected auto, cpu, cuda or mps")
+    if nproc < 1:
+        raise HarnessError(f"--nproc {nproc}: expected a positive number of processes")
     spec, runs = _plan(file, set_items, data_root, only, shard_spec)
     if dry_run:
         list_runs(file, set_items, data_root, only)
         console.print("dry run: nothing trained")
         return 0
+    if nproc > 1 and not launched_by_torchrun():
+        forwarded = [str(file), "--results-dir", str(results_dir)]
+        for flag, values in (("--only", only), ("--set", set_items)):
+            for value in values or []:
+                forwarded += [flag, value]
+        for flag, value in (("--tracking-uri", tracking_uri), ("--device", device), ("--data-root", data_root),
+                            ("--shard", shard_spec)):
+            if value is not None:
+                forwarded += [flag, str(value)]
+        forwarded += ["--no-profile"] if no_profile else []
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "harness", "run", *forwarded]
+        console.print(f"starting {nproc} data-parallel processes: torchrun --nproc_per_node {nproc} -m harness run ...")
+        return subprocess.call(command)
     options = RunnerOptions(tracking_uri, device, not no_profile, results_dir, str(file))
+    if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 reports
+        run_ablation(spec, runs, options)
+        return 0
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
