@@ -69,6 +69,8 @@ class RunnerOptions:
     profile: bool = True
     results_dir: Path = Path("results")
     source_file: str = ""
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
 
 
 def git_commit() -> str:
@@ -189,6 +191,8 @@ def run_ablation(
         f"{spec.name} {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
         {**env, "harness.ablation_file": options.source_file, "harness.planned_runs": len(pending)},
     )
+    if options.executor == "ray":
+        return outcomes + _run_on_ray(spec, pending, options, store, parent_id, events)
     data_cache = DataCache(options.results_dir)
     parent_status = "FINISHED"
     try:
@@ -208,7 +212,34 @@ def run_ablation(
     return outcomes
 
 
-def _follow(runs: list[PlannedRun], device: torch.device, options: RunnerOptions, context: DistContext) -> list[RunOutcome]:
+def _run_on_ray(
+    spec: AblationSpec, pending: list[PlannedRun], options: RunnerOptions, store: AblationStore, parent_id: str,
+    events: RunnerEvents,
+) -> list[RunOutcome]:
+    from harness.ray_executor import run_on_ray
+
+    outcomes: list[RunOutcome] = []
+
+    def on_done(run: PlannedRun, result: dict[str, Any]) -> None:
+        outcome = RunOutcome(run, result["status"], result["reason"], result["summary"], result["run_id"])
+        outcomes.append(outcome)
+        events.run_finished(outcome)
+
+    ablation = {"name": spec.name, "description": spec.description, "baseline": spec.baseline_variant}
+    options = RunnerOptions(**{**options.__dict__, "tracking_uri": store.uri})
+    try:
+        run_on_ray(pending, ablation, options, parent_id, options.ray_address, on_done)
+    except BaseException:
+        store.finish_parent(parent_id, "KILLED")
+        raise
+    failed = any(o.status == "failed" for o in outcomes)
+    store.finish_parent(parent_id, "FAILED" if failed else "FINISHED")
+    return outcomes
+
+
+def _follow(
+    runs: list[PlannedRun], device: torch.device, options: RunnerOptions, context: DistContext
+) -> list[RunOutcome]:
     """Ranks > 0 under torchrun: train the runs rank 0 chose, in step with it; log nothing."""
     pending_hashes = broadcast(None, context)
     by_hash = {r.config_hash: r for r in runs}

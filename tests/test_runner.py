@@ -119,7 +119,9 @@ def test_failed_run_is_isolated_and_exit_is_nonzero(tmp_path, synth_root, capsys
 def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path, synth_root, capsys, args, message):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     file = ablation(tmp_path, synth_root)
-    full = ["run", str(file), "--tracking-uri", uri, *args] if "--tracking-uri" not in args else ["run", str(file), *args]
+    full = ["run", str(file), *args]
+    if "--tracking-uri" not in args:
+        full += ["--tracking-uri", uri]
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err

@@ -151,6 +151,11 @@ def run(
         str | None, typer.Option("--shard", help="i/n: run every n-th planned run starting at i (many workers)")
     ] = None,
     results_dir: Annotated[Path, typer.Option("--results-dir", help="checkpoints, caches, traces")] = Path("results"),
+    executor: Annotated[str, typer.Option("--executor", help="local (in this process) or ray (one task per run)")]
+    = "local",
+    address: Annotated[
+        str | None, typer.Option("--address", help="Ray cluster: auto, ray://host:10001; default starts a local one")
+    ] = None,
     nproc: Annotated[
         int, typer.Option("--nproc", help="data-parallel processes per run (starts torchrun; gloo on CPU, NCCL on GPU)")
     ] = 1,
@@ -158,6 +163,10 @@ def run(
     """Train every run of an ablation file under torch.profiler and log it to MLflow (resumable)."""
     if device is not None and device not in ("auto", "cpu", "cuda", "mps"):
         raise HarnessError(f"--device {device!r}: expected auto, cpu, cuda or mps")
+    if executor not in ("local", "ray"):
+        raise HarnessError(f"--executor {executor!r}: expected local or ray")
+    if executor == "ray" and nproc > 1:
+        raise HarnessError("--executor ray and --nproc cannot be combined: Ray runs one process per run")
     if nproc < 1:
         raise HarnessError(f"--nproc {nproc}: expected a positive number of processes")
     spec, runs = _plan(file, set_items, data_root, only, shard_spec)
@@ -179,7 +188,7 @@ def run(
                    "-m", "harness", "run", *forwarded]
         console.print(f"starting {nproc} data-parallel processes: torchrun --nproc_per_node {nproc} -m harness run ...")
         return subprocess.call(command)
-    options = RunnerOptions(tracking_uri, device, not no_profile, results_dir, str(file))
+    options = RunnerOptions(tracking_uri, device, not no_profile, results_dir, str(file), executor, address)
     if os.environ.get("RANK", "0") != "0":  # a torchrun worker: rank 0 reports
         run_ablation(spec, runs, options)
         return 0
