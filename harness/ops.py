@@ -185,37 +185,104 @@ def deform_conv2d(
             )
 
     ho, wo = out_hw
-    length = ho * wo
     offset = offset.to(_coordinate_dtype(offset, input))
     base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
     delta = offset.view(n, offset_groups, taps, 2, ho, wo)
-    source = _pad_to_power_of_two(input.reshape(n * offset_groups, c // offset_groups, h, w))
     grid = torch.stack(
-        (
-            _normalise(base_x + delta[:, :, :, 1], source.shape[-1]),
-            _normalise(base_y + delta[:, :, :, 0], source.shape[-2]),
-        ),
+        (_normalise(base_x + delta[:, :, :, 1], _next_power_of_two(w)),
+         _normalise(base_y + delta[:, :, :, 0], _next_power_of_two(h))),
         dim=-1,
     ).view(n * offset_groups, taps * ho, wo, 2)
-    if grid.dtype != input.dtype:
-        grid = grid.to(input.dtype)
-    columns = F.grid_sample(
-        source,
-        grid,
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )  # [N·G, C/G, K·Ho, Wo]
-    if mask is not None:
-        columns = columns.view(n, offset_groups, c // offset_groups, taps, length) * mask.view(
-            n, offset_groups, 1, taps, length
-        ).to(columns.dtype)
-    columns = columns.reshape(n, groups, (c // groups) * taps, length)
-    out = torch.matmul(weight.reshape(groups, out_channels // groups, (c // groups) * taps), columns)
-    out = out.view(n, out_channels, ho, wo)
+    out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
     if bias is not None:
-        out = out + bias.view(1, out_channels, 1, 1)
+        out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
+
+
+def _next_power_of_two(size: int) -> int:
+    return 1 << (size - 1).bit_length()
+
+
+def _gemm_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
+    """The matmul's dtype: autocast's when it is on (bf16/fp16), else the inputs' common dtype."""
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(input.dtype, weight.dtype)
+
+
+def _sample_columns(input: Tensor, grid: Tensor, offset_groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Bilinear samples of every tap at every output pixel [N·G, C/G, K·Ho, Wo], and the padded source."""
+    n, c, h, w = input.shape
+    source = _pad_to_power_of_two(input.to(dtype).reshape(n * offset_groups, c // offset_groups, h, w))
+    columns = F.grid_sample(source, grid.to(dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return columns, source
+
+
+class _DeformColumnsMatmul(torch.autograd.Function):
+    """Sampled columns times the weights, with a hand-written backward that recomputes the columns.
+
+    Forward keeps only the input, the sampling grid, the weights and the mask: the columns (k·k times
+    the input's size) are sampled again in backward instead of being held between the passes, which
+    keeps a network's activation memory close to an ordinary conv's. Sampling always runs in fp32
+    (fp64 for fp64 inputs); under autocast the matmuls run in autocast's dtype (bf16/fp16).
+    """
+
+    @staticmethod
+    def forward(ctx, input, grid, weight, mask, groups, offset_groups, out_hw):  # type: ignore[override]
+        n, c = input.shape[:2]
+        out_channels, per_group, kh, kw = weight.shape
+        taps, length = kh * kw, out_hw[0] * out_hw[1]
+        sampling = torch.float64 if input.dtype == torch.float64 else torch.float32
+        gemm = _gemm_dtype(input, weight)
+        with torch.autocast(input.device.type, enabled=False):
+            columns, _ = _sample_columns(input, grid, offset_groups, sampling)
+            columns = columns.view(n, offset_groups, c // offset_groups, taps, length)
+            if mask is not None:
+                columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
+            columns = columns.view(n, groups, per_group * taps, length).to(gemm)
+            out = torch.matmul(weight.to(gemm).view(groups, out_channels // groups, per_group * taps), columns)
+        ctx.save_for_backward(input, grid, weight, mask)
+        ctx.config = (groups, offset_groups, out_hw, sampling, gemm)
+        return out.view(n, out_channels, *out_hw)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        input, grid, weight, mask = ctx.saved_tensors
+        groups, offset_groups, out_hw, sampling, gemm = ctx.config
+        n, c, h, w = input.shape
+        out_channels, per_group, kh, kw = weight.shape
+        taps, length = kh * kw, out_hw[0] * out_hw[1]
+        need_input, need_grid, need_weight, need_mask = ctx.needs_input_grad[:4]
+        grad_input = grad_grid = grad_weight = grad_mask = None
+        with torch.autocast(input.device.type, enabled=False):
+            raw, source = _sample_columns(input, grid, offset_groups, sampling)
+            raw = raw.view(n, offset_groups, c // offset_groups, taps, length)
+            go = grad_out.reshape(n, groups, out_channels // groups, length).to(gemm)
+            if need_weight:
+                columns = raw if mask is None else raw * mask.to(sampling).view(n, offset_groups, 1, taps, length)
+                columns = columns.reshape(n, groups, per_group * taps, length).to(gemm)
+                grad_weight = torch.matmul(go, columns.transpose(-1, -2)).sum(0)
+                grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+                del columns
+            w_t = weight.to(gemm).view(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
+            grad_columns = torch.matmul(w_t, go).to(sampling).view(n, offset_groups, c // offset_groups, taps, length)
+            if mask is not None:
+                if need_mask:
+                    grad_mask = (grad_columns * raw).sum(2).view(mask.shape).to(mask.dtype)
+                grad_columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
+            del raw
+            if need_input or need_grid:
+                grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                    grad_columns.view(n * offset_groups, c // offset_groups, taps * out_hw[0], out_hw[1]),
+                    source, grid.to(sampling), 0, 0, False, [need_input, need_grid],
+                )
+                if need_input:
+                    grad_input = grad_source[..., :h, :w].reshape(n, c, h, w).to(input.dtype)
+                if need_grid:
+                    grad_grid = grad_grid.to(grid.dtype)
+        return grad_input, grad_grid, grad_weight, grad_mask, None, None, None
 
 
 def deform_conv2d_shared(
@@ -260,29 +327,48 @@ def deform_conv2d_shared(
             (reach_y, reach_x), dilation_, offset_groups,
         )
     # row i of `full` is the correlation anchored at input row i - reach_y
-    full = _pad_to_power_of_two(full.reshape(n * offset_groups, out_channels, *full.shape[-2:]))
-    full_h, full_w = full.shape[-2:]
+    full = full.reshape(n * offset_groups, out_channels, *full.shape[-2:])
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
     opts = {"dtype": offset.dtype, "device": offset.device}
     rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
     cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)
     delta = offset.view(n, offset_groups, 2, ho, wo)
-    grid = torch.stack(
-        (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
-    ).view(n * offset_groups, ho, wo, 2)
-    out = F.grid_sample(
-        full,
-        grid.to(full.dtype),
-        mode="bilinear",
-        padding_mode="zeros",
-        align_corners=False,
-    )
-    if offset_groups > 1:
-        out = out.view(n, offset_groups, out_channels, ho, wo).sum(1)
+    sample_y = (rows + delta[:, :, 0]).reshape(n * offset_groups, -1)
+    sample_x = (cols + delta[:, :, 1]).reshape(n * offset_groups, -1)
+    out = bilinear_gather(full, sample_y, sample_x).view(n, offset_groups, out_channels, ho, wo)
+    out = out.sum(1) if offset_groups > 1 else out.squeeze(1)
     if bias is not None:
-        out = out + bias.view(1, out_channels, 1, 1)
+        out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
+
+
+def bilinear_gather(source: Tensor, y: Tensor, x: Tensor) -> Tensor:
+    """Bilinear samples of source [B, C, H, W] at points (y, x) [B, P] (pixel units) → [B, C, P].
+
+    Zero outside the image and the same corner choice as torchvision's kernel (floor, floor + 1), so
+    whole-pixel positions take the same one-sided gradient. Positions stay in fp32 or fp64; the values
+    are gathered in the source's dtype and combined in the positions' dtype.
+    """
+    b, c, h, w = source.shape
+    flat = source.reshape(b, c, h * w)
+    y0, x0 = torch.floor(y), torch.floor(x)
+    wy1, wx1 = y - y0, x - x0
+    wy0, wx0 = 1 - wy1, 1 - wx1
+    y0i, x0i = y0.long(), x0.long()
+    out = None
+    for dy, wy in ((0, wy0), (1, wy1)):
+        yi = y0i + dy
+        inside_y = (yi >= 0) & (yi < h)
+        for dx, wx in ((0, wx0), (1, wx1)):
+            xi = x0i + dx
+            inside = inside_y & (xi >= 0) & (xi < w)
+            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).unsqueeze(1).expand(b, c, -1)
+            weight = (wy * wx * inside).unsqueeze(1)
+            term = torch.gather(flat, 2, index).to(weight.dtype) * weight
+            out = term if out is None else out + term
+    assert out is not None
+    return out.to(source.dtype)
 
 
 def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:

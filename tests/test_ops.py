@@ -199,3 +199,37 @@ def test_native_path_does_not_call_torchvision(monkeypatch):
     layer = DeformConv2d(3, 4, 3, padding=1)
     layer(torch.randn(1, 3, 6, 6)).sum().backward()
     assert F.conv2d is not boom
+
+
+@pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", False), ("per_tap", True)])
+def test_autocast_bf16_runs_in_bf16_with_fp32_positions(layout, modulated):
+    torch.manual_seed(0)
+    layer = DeformConv2d(8, 8, 3, padding=1, offset_channels=layout, modulated=modulated)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.offset_predictor.weight, std=0.3)
+    x = torch.randn(2, 8, 40, 40)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    # bf16 matmul error only: positions near 40 px stay exact (a bf16 position would be off by 0.125 px)
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+    assert all(p.grad is not None for p in layer.offset_parameters())
+
+
+def test_backward_recomputes_columns_instead_of_saving_them():
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    offset = torch.randn(2, 18, 16, 16, requires_grad=True)
+    weight = torch.randn(8, 8, 3, 3, requires_grad=True)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        deform_conv2d(x, offset, weight, padding=1)
+    columns = 2 * 8 * 9 * 16 * 16
+    assert max(saved) < columns, "the k*k-times-larger columns must not be kept for backward"
