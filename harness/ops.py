@@ -22,11 +22,16 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 OffsetLayout = Literal["shared", "per_tap"]
 Backend = Literal["native", "torchvision"]
 
 IntPair = int | tuple[int, int]
+
+# Profiler scope around every deformable sampling step (forward and backward), so that the share of
+# time spent sampling can be measured apart from the convolutions and matmuls.
+SAMPLING_SCOPE = "harness::deform_sampling"
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
@@ -236,10 +241,11 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         sampling = torch.float64 if input.dtype == torch.float64 else torch.float32
         gemm = _gemm_dtype(input, weight)
         with torch.autocast(input.device.type, enabled=False):
-            columns, _ = _sample_columns(input, grid, offset_groups, sampling)
-            columns = columns.view(n, offset_groups, c // offset_groups, taps, length)
-            if mask is not None:
-                columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
+            with record_function(SAMPLING_SCOPE):
+                columns, _ = _sample_columns(input, grid, offset_groups, sampling)
+                columns = columns.view(n, offset_groups, c // offset_groups, taps, length)
+                if mask is not None:
+                    columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
             columns = columns.view(n, groups, per_group * taps, length).to(gemm)
             out = torch.matmul(weight.to(gemm).view(groups, out_channels // groups, per_group * taps), columns)
         ctx.save_for_backward(input, grid, weight, mask)
@@ -257,7 +263,8 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         need_input, need_grid, need_weight, need_mask = ctx.needs_input_grad[:4]
         grad_input = grad_grid = grad_weight = grad_mask = None
         with torch.autocast(input.device.type, enabled=False):
-            raw, source = _sample_columns(input, grid, offset_groups, sampling)
+            with record_function(SAMPLING_SCOPE):
+                raw, source = _sample_columns(input, grid, offset_groups, sampling)
             raw = raw.view(n, offset_groups, c // offset_groups, taps, length)
             go = grad_out.reshape(n, groups, out_channels // groups, length).to(gemm)
             if need_weight:
@@ -268,20 +275,21 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                 del columns
             w_t = weight.to(gemm).view(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
             grad_columns = torch.matmul(w_t, go).to(sampling).view(n, offset_groups, c // offset_groups, taps, length)
-            if mask is not None:
-                if need_mask:
-                    grad_mask = (grad_columns * raw).sum(2).view(mask.shape).to(mask.dtype)
-                grad_columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
-            del raw
-            if need_input or need_grid:
-                grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                    grad_columns.view(n * offset_groups, c // offset_groups, taps * out_hw[0], out_hw[1]),
-                    source, grid.to(sampling), 0, 0, False, [need_input, need_grid],
-                )
-                if need_input:
-                    grad_input = grad_source[..., :h, :w].reshape(n, c, h, w).to(input.dtype)
-                if need_grid:
-                    grad_grid = grad_grid.to(grid.dtype)
+            with record_function(SAMPLING_SCOPE):
+                if mask is not None:
+                    if need_mask:
+                        grad_mask = (grad_columns * raw).sum(2).view(mask.shape).to(mask.dtype)
+                    grad_columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
+                del raw
+                if need_input or need_grid:
+                    grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+                        grad_columns.view(n * offset_groups, c // offset_groups, taps * out_hw[0], out_hw[1]),
+                        source, grid.to(sampling), 0, 0, False, [need_input, need_grid],
+                    )
+                    if need_input:
+                        grad_input = grad_source[..., :h, :w].reshape(n, c, h, w).to(input.dtype)
+                    if need_grid:
+                        grad_grid = grad_grid.to(grid.dtype)
         return grad_input, grad_grid, grad_weight, grad_mask, None, None, None
 
 
@@ -347,28 +355,63 @@ def bilinear_gather(source: Tensor, y: Tensor, x: Tensor) -> Tensor:
     """Bilinear samples of source [B, C, H, W] at points (y, x) [B, P] (pixel units) → [B, C, P].
 
     Zero outside the image and the same corner choice as torchvision's kernel (floor, floor + 1), so
-    whole-pixel positions take the same one-sided gradient. Positions stay in fp32 or fp64; the values
-    are gathered in the source's dtype and combined in the positions' dtype.
+    whole-pixel positions take the same one-sided gradient. Positions stay in fp32 or fp64; values are
+    combined in the positions' dtype and returned in the source's.
     """
-    b, c, h, w = source.shape
-    flat = source.reshape(b, c, h * w)
+    return _BilinearGather.apply(source, y, x)
+
+
+def _corners(y: Tensor, x: Tensor, h: int, w: int, channels: int):
+    """For each of the 4 corners: gather index [B, C, P], weight [B, 1, P] and d weight/dy, d weight/dx."""
     y0, x0 = torch.floor(y), torch.floor(x)
-    wy1, wx1 = y - y0, x - x0
-    wy0, wx0 = 1 - wy1, 1 - wx1
+    fy, fx = y - y0, x - x0
     y0i, x0i = y0.long(), x0.long()
-    out = None
-    for dy, wy in ((0, wy0), (1, wy1)):
+    for dy, wy, sy in ((0, 1 - fy, -1.0), (1, fy, 1.0)):
         yi = y0i + dy
         inside_y = (yi >= 0) & (yi < h)
-        for dx, wx in ((0, wx0), (1, wx1)):
+        for dx, wx, sx in ((0, 1 - fx, -1.0), (1, fx, 1.0)):
             xi = x0i + dx
-            inside = inside_y & (xi >= 0) & (xi < w)
-            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).unsqueeze(1).expand(b, c, -1)
-            weight = (wy * wx * inside).unsqueeze(1)
-            term = torch.gather(flat, 2, index).to(weight.dtype) * weight
-            out = term if out is None else out + term
-    assert out is not None
-    return out.to(source.dtype)
+            inside = (inside_y & (xi >= 0) & (xi < w)).to(y.dtype)
+            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).unsqueeze(1).expand(-1, channels, -1)
+            weight, d_dy, d_dx = wy * wx * inside, sy * wx * inside, sx * wy * inside
+            yield index, weight.unsqueeze(1), d_dy.unsqueeze(1), d_dx.unsqueeze(1)
+
+
+class _BilinearGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, source, y, x):  # type: ignore[override]
+        b, c, h, w = source.shape
+        flat = source.reshape(b, c, h * w)
+        out = torch.zeros(b, c, y.shape[1], dtype=y.dtype, device=source.device)
+        with record_function(SAMPLING_SCOPE):
+            for index, weight, _, _ in _corners(y, x, h, w, c):
+                out.addcmul_(torch.gather(flat, 2, index).to(y.dtype), weight)
+        ctx.save_for_backward(source, y, x)
+        return out.to(source.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        source, y, x = ctx.saved_tensors
+        b, c, h, w = source.shape
+        flat = source.reshape(b, c, h * w)
+        go = grad_out.to(y.dtype)
+        grad_source = torch.zeros(b, c, h * w, dtype=y.dtype, device=source.device) if ctx.needs_input_grad[0] else None
+        grad_y = torch.zeros_like(y) if ctx.needs_input_grad[1] else None
+        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
+        with record_function(SAMPLING_SCOPE):
+            for index, weight, d_dy, d_dx in _corners(y, x, h, w, c):
+                if grad_source is not None:
+                    grad_source.scatter_add_(2, index, go * weight)
+                if grad_y is not None or grad_x is not None:
+                    along = (go * torch.gather(flat, 2, index).to(y.dtype)).sum(1)
+                    if grad_y is not None:
+                        grad_y.add_(along * d_dy.squeeze(1))
+                    if grad_x is not None:
+                        grad_x.add_(along * d_dx.squeeze(1))
+        if grad_source is not None:
+            grad_source = grad_source.view(b, c, h, w).to(source.dtype)
+        return grad_source, grad_y, grad_x
 
 
 def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+from harness.ops import SAMPLING_SCOPE
 from harness.spec import ProfileConfig
 
 
@@ -36,8 +37,8 @@ def _quiet_native_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
 
-# Operators that do the deformable sampling (ours: grid_sample; torchvision's fused kernel).
-DEFORM_OP_MARKERS = ("grid_sampler", "deform_conv2d")
+# torchvision's fused DCN kernels (backend: torchvision); our own sampling runs inside SAMPLING_SCOPE.
+TORCHVISION_DCN_OPS = ("torchvision::deform_conv2d", "torchvision::_deform_conv2d_backward")
 
 
 @dataclass
@@ -134,18 +135,31 @@ class ProfileWindow:
 
 
 def summarise(profiler: profile, top_n: int, trace_dir: str) -> ProfileSummary:
-    """Top operators by self time and the share of self time spent in deformable sampling."""
+    """Top operators by self time, and the share of the window's time inside deformable sampling.
+
+    The share is the time of the `harness.ops.SAMPLING_SCOPE` ranges (forward and backward sampling
+    of our DCN, with everything they call) plus torchvision's fused DCN kernels, over the total self
+    time of every operator: device time on a GPU, CPU time otherwise.
+    """
     try:
-        events = profiler.key_averages()
+        averages = profiler.key_averages()
+        events = profiler.events()
     except (AssertionError, RuntimeError):  # no completed window
         return ProfileSummary(trace_dir=trace_dir)
     rows = []
-    for event in events:
+    for event in averages:
+        if event.key == SAMPLING_SCOPE:
+            continue
         self_cpu = event.self_cpu_time_total / 1000
         self_cuda = getattr(event, "self_device_time_total", 0) / 1000
         rows.append((event.key, event.count, self_cpu, self_cuda, event.cpu_time_total / 1000))
-    total = sum(r[2] + r[3] for r in rows) or 1.0
-    rows.sort(key=lambda r: r[2] + r[3], reverse=True)
-    deform = sum(r[2] + r[3] for r in rows if any(m in r[0] for m in DEFORM_OP_MARKERS))
-    ops = [OpRow(name, calls, cpu, cuda, tot, (cpu + cuda) / total) for name, calls, cpu, cuda, tot in rows[:top_n]]
-    return ProfileSummary(ops=ops, deform_share=deform / total, trace_dir=trace_dir)
+    on_device = sum(r[3] for r in rows) > 0
+    total = sum(r[3] if on_device else r[2] for r in rows) or 1.0
+    rows.sort(key=lambda r: r[3] if on_device else r[2], reverse=True)
+    deform = 0.0
+    for event in events:
+        if event.name == SAMPLING_SCOPE or any(marker in event.name for marker in TORCHVISION_DCN_OPS):
+            deform += (event.device_time_total if on_device else event.cpu_time_total) / 1000
+    ops = [OpRow(name, calls, cpu, cuda, tot, (cuda if on_device else cpu) / total)
+           for name, calls, cpu, cuda, tot in rows[:top_n]]
+    return ProfileSummary(ops=ops, deform_share=min(1.0, deform / total), trace_dir=trace_dir)
