@@ -235,3 +235,56 @@ def machine_description() -> dict[str, str | int]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
+
+
+@dataclass
+class OverheadRow:
+    setting: str
+    seconds_per_epoch: float
+    overhead: float
+
+
+def bench_overhead(
+    data_root: str, epochs: int = 3, image_size: int = 64, deform_layers: str = "first:2", threads: int = 2,
+    work_dir: str | None = None,
+) -> list[OverheadRow]:
+    """Wall-clock per epoch of one run: bare `fit` vs the runner with MLflow logging and the profiler.
+
+    Both read the same cached data; the MLflow store is created before timing, so what is measured is
+    per-epoch logging, checkpointing and the profiling window.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from harness.runner import DataCache, RunnerOptions, run_ablation
+    from harness.spec import AblationSpec, expand
+    from harness.tracking.store import AblationStore
+    from harness.train import fit
+
+    torch.set_num_threads(threads)
+    base = {
+        "data": {"source": "coco", "root": data_root, "image_size": image_size},
+        "model": {"deform_layers": deform_layers},
+        "train": {"epochs": epochs, "threads": threads},
+    }
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        results = Path(tmp) / "results"
+        spec = AblationSpec(name="overhead", base=base, variants={"run": {}})
+        run = expand(spec)[0]
+        data = DataCache(results).get(run.config.data, lambda *_: None)
+        bare_config = run.config.model_copy(deep=True)
+        bare_config.profile.enabled = False
+        bare_config.train.checkpoint = False
+        fit(bare_config, data, lr=1e-3, device=torch.device("cpu"))  # warm-up: allocator, caches
+        started = time.perf_counter()
+        fit(bare_config, data, lr=1e-3, device=torch.device("cpu"))
+        bare = (time.perf_counter() - started) / epochs
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        AblationStore(uri, "overhead")
+        started = time.perf_counter()
+        run_ablation(spec, [run], RunnerOptions(tracking_uri=uri, results_dir=results))
+        full = (time.perf_counter() - started) / epochs
+    return [
+        OverheadRow("fit only (no MLflow, no profiler, no checkpoints)", bare, 0.0),
+        OverheadRow("harness run (MLflow + profiler window + checkpoints)", full, full / bare - 1),
+    ]

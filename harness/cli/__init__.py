@@ -5,6 +5,7 @@ User mistakes arrive as `HarnessError` and are printed as one line with exit sta
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -24,6 +25,8 @@ for _name in _OPTIONAL_COMMANDS:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
+    for noisy in ("mlflow", "alembic", "optuna"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result = app(args=argv, standalone_mode=False, prog_name="harness")
     except HarnessError as exc:

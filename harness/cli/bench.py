@@ -94,3 +94,28 @@ def model(
         table.add_row(r.placement, f"{r.images_per_s:.1f}", f"{r.ms_per_step:.1f}", f"{r.relative_to_standard:.2f}×")
     console.print(table)
     console.print(f"machine: {machine_description()}")
+
+
+@bench_app.command("overhead")
+def overhead(
+    data_root: Annotated[str, typer.Option("--data-root", help="COCO root, e.g. ../shared/coco-mini")],
+    epochs: Annotated[int, typer.Option(help="epochs per measurement")] = 3,
+    image_size: Annotated[int, typer.Option(help="square input size in px")] = 64,
+    placement: Annotated[str, typer.Option(help="deform_layers spec")] = "first:2",
+    threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """What MLflow logging, checkpoints and the profiler window add to an epoch's wall-clock."""
+    from harness.bench import bench_overhead
+
+    with console.status("measuring"):
+        rows = bench_overhead(data_root, epochs, image_size, placement, threads)
+    if as_json:
+        print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    table = Table(title=f"wall-clock per epoch, {image_size} px, deform_layers={placement}, {epochs} epochs")
+    for col in ("setting", "s/epoch", "overhead"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.setting, f"{r.seconds_per_epoch:.2f}", f"{100 * r.overhead:+.1f}%")
+    console.print(table)
