@@ -1,0 +1,129 @@
+"""`harness report` (HTML / Markdown / CSV from the MLflow store) and `harness bench report`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from harness.cli.app import app, bench_app, console
+from harness.errors import HarnessError
+
+FORMATS = ("html", "md", "csv")
+
+
+@app.command("report")
+def report(
+    ablations: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="ABLATION",
+            help="ablation names (MLflow experiments); default: every experiment with harness runs",
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)"),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            help="html: output directory (default reports/), or a .html file for one ablation; "
+            "md/csv: output file (default -: stdout)",
+        ),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="html, md or csv")] = "html",
+    baseline: Annotated[
+        str | None,
+        typer.Option("--baseline", help="variant to compare against (default: the experiment's harness.baseline)"),
+    ] = None,
+) -> None:
+    """Report on ablation runs stored in MLflow: one offline HTML page per ablation, or the comparison table."""
+    if fmt not in FORMATS:
+        raise HarnessError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    from harness.report.data import load_ablations
+    from harness.report.render import (
+        comparison_csv,
+        comparison_markdown,
+        render_ablation_html,
+        write_html_reports,
+    )
+    from harness.tracking.query import open_store
+
+    store = open_store(tracking_uri)
+    datas = load_ablations(store, ablations or None, baseline=baseline, with_artifacts=fmt == "html")
+    if fmt in ("md", "csv"):
+        text = comparison_markdown(datas) if fmt == "md" else comparison_csv(datas)
+        if out in (None, "-"):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        path = Path(out)
+        if path.is_dir():
+            raise HarnessError(f"--out {out} is a directory; give a file name for --format {fmt}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        console.print(f"wrote {path}", highlight=False)
+        return
+    if out == "-" or (out is not None and out.endswith(".html")):
+        if len(datas) != 1:
+            raise HarnessError(f"--out {out} takes exactly one ablation, got {len(datas)}; give a directory instead")
+        html = render_ablation_html(datas[0])
+        if out == "-":
+            sys.stdout.write(html)
+            sys.stdout.flush()
+            return
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(html, encoding="utf-8")
+        console.print(f"wrote {path}", highlight=False)
+        return
+    paths = write_html_reports(datas, Path(out or "reports"))
+    for data in datas:
+        n = data.runs["state"].value_counts() if not data.runs.empty else {}
+        console.print(
+            f"{data.name}: {n.get('finished', 0)} finished, {n.get('failed', 0)} failed, "
+            f"{n.get('running', 0)} running",
+            highlight=False,
+            markup=False,
+        )
+    for path in paths:
+        console.print(f"wrote {path}", highlight=False, markup=False)
+
+
+@bench_app.command("report")
+def bench_report_command(
+    runs: Annotated[int, typer.Option(help="synthetic runs to write")] = 100,
+    epochs: Annotated[int, typer.Option(help="epochs per synthetic run")] = 50,
+    repeats: Annotated[int, typer.Option(help="timed report runs (median reported)")] = 3,
+    tracking_uri: Annotated[
+        str | None, typer.Option("--tracking-uri", help="time an existing store instead of a synthetic one")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Time `harness report` (HTML) end to end on a store of 100 runs × 50 epochs (docs/report.md)."""
+    from harness.bench import machine_description
+    from harness.report.bench import bench_report
+
+    if runs < 1 or epochs < 1 or repeats < 1:
+        raise HarnessError("--runs, --epochs and --repeats must be at least 1")
+    with console.status("benchmarking") as status:
+        result = bench_report(runs, epochs, repeats, tracking_uri, progress=status.update)
+    result["machine"] = machine_description()
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"harness report on {result['tracking_uri']} (median of {repeats})")
+    for name in ("open", "load", "render", "total"):
+        table.add_column(f"{name} s", justify="right")
+    med = result["median"]
+    table.add_row(*(f"{med[f'{k}_s']:.2f}" for k in ("open", "load", "render", "total")))
+    console.print(table)
+    totals = ", ".join(f"{t:.2f}" for t in result["totals_s"])
+    console.print(f"all totals: {totals} s; HTML {result['html_bytes']:,} bytes")
+    console.print(f"machine: {result['machine']}", highlight=False)

@@ -1,0 +1,430 @@
+"""From the MLflow store to report-ready DataFrames: one row per run, per-group statistics, curves.
+
+Reads through `harness.tracking.query` only, and only what docs/tracking.md promises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from harness.errors import HarnessError
+from harness.report.stats import delta_vs_baseline, mean_std
+from harness.tracking import query
+
+FINISHED, FAILED, RUNNING = "finished", "failed", "running"
+_STATE = {"FINISHED": FINISHED, "FAILED": FAILED, "KILLED": FAILED, "RUNNING": RUNNING, "SCHEDULED": RUNNING}
+
+OP_TABLE_ARTIFACT = "profile/op_table.csv"
+CURVE_KEYS = ("train_loss", "val_loss", "val_micro_f1", "val_map")
+ENV_TAGS = {
+    "harness.git_commit": "git commit",
+    "harness.device": "device",
+    "harness.host": "host",
+    "harness.version": "harness",
+    "harness.torch": "torch",
+    "harness.cuda": "CUDA",
+}
+TRAIN_SIZE_AXIS = "data.train_size"
+# operator names that look like deformable sampling (the runner counts grid_sampler and deform_conv2d)
+_DEFORM_OP = re.compile(r"deform|grid_sampl|bilinear|im2col", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A numeric column of the comparison table."""
+
+    key: str  # the per-run metric in MLflow
+    label: str  # column header (second header row)
+    section: str  # first header row
+    higher_is_better: bool
+    kind: str = "score"  # score | loss | seconds | rate | mib | count | flops | share
+    highlight: bool = True  # mark the best value of the column
+
+
+ACCURACY_COLUMNS: tuple[Column, ...] = tuple(
+    Column(f"{which}_{metric}", which, section, metric != "val_loss", "loss" if metric == "val_loss" else "score")
+    for metric, section in (
+        ("val_map", "val mAP"),
+        ("val_micro_f1", "val F1 (micro)"),
+        ("val_micro_precision", "val precision (micro)"),
+        ("val_micro_recall", "val recall (micro)"),
+        ("val_loss", "val loss"),
+    )
+    for which in ("best", "final")
+)
+COST_COLUMNS: tuple[Column, ...] = (
+    Column("mean_epoch_time_s", "s/epoch", "cost", False, "seconds"),
+    Column("mean_train_images_per_s", "train img/s", "cost", True, "rate"),
+    Column("peak_cuda_mb", "peak GPU MiB", "cost", False, "mib"),
+    Column("peak_rss_mb", "peak RSS MiB", "cost", False, "mib"),
+    Column("params", "params", "cost", False, "count"),
+    Column("flops_per_image", "FLOPs/img", "cost", False, "flops"),
+    Column("profile_deform_share", "DCN share", "cost", False, "share", highlight=False),
+)
+DELTA_COLUMNS: tuple[Column, ...] = (ACCURACY_COLUMNS[0], ACCURACY_COLUMNS[1])  # best / final val mAP
+
+
+@dataclass
+class AblationData:
+    """Everything the report shows for one ablation (one MLflow experiment)."""
+
+    name: str
+    experiment_id: str
+    description: str
+    baseline: str | None
+    baseline_source: str
+    runs: pd.DataFrame  # one row per child run, see `normalize_runs`
+    histories: pd.DataFrame  # run_id, key, step, value (finished runs, CURVE_KEYS)
+    op_tables: pd.DataFrame  # profile/op_table.csv rows of finished runs, with run_id
+    tracking_uri: str = ""
+    grid_axes: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> pd.DataFrame:
+        return self.runs[self.runs["state"] == FINISHED]
+
+    def count(self, state: str) -> int:
+        return int((self.runs["state"] == state).sum())
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _grid_sort_key(value: Any) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def _parse_grid(tag: Any, run_name: str) -> dict[str, Any]:
+    if isinstance(tag, str) and tag:
+        try:
+            grid = json.loads(tag)
+            if isinstance(grid, dict):
+                return grid
+        except json.JSONDecodeError:
+            pass
+    grid = {}
+    for part in (run_name or "").split("/")[1:]:  # <variant>/<axis=value>/...
+        if "=" in part:
+            key, value = part.split("=", 1)
+            grid[key] = value
+    return grid
+
+
+def _seed(tag: Any, grid: dict[str, Any]) -> Any:
+    value = tag if isinstance(tag, str) and tag else grid.get("seed")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def normalize_runs(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Turn `query.search_runs` output into the report's run table and the list of non-seed grid axes.
+
+    Columns: run_id, run_name, status, state (finished/failed/running), variant, group, grid_point
+    (label of the non-seed grid values, "" without a grid), grid (dict), seed, failure, start_time,
+    end_time, is_baseline_tag, `grid.<axis>` for each non-seed axis, then one column per metric key.
+    """
+
+    def tag(row: pd.Series, key: str) -> Any:
+        value = row.get(f"tags.{key}")
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    records = []
+    axes: list[str] = []
+    for _, row in raw.iterrows():
+        name = row.get("run_name") or ""
+        grid = _parse_grid(tag(row, "harness.grid"), name)
+        variant = tag(row, "harness.variant") or name.split("/", 1)[0] or row["run_id"][:8]
+        point = {k: v for k, v in grid.items() if k != "seed"}
+        for k in point:
+            if k not in axes:
+                axes.append(k)
+        point_label = " · ".join(f"{k}={v}" for k, v in point.items())
+        group = tag(row, "harness.group") or (f"{variant} · {point_label}" if point_label else variant)
+        state = _STATE.get(str(row["status"]), RUNNING)
+        failure = tag(row, "harness.failure")
+        if state == FAILED and not failure:
+            stale = tag(row, "harness.stale")
+            if row["status"] == "KILLED":
+                failure = f"killed: {stale}" if stale else "killed"
+            else:
+                failure = "no reason recorded (tag harness.failure missing)"
+        record = {
+            "run_id": row["run_id"],
+            "run_name": name,
+            "status": row["status"],
+            "state": state,
+            "variant": str(variant),
+            "group": str(group),
+            "grid_point": point_label,
+            "grid": grid,
+            "point": point,
+            "seed": _seed(tag(row, "harness.seed"), grid),
+            "failure": failure,
+            "start_time": row.get("start_time"),
+            "end_time": row.get("end_time"),
+            "is_baseline_tag": str(tag(row, "harness.baseline") or "").lower() == "true",
+        }
+        for key, value in row.items():
+            if isinstance(key, str) and key.startswith("metrics."):
+                record[key[len("metrics.") :]] = value
+            elif isinstance(key, str) and key.startswith("tags.harness."):
+                record[key[len("tags.") :]] = value
+        records.append(record)
+    runs = pd.DataFrame.from_records(records)
+    if runs.empty:
+        return runs, axes
+    for axis in axes:
+        runs[f"grid.{axis}"] = [p.get(axis) for p in runs["point"]]
+    # a grid point is identified by its label (values from the JSON tag or the run name compare alike)
+    sort_keys = {
+        label: tuple(_grid_sort_key(p.get(a)) for a in axes)
+        for label, p in zip(runs["grid_point"], runs["point"], strict=True)
+    }
+    rank = {label: i for i, label in enumerate(sorted(sort_keys, key=lambda lb: (sort_keys[lb], lb)))}
+    runs["point_rank"] = [rank[label] for label in runs["grid_point"]]
+    return runs, axes
+
+
+def _resolve_baseline(exp_baseline: Any, override: str | None, runs: pd.DataFrame) -> tuple[str | None, str]:
+    variants = sorted(set(runs["variant"])) if not runs.empty else []
+    if override:
+        if override not in variants:
+            known = ", ".join(variants)
+            raise HarnessError(f"--baseline {override!r} is not a variant of this ablation; variants: {known}")
+        return override, "--baseline"
+    if isinstance(exp_baseline, str) and exp_baseline:
+        return exp_baseline, "experiment tag harness.baseline"
+    tagged = sorted(set(runs.loc[runs["is_baseline_tag"], "variant"])) if not runs.empty else []
+    if tagged:
+        return tagged[0], "run tag harness.baseline"
+    return None, "none declared"
+
+
+def load_ablations(
+    store: query.Store,
+    names: Sequence[str] | None = None,
+    baseline: str | None = None,
+    with_artifacts: bool = True,
+) -> list[AblationData]:
+    """Load the named ablations (default: every experiment with harness runs) from `store`."""
+    exps = query.harness_experiments(store)
+    if names:
+        known = list(exps["name"])
+        every = list(query.experiments(store)["name"])
+        missing = [n for n in names if n not in known]
+        if missing:
+            bad = missing[0]
+            if bad in every:
+                raise HarnessError(f"ablation {bad!r} has no harness runs in {store.uri}")
+            hint = f"; known: {', '.join(known)}" if known else " (the store holds no harness runs)"
+            raise HarnessError(f"unknown ablation {bad!r} in {store.uri}{hint}")
+        exps = exps.set_index("name").loc[list(dict.fromkeys(names))].reset_index()
+    elif exps.empty:
+        raise HarnessError(f"no harness runs in {store.uri} (nothing logged with tag harness.role=child)")
+    out = []
+    for exp in exps.itertuples(index=False):
+        raw = query.search_runs(store, [exp.experiment_id])
+        runs, axes = normalize_runs(raw)
+        chosen, source = _resolve_baseline(exp.baseline, baseline, runs)
+        finished_ids = list(runs.loc[runs["state"] == FINISHED, "run_id"]) if not runs.empty else []
+        histories = query.metric_histories(store, finished_ids, CURVE_KEYS)
+        uris = dict(zip(raw["run_id"], raw["artifact_uri"], strict=True)) if not raw.empty else {}
+        ops = (
+            query.artifact_tables(store, finished_ids, OP_TABLE_ARTIFACT, uris) if with_artifacts else pd.DataFrame()
+        )
+        out.append(
+            AblationData(
+                name=exp.name,
+                experiment_id=exp.experiment_id,
+                description=exp.description or "",
+                baseline=chosen,
+                baseline_source=source,
+                runs=runs,
+                histories=histories,
+                op_tables=ops,
+                tracking_uri=store.uri,
+                grid_axes=axes,
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+
+def table_columns(data: AblationData) -> list[Column]:
+    """The comparison-table columns that have data: accuracy, then cost (one memory column)."""
+    fin = data.finished
+    cols = list(ACCURACY_COLUMNS)
+    for col in COST_COLUMNS:
+        if col.key == "peak_rss_mb" and "peak_cuda_mb" in fin and fin["peak_cuda_mb"].notna().any():
+            continue  # GPU runs: the GPU peak is the memory figure that matters
+        if col.key in ("peak_cuda_mb", "profile_deform_share") and (
+            col.key not in fin or not fin[col.key].notna().any()
+        ):
+            continue
+        cols.append(col)
+    return cols
+
+
+def _values(frame: pd.DataFrame, key: str) -> dict[Any, float]:
+    if key not in frame:
+        return {}
+    out = {}
+    for seed, run_id, value in zip(frame["seed"], frame["run_id"], frame[key], strict=True):
+        if value is not None and not pd.isna(value):
+            out[run_id if seed is None or (isinstance(seed, float) and math.isnan(seed)) else seed] = float(value)
+    return out
+
+
+def group_stats(data: AblationData, columns: Sequence[Column] | None = None) -> pd.DataFrame:
+    """One row per group (variant × grid point): counts, `<key>_mean/_std/_n`, and Δ vs baseline.
+
+    Only finished runs enter the statistics; failed and running runs are counted. Δ columns (for
+    DELTA_COLUMNS) are `delta_<key>`, `_low`, `_high`, `_method`, `_n`, `_nb`; NaN when the group's grid
+    point has no finished baseline run or no baseline is declared. Rows are ordered by grid point, the
+    baseline first, then by variant name.
+    """
+    columns = list(columns) if columns is not None else table_columns(data)
+    runs = data.runs
+    if runs.empty:
+        return pd.DataFrame()
+    rows = []
+    fin = runs[runs["state"] == FINISHED]
+    for group, members in runs.groupby("group", sort=False):
+        first = members.iloc[0]
+        done = members[members["state"] == FINISHED]
+        row: dict[str, Any] = {
+            "group": group,
+            "variant": first["variant"],
+            "grid_point": first["grid_point"],
+            "point_rank": first["point_rank"],
+            "is_baseline": first["variant"] == data.baseline,
+            "n_finished": len(done),
+            "n_failed": int((members["state"] == FAILED).sum()),
+            "n_running": int((members["state"] == RUNNING).sum()),
+            "seeds": sorted((s for s in done["seed"]), key=str),
+        }
+        for axis in data.grid_axes:
+            row[f"grid.{axis}"] = first.get(f"grid.{axis}")
+        for col in columns:
+            mean, std, n = mean_std(list(done[col.key]) if col.key in done else [])
+            row[f"{col.key}_mean"], row[f"{col.key}_std"], row[f"{col.key}_n"] = mean, std, n
+        base = fin[(fin["variant"] == data.baseline) & (fin["point_rank"] == first["point_rank"])]
+        for col in DELTA_COLUMNS:
+            p = f"delta_{col.key}"
+            if data.baseline is None or base.empty:
+                row.update({p: math.nan, f"{p}_low": math.nan, f"{p}_high": math.nan, f"{p}_method": ""})
+                row.update({f"{p}_n": 0, f"{p}_nb": 0})
+                continue
+            d = delta_vs_baseline(_values(done, col.key), _values(base, col.key))
+            row.update({p: d.estimate, f"{p}_low": d.low, f"{p}_high": d.high, f"{p}_method": d.method})
+            row.update({f"{p}_n": d.n, f"{p}_nb": d.n_baseline})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["_order"] = [(0 if b else 1) for b in table["is_baseline"]]
+    table = table.sort_values(["point_rank", "_order", "variant"], kind="stable").drop(columns="_order")
+    return table.reset_index(drop=True)
+
+
+def best_rows(table: pd.DataFrame, col: Column, per_point: bool = True) -> set[int]:
+    """Row positions holding the best mean of `col` (per grid point when `per_point`)."""
+    key = f"{col.key}_mean"
+    if table.empty or key not in table or not col.highlight:
+        return set()
+    best: set[int] = set()
+    groups = table.groupby("point_rank").groups.values() if per_point else [table.index]
+    for idx in groups:
+        vals = table.loc[idx, key].astype(float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) < 2 or vals.nunique() < 2:
+            continue
+        target = vals.max() if col.higher_is_better else vals.min()
+        best.update(int(i) for i in vals.index[np.isclose(vals, target, rtol=1e-12, atol=0)])
+    return best
+
+
+def curve_stats(data: AblationData) -> pd.DataFrame:
+    """Per group, metric and epoch: mean, std, min, max and n over the finished runs' histories."""
+    hist = data.histories
+    if hist.empty:
+        return pd.DataFrame(columns=["group", "key", "step", "mean", "std", "min", "max", "n"])
+    fin = data.finished[["run_id", "group"]]
+    merged = hist.merge(fin, on="run_id", how="inner")
+    merged = merged[merged["step"] >= 1]
+    agg = merged.groupby(["group", "key", "step"])["value"].agg(["mean", "std", "min", "max", "count"])
+    return agg.rename(columns={"count": "n"}).reset_index()
+
+
+def op_summary(data: AblationData, top: int = 8) -> dict[str, pd.DataFrame]:
+    """Per variant: the `top` operators by mean self time per profiled run (ms), with their share.
+
+    Deformable-sampling operators always appear, even below the top `top` (so the DCN share shows).
+
+    The time column is `self_cuda_ms` when any run has CUDA time, else `self_cpu_ms`. Columns: name,
+    ms (mean over the variant's runs, 0 where an op is absent), share (of the summed self time), deform
+    (name looks like deformable sampling).
+    """
+    ops = data.op_tables
+    if ops.empty or "name" not in ops:
+        return {}
+    fin = data.finished[["run_id", "variant"]]
+    ops = ops.merge(fin, on="run_id", how="inner")
+    use_cuda = "self_cuda_ms" in ops and pd.to_numeric(ops["self_cuda_ms"], errors="coerce").fillna(0).gt(0).any()
+    tcol = "self_cuda_ms" if use_cuda else "self_cpu_ms"
+    if tcol not in ops:
+        return {}
+    ops = ops.assign(ms=pd.to_numeric(ops[tcol], errors="coerce").fillna(0.0))
+    out = {}
+    for variant, part in ops.groupby("variant", sort=True):
+        n_runs = part["run_id"].nunique()
+        per_op = part.groupby("name")["ms"].sum() / n_runs
+        total = per_op.sum()
+        ranked = per_op.sort_values(ascending=False)
+        keep = list(ranked.index[:top]) + [n for n in ranked.index[top:] if _DEFORM_OP.search(str(n))]
+        top_ops = ranked.loc[keep]
+        frame = pd.DataFrame({"name": top_ops.index.astype(str), "ms": top_ops.values})
+        frame["share"] = frame["ms"] / total if total > 0 else math.nan
+        frame["deform"] = [bool(_DEFORM_OP.search(n)) for n in frame["name"]]
+        frame.attrs["time_column"] = tcol
+        frame.attrs["runs"] = n_runs
+        out[str(variant)] = frame
+    return out
+
+
+
+def environment(data: AblationData) -> list[tuple[str, list[tuple[str, int]]]]:
+    """(label, [(value, number of runs)]) for each environment tag, most common value first."""
+    out = []
+    for tag, label in ENV_TAGS.items():
+        if tag not in data.runs:
+            continue
+        counts = data.runs[tag].dropna().astype(str).value_counts()
+        if len(counts):
+            out.append((label, [(str(v), int(c)) for v, c in counts.items()]))
+    return out
+
+
+def run_period(data: AblationData) -> tuple[pd.Timestamp | None, pd.Timestamp | None]:
+    """Earliest start and latest end (or start, for runs still going) of the child runs."""
+    if data.runs.empty:
+        return None, None
+    starts = pd.to_datetime(data.runs["start_time"], utc=True).dropna()
+    ends = pd.to_datetime(data.runs["end_time"], utc=True).dropna()
+    first = starts.min() if len(starts) else None
+    last = max([t for t in (ends.max() if len(ends) else None, starts.max() if len(starts) else None) if t is not None],
+               default=None)
+    return first, last

@@ -1,0 +1,283 @@
+"""Matplotlib figures for the report, returned as inline SVG strings (Agg backend, text kept as text).
+
+User strings (variant and group names) reach matplotlib only through `_text`, which turns off mathtext
+(`$`); matplotlib's SVG writer escapes `<`, `>` and `&` in <text>. Element ids are prefixed per figure
+so several SVGs can live in one HTML page.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import re
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+BASELINE_COLOUR = "#3d3d3d"
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+DEFORM_COLOUR = "#e8590c"
+OTHER_OP_COLOUR = "#8da0b6"
+CURVE_PANELS = (
+    ("train_loss", "train loss"),
+    ("val_loss", "val loss"),
+    ("val_micro_f1", "val F1 (micro)"),
+    ("val_map", "val mAP"),
+)
+_RC = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "harness-report",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+}
+_ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
+_counter = itertools.count()
+
+
+def _text(value: object, limit: int = 60) -> str:
+    """A user string made safe for matplotlib text: no mathtext, bounded length."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("$", r"\$")
+
+
+def colours_for(variants: Sequence[str], baseline: str | None) -> dict[str, str]:
+    """A stable colour per variant: the baseline dark grey, the others from a qualitative palette."""
+    out: dict[str, str] = {baseline: BASELINE_COLOUR} if baseline is not None and baseline in variants else {}
+    others = [v for v in variants if v != baseline]
+    for v, c in zip(others, itertools.cycle(PALETTE), strict=False):
+        out[v] = c
+    return out
+
+
+def fig_to_svg(fig: plt.Figure, prefix: str | None = None, tight: bool = True) -> str:
+    """Render `fig` to an SVG element string (no XML prolog, no global <style>, ids prefixed)."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight" if tight else None, metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg") :]
+    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.DOTALL)
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
+    prefix = prefix or f"f{next(_counter)}"
+    return _ID.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", svg)
+
+
+def _new(rows: int, cols: int, width: float, row_height: float, **kw: object) -> tuple[plt.Figure, np.ndarray]:
+    with plt.rc_context(_RC):
+        fig, axes = plt.subplots(rows, cols, figsize=(width, row_height * rows), squeeze=False, **kw)
+    return fig, axes
+
+
+def _legend_handles(colours: Mapping[str, str], baseline: str | None) -> list[Line2D]:
+    return [
+        Line2D([], [], color=c, lw=2.2, label=_text(v + (" (baseline)" if v == baseline else "")))
+        for v, c in colours.items()
+    ]
+
+
+def learning_curves(
+    curves: pd.DataFrame, groups: pd.DataFrame, colours: Mapping[str, str], baseline: str | None
+) -> str | None:
+    """Mean per epoch with a ±1 std band per group; one row of panels per grid point."""
+    if curves.empty or groups.empty:
+        return None
+    with plt.rc_context(_RC):
+        points = groups.drop_duplicates("point_rank").sort_values("point_rank")
+        fig, axes = _new(len(points), len(CURVE_PANELS), 13.0, 2.5, sharex=True)
+        by_key = {k: part for k, part in curves.groupby("key")}
+        for r, point in enumerate(points.itertuples(index=False)):
+            members = groups[groups["point_rank"] == point.point_rank]
+            for c, (key, title) in enumerate(CURVE_PANELS):
+                ax = axes[r, c]
+                part = by_key.get(key)
+                drawn = False
+                for g in members.itertuples(index=False):
+                    if part is None:
+                        break
+                    line = part[part["group"] == g.group].sort_values("step")
+                    if line.empty:
+                        continue
+                    colour = colours.get(g.variant, "#777777")
+                    x, m = line["step"].to_numpy(float), line["mean"].to_numpy(float)
+                    ax.plot(x, m, color=colour, lw=1.8 if g.variant == baseline else 1.5)
+                    sd = line["std"].to_numpy(float)
+                    if np.isfinite(sd).any():
+                        ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.16, lw=0)
+                    drawn = True
+                if not drawn:
+                    ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="#999999")
+                if r == 0:
+                    ax.set_title(title, fontweight="bold")
+                if r == len(points) - 1:
+                    ax.set_xlabel("epoch")
+                if c == 0 and point.grid_point:
+                    ax.set_ylabel(_text(point.grid_point, 40), fontweight="bold")
+                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        width, height = fig.get_figwidth(), fig.get_figheight()
+        fig.legend(
+            handles=_legend_handles(colours, baseline),
+            loc="upper center",
+            bbox_to_anchor=(0.5, 1.0),
+            ncol=min(len(colours), 6),
+        )
+        # fixed margins in inches (legend + titles on top, epoch label below, grid-point label left):
+        # much faster than tight_layout + bbox_inches="tight" on 4 × n panels
+        fig.subplots_adjust(
+            left=0.75 / width, right=1 - 0.1 / width, top=1 - 0.62 / height, bottom=0.5 / height,
+            wspace=0.22, hspace=0.18,
+        )
+        return fig_to_svg(fig, tight=False)
+
+
+def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None) -> str | None:
+    """Best val mAP against s/epoch per group (±1 std error bars); colour = variant, marker = grid point."""
+    x_key, y_key = "mean_epoch_time_s", "best_val_map"
+    if table.empty or f"{x_key}_mean" not in table or f"{y_key}_mean" not in table:
+        return None
+    ok = table[np.isfinite(table[f"{x_key}_mean"].astype(float)) & np.isfinite(table[f"{y_key}_mean"].astype(float))]
+    if ok.empty:
+        return None
+    with plt.rc_context(_RC):
+        fig, axes = _new(1, 1, 6.4, 4.2)
+        ax = axes[0, 0]
+        points = list(dict.fromkeys(ok.sort_values("point_rank")["grid_point"]))
+        marker = {p: MARKERS[i % len(MARKERS)] for i, p in enumerate(points)}
+        if len(points) > 1:  # a faint line through each variant's grid points, in grid order
+            for variant, part in ok.sort_values("point_rank").groupby("variant", sort=False):
+                ax.plot(part[f"{x_key}_mean"], part[f"{y_key}_mean"], color=colours.get(variant, "#777777"),
+                        lw=0.8, ls=":", alpha=0.7)
+        for g in ok.itertuples(index=False):
+            row = g._asdict()
+            ax.errorbar(
+                row[f"{x_key}_mean"],
+                row[f"{y_key}_mean"],
+                xerr=_nan0(row[f"{x_key}_std"]),
+                yerr=_nan0(row[f"{y_key}_std"]),
+                fmt=marker[g.grid_point],
+                color=colours.get(g.variant, "#777777"),
+                ms=7,
+                capsize=2,
+                elinewidth=1,
+            )
+        ax.set_xlabel("seconds per epoch (mean over seeds)")
+        ax.set_ylabel("best val mAP")
+        handles = _legend_handles(colours, baseline)
+        if len(points) > 1 or points[0]:
+            handles += [
+                Line2D([], [], color="#555555", marker=marker[p], ls="", label=_text(p or "—", 40)) for p in points
+            ]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ax.set_title("accuracy vs cost (up-left is better)", fontweight="bold")
+        fig.tight_layout()
+        return fig_to_svg(fig)
+
+
+def _nan0(value: float) -> float:
+    return 0.0 if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def scaling_curves(
+    table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None, axis: str = "data.train_size"
+) -> str | None:
+    """Best val mAP (±1 std) and Δ vs baseline (95% CI) against the training-set size, a line per variant."""
+    col = f"grid.{axis}"
+    if table.empty or col not in table:
+        return None
+    sizes = pd.to_numeric(table[col], errors="coerce")
+    frame = table.assign(_x=sizes)[np.isfinite(sizes)]
+    frame = frame[np.isfinite(frame["best_val_map_mean"].astype(float))]
+    if frame["_x"].nunique() < 2:
+        return None
+    other = [c for c in table.columns if c.startswith("grid.") and c != col]
+    with plt.rc_context(_RC):
+        has_delta = "delta_best_val_map" in frame and np.isfinite(frame["delta_best_val_map"].astype(float)).any()
+        fig, axes = _new(1, 2 if has_delta else 1, 9.0 if has_delta else 5.0, 4.0)
+        styles = itertools.cycle(["-", "--", ":", "-."])
+        keyed = frame.groupby(["variant", *other], sort=False, dropna=False) if other else frame.groupby("variant")
+        n_lines = keyed.ngroups
+        for i, (key, part) in enumerate(keyed):
+            variant = key[0] if isinstance(key, tuple) else key
+            part = part.sort_values("_x")
+            colour = colours.get(variant, "#777777")
+            ls = next(styles) if other else "-"
+            x = part["_x"].to_numpy(float)
+            m = part["best_val_map_mean"].to_numpy(float)
+            sd = part["best_val_map_std"].to_numpy(float)
+            ax = axes[0, 0]
+            ax.plot(x, m, color=colour, ls=ls, marker="o", ms=4)
+            if np.isfinite(sd).any():
+                ax.fill_between(x, m - np.nan_to_num(sd), m + np.nan_to_num(sd), color=colour, alpha=0.15, lw=0)
+            if has_delta and variant != baseline:
+                d = part["delta_best_val_map"].to_numpy(float)
+                lo = part["delta_best_val_map_low"].to_numpy(float)
+                hi = part["delta_best_val_map_high"].to_numpy(float)
+                err = np.vstack([np.nan_to_num(d - lo), np.nan_to_num(hi - d)])
+                dodge = 1 + 0.02 * (i - (n_lines - 1) / 2)  # side by side, so the intervals do not hide each other
+                axes[0, 1].errorbar(x * dodge, d, yerr=err, color=colour, ls=ls, marker="o", ms=4, capsize=3)
+        for ax in axes[0]:
+            ax.set_xlabel(_text(axis))
+            if frame["_x"].max() / max(frame["_x"].min(), 1e-12) >= 8:
+                ax.set_xscale("log")
+        axes[0, 0].set_ylabel("best val mAP")
+        axes[0, 0].set_title("scaling with training-set size (±1 std)", fontweight="bold")
+        if has_delta:
+            axes[0, 1].axhline(0.0, color=BASELINE_COLOUR, lw=1, ls="--")
+            axes[0, 1].set_ylabel(_text(f"Δ best val mAP vs {baseline}"))
+            axes[0, 1].set_title("Δ vs baseline (95% CI)", fontweight="bold")
+        axes[0, 0].legend(handles=_legend_handles(colours, baseline), loc="best", fontsize=8)
+        fig.tight_layout()
+        return fig_to_svg(fig)
+
+
+def op_bars(
+    summaries: Mapping[str, pd.DataFrame],
+    shares: Mapping[str, tuple[float, float]],
+    colours: Mapping[str, str],
+    per_row: int = 3,
+) -> str | None:
+    """Top operators by self time per variant; deformable-sampling ops in orange, share in the title."""
+    if not summaries:
+        return None
+    names = list(summaries)
+    rows = math.ceil(len(names) / per_row)
+    cols = min(per_row, len(names))
+    with plt.rc_context(_RC):
+        fig, axes = _new(rows, cols, 4.4 * cols, 2.9, sharex=True)
+        for i, variant in enumerate(names):
+            ax = axes[i // cols, i % cols]
+            frame = summaries[variant].iloc[::-1]
+            labels = [_text(n, 34) for n in frame["name"]]
+            bar_colours = [DEFORM_COLOUR if d else OTHER_OP_COLOUR for d in frame["deform"]]
+            ax.barh(range(len(frame)), frame["ms"], color=bar_colours)
+            ax.set_yticks(range(len(frame)), labels, fontsize=7.5)
+            ax.grid(axis="y", visible=False)
+            unit = "CUDA" if frame.attrs.get("time_column") == "self_cuda_ms" else "CPU"
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(f"self {unit} ms per profiled run")
+            share = shares.get(variant)
+            subtitle = ""
+            if share is not None and math.isfinite(share[0]):
+                sd = f" ± {share[1]:.0%}" if math.isfinite(share[1]) and share[1] > 0 else ""
+                subtitle = f"\nDCN sampling share {share[0]:.0%}{sd}"
+            ax.set_title(_text(variant, 40) + subtitle, fontsize=9.5, color=colours.get(variant, "#333333"),
+                         fontweight="bold")
+        for j in range(len(names), rows * cols):
+            axes[j // cols, j % cols].set_visible(False)
+        fig.tight_layout()
+        return fig_to_svg(fig)

@@ -1,0 +1,490 @@
+"""Turn `AblationData` into an offline HTML page (jinja2, autoescape on), Markdown or CSV.
+
+The HTML is self-contained: inline CSS, plots as inline SVG, one small inline sorter script that carries
+no data. Every user string goes through jinja2's autoescaping (or matplotlib's SVG text escaping).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from harness.report import plots
+from harness.report.data import (
+    DELTA_COLUMNS,
+    FAILED,
+    RUNNING,
+    TRAIN_SIZE_AXIS,
+    AblationData,
+    Column,
+    best_rows,
+    curve_stats,
+    environment,
+    group_stats,
+    op_summary,
+    run_period,
+    table_columns,
+)
+from harness.report.stats import NO_CI, PAIRED, WELCH, mean_std
+
+METHOD_MARK = {PAIRED: "p", WELCH: "w", NO_CI: ""}
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("harness.report", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _sig(value: float, digits: int = 3) -> str:
+    if value == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(value)))
+    decimals = max(0, digits - 1 - mag)
+    return f"{value:,.{decimals}f}"
+
+
+def _si(value: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {suffix}"
+    return f"{value:.3g}"
+
+
+def fmt_value(value: Any, kind: str) -> str:
+    """Format a mean for the table."""
+    if not _finite(value):
+        return "—"
+    v = float(value)
+    if kind in ("score", "loss"):
+        return f"{v:.3f}"
+    if kind == "seconds":
+        return _sig(v, 3)
+    if kind == "rate":
+        return f"{v:,.0f}" if abs(v) >= 100 else _sig(v, 3)
+    if kind == "mib":
+        return f"{v:,.0f}"
+    if kind in ("count", "flops"):
+        return _si(v)
+    if kind == "share":
+        return f"{v:.0%}"
+    return _sig(v, 3)
+
+
+def fmt_std(value: Any, kind: str) -> str:
+    """Format a standard deviation ("" where it says nothing: n < 2, or model size/FLOPs)."""
+    if not _finite(value) or kind in ("count", "flops") or (kind == "share" and float(value) == 0):
+        return ""
+    if kind in ("seconds", "rate") and float(value) != 0:
+        return "±" + _sig(float(value), 2)
+    return "±" + fmt_value(value, kind)
+
+
+def fmt_delta(value: Any) -> str:
+    return f"{float(value):+.3f}".replace("-", "−") if _finite(value) else "—"
+
+
+# ------------------------------------------------------------------------------------------ view model
+
+
+@dataclass
+class TableView:
+    sections: list[tuple[str, int]]  # first header row: (title, colspan)
+    headers: list[dict[str, Any]]  # second header row
+    rows: list[dict[str, Any]]
+    footnotes: list[str]
+
+
+def _delta_cell(row: pd.Series, col: Column) -> dict[str, Any]:
+    p = f"delta_{col.key}"
+    est, lo, hi, method = row.get(p), row.get(f"{p}_low"), row.get(f"{p}_high"), row.get(f"{p}_method") or ""
+    if row["is_baseline"] and _finite(est):
+        return {"text": "baseline", "ci": "", "mark": "", "cls": "ref", "sort": 0.0, "title": "the reference row"}
+    if not _finite(est):
+        return {"text": "—", "ci": "", "mark": "", "cls": "", "sort": "", "title": "no finished baseline run here"}
+    ci = f"[{fmt_delta(lo)}, {fmt_delta(hi)}]" if _finite(lo) else "(n<2)"
+    better = col.higher_is_better
+    cls = ""
+    if _finite(lo) and (lo > 0 or hi < 0):
+        cls = "up" if (lo > 0) == better else "down"
+    n, nb = int(row.get(f"{p}_n") or 0), int(row.get(f"{p}_nb") or 0)
+    title = f"{method}, {n} seed pairs" if method == PAIRED else f"{method}, n={n} vs {nb}"
+    return {"text": fmt_delta(est), "ci": ci, "mark": METHOD_MARK.get(method, ""), "cls": cls, "sort": float(est),
+            "title": title}
+
+
+def _layout(data: AblationData, columns: Sequence[Column]) -> list[tuple[str, Column]]:
+    """Column order of the table: val mAP, Δ vs baseline, cost, then the other accuracy metrics."""
+    first = [c for c in columns if c.section == "val mAP"]
+    cost = [c for c in columns if c.section == "cost"]
+    rest = [c for c in columns if c not in first and c not in cost]
+    deltas = list(DELTA_COLUMNS) if data.baseline is not None else []
+    return [("col", c) for c in first] + [("delta", c) for c in deltas] + [("col", c) for c in cost + rest]
+
+
+def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[Column],
+                    colours: dict[str, str], html: bool = True) -> TableView:
+    """Cells, header rows and footnotes of the HTML comparison table."""
+    layout = _layout(data, columns)
+    sections: list[tuple[str, int]] = [("", 2)]
+    headers: list[dict[str, Any]] = [
+        {"label": "group", "title": "variant × grid point", "numeric": False},
+        {"label": "runs", "title": "finished runs (seeds) in the averages", "numeric": True},
+    ]
+    for what, col in layout:
+        section = "Δ vs baseline (95% CI)" if what == "delta" else col.section
+        if sections[-1][0] == section:
+            sections[-1] = (section, sections[-1][1] + 1)
+        else:
+            sections.append((section, 1))
+        if what == "delta":
+            headers.append({"label": f"Δ {col.label} mAP", "title": f"difference of {col.key} vs the baseline",
+                            "numeric": True, "delta": True})
+        else:
+            arrow = "↑" if col.higher_is_better else "↓"
+            headers.append({"label": f"{col.label} {arrow}", "title": col.key, "numeric": True, "delta": False})
+    best = {col.key: best_rows(table, col, per_point=True) for col in columns}
+    rows = []
+    for i, row in table.iterrows():
+        cells = []
+        for what, col in layout:
+            if what == "delta":
+                cells.append({"delta": True, **_delta_cell(row, col)})
+                continue
+            mean = row.get(f"{col.key}_mean")
+            cells.append(
+                {
+                    "delta": False,
+                    "text": fmt_value(mean, col.kind),
+                    "std": fmt_std(row.get(f"{col.key}_std"), col.kind),
+                    "sort": float(mean) if _finite(mean) else "",
+                    "best": i in best[col.key],
+                }
+            )
+        rows.append(
+            {
+                "order": i,
+                "variant": row["variant"],
+                "grid_point": row["grid_point"],
+                "colour": colours.get(row["variant"], "#777777"),
+                "is_baseline": bool(row["is_baseline"]),
+                "n": int(row["n_finished"]),
+                "n_failed": int(row["n_failed"]),
+                "n_running": int(row["n_running"]),
+                "seeds": ", ".join(str(s) for s in row["seeds"]),
+                "cells": cells,
+                "point_start": i == 0 or table.loc[i - 1, "point_rank"] != row["point_rank"],
+            }
+        )
+    where = " at the same grid point" if data.grid_axes else ""
+    notes = [
+        "Cells: mean ± sample std (n−1) over the finished runs (seeds) of the group; failed and still-running "
+        "runs are left out." + (f" ↑/↓: higher/lower is better. Green: best in the column{where}." if html else ""),
+        "best = best epoch (max; min for loss), final = last epoch. F1, precision and recall are micro-averaged "
+        "at threshold 0.5. s/epoch and img/s: training pass. FLOPs: forward, per image. DCN share: share of "
+        "profiled self time in deformable sampling.",
+    ]
+    if data.baseline is not None:
+        marks = "Superscript p" if html else "paired t"
+        notes.append(
+            f"Δ: variant − baseline “{data.baseline}” ({data.baseline_source}){where}, with a 95% confidence "
+            f"interval across seeds. {marks}: paired t over the seeds both groups finished (Δ is the mean of the "
+            f"per-seed differences); {'w' if html else 'Welch t'}: Welch's t (unpaired, used when fewer than 2 "
+            "seeds are shared); no interval when a side has fewer than 2 runs."
+            + (" Green/red: the interval excludes 0 (better/worse)." if html else "")
+        )
+    else:
+        notes.append("No baseline declared (experiment tag harness.baseline or --baseline), so no Δ columns.")
+    return TableView(sections, headers, rows, notes)
+
+
+def _key_findings(data: AblationData, table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per grid point: the non-baseline variant with the highest best val mAP, its Δ and cost ratio."""
+    if table.empty or data.baseline is None or "best_val_map_mean" not in table:
+        return []
+    out = []
+    for _, part in table.groupby("point_rank", sort=True):
+        base = part[part["is_baseline"]]
+        cands = part[~part["is_baseline"] & part["best_val_map_mean"].astype(float).notna()]
+        if cands.empty or base.empty:
+            continue
+        top = cands.loc[cands["best_val_map_mean"].astype(float).idxmax()]
+        b = base.iloc[0]
+        ratio = None
+        if _finite(top.get("mean_epoch_time_s_mean")) and _finite(b.get("mean_epoch_time_s_mean")) and float(
+            b["mean_epoch_time_s_mean"]
+        ) > 0:
+            ratio = float(top["mean_epoch_time_s_mean"]) / float(b["mean_epoch_time_s_mean"])
+        cell = _delta_cell(top, DELTA_COLUMNS[0])
+        out.append(
+            {
+                "grid_point": top["grid_point"],
+                "variant": top["variant"],
+                "value": fmt_value(top["best_val_map_mean"], "score"),
+                "baseline_value": fmt_value(b["best_val_map_mean"], "score"),
+                "delta": cell,
+                "ratio": f"{ratio:.2f}×" if ratio is not None else "",
+            }
+        )
+    return out
+
+
+def _period_text(data: AblationData) -> str:
+    first, last = run_period(data)
+    if first is None:
+        return "—"
+    fmt = "%Y-%m-%d %H:%M"
+    return f"{first.strftime(fmt)} → {last.strftime(fmt)} UTC" if last is not None else first.strftime(fmt)
+
+
+def _time_text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
+        return ""
+    return pd.Timestamp(value).strftime("%Y-%m-%d %H:%M")
+
+
+def ablation_view(data: AblationData, index_href: str | None = None, now: datetime | None = None) -> dict[str, Any]:
+    """Everything the ablation template needs."""
+    now = now or datetime.now(UTC)
+    runs = data.runs
+    variants = sorted(set(runs["variant"])) if not runs.empty else []
+    if data.baseline in variants:
+        variants.remove(data.baseline)
+        variants.insert(0, data.baseline)
+    colours = plots.colours_for(variants, data.baseline)
+    columns = table_columns(data) if not runs.empty else []
+    table = group_stats(data, columns) if not runs.empty else pd.DataFrame()
+    finished = data.count("finished") if not runs.empty else 0
+    figures: dict[str, str | None] = {"curves": None, "scatter": None, "scaling": None, "ops": None}
+    if finished:
+        figures["curves"] = plots.learning_curves(curve_stats(data), table, colours, data.baseline)
+        figures["scatter"] = plots.accuracy_vs_cost(table, colours, data.baseline)
+        if TRAIN_SIZE_AXIS in data.grid_axes:
+            figures["scaling"] = plots.scaling_curves(table, colours, data.baseline, TRAIN_SIZE_AXIS)
+        summaries = op_summary(data)
+        shares = {}
+        fin = data.finished
+        if "profile_deform_share" in fin:
+            for v, part in fin.groupby("variant"):
+                m, s, _ = mean_std(list(part["profile_deform_share"]))
+                shares[str(v)] = (m, s)
+        ordered = {v: summaries[v] for v in variants if v in summaries}
+        figures["ops"] = plots.op_bars(ordered, shares, colours)
+    failed = runs[runs["state"] == FAILED] if not runs.empty else runs
+    running = runs[runs["state"] == RUNNING] if not runs.empty else runs
+    return {
+        "name": data.name,
+        "description": data.description,
+        "index_href": index_href,
+        "generated": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "period": _period_text(data),
+        "tracking_uri": data.tracking_uri,
+        "baseline": data.baseline,
+        "baseline_source": data.baseline_source,
+        "counts": {"finished": finished, "failed": len(failed), "running": len(running)},
+        "environment": environment(data) if not runs.empty else [],
+        "table": comparison_view(data, table, columns, colours) if not table.empty else None,
+        "findings": _key_findings(data, table),
+        "figures": figures,
+        "has_train_size": TRAIN_SIZE_AXIS in data.grid_axes,
+        "legend": [(v, colours[v]) for v in variants],
+        "failed": [
+            {
+                "run_name": r.run_name,
+                "group": r.group,
+                "seed": r.seed,
+                "status": r.status,
+                "reason": r.failure,
+                "ended": _time_text(r.end_time),
+                "run_id": r.run_id,
+            }
+            for r in failed.itertuples(index=False)
+        ],
+        "running": [
+            {
+                "run_name": r.run_name,
+                "group": r.group,
+                "seed": r.seed,
+                "started": _time_text(r.start_time),
+                "val_map": fmt_value(getattr(r, "val_map", None), "score"),
+                "run_id": r.run_id,
+            }
+            for r in running.itertuples(index=False)
+        ],
+    }
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def render_ablation_html(data: AblationData, index_href: str | None = None, now: datetime | None = None) -> str:
+    """The report page of one ablation."""
+    return _env.get_template("ablation.html.j2").render(page=ablation_view(data, index_href, now))
+
+
+def render_index_html(datas: Sequence[AblationData], hrefs: Sequence[str], now: datetime | None = None) -> str:
+    """The index page linking several ablation reports."""
+    now = now or datetime.now(UTC)
+    entries = []
+    for data, href in zip(datas, hrefs, strict=True):
+        runs = data.runs
+        states = runs["state"].value_counts() if not runs.empty else pd.Series(dtype=int)
+        headline = ""
+        if not runs.empty and data.baseline is not None and (runs["state"] == "finished").any():
+            findings = _key_findings(data, group_stats(data))
+            if findings:
+                f = findings[-1]  # the largest grid point
+                where = f" at {f['grid_point']}" if f["grid_point"] else ""
+                headline = f"{f['variant']}{where}: Δ best val mAP {f['delta']['text']} {f['delta']['ci']}".strip()
+        entries.append(
+            {
+                "headline": headline,
+                "name": data.name,
+                "description": data.description,
+                "href": href,
+                "baseline": data.baseline or "—",
+                "variants": len(set(runs["variant"])) if not runs.empty else 0,
+                "finished": int(states.get("finished", 0)),
+                "failed": int(states.get("failed", 0)),
+                "running": int(states.get("running", 0)),
+                "period": _period_text(data),
+            }
+        )
+    tracking = datas[0].tracking_uri if datas else ""
+    return _env.get_template("index.html.j2").render(
+        page={"entries": entries, "generated": now.strftime("%Y-%m-%d %H:%M UTC"), "tracking_uri": tracking}
+    )
+
+
+def report_filename(name: str, taken: set[str] | None = None) -> str:
+    """A file name for the report of ablation `name` (unique within `taken`, which it updates)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-") or "ablation"
+    if base.lower() == "index":
+        base = "index_ablation"
+    candidate, i = f"{base}.html", 2
+    taken = taken if taken is not None else set()
+    while candidate in taken:
+        candidate, i = f"{base}-{i}.html", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def write_html_reports(datas: Sequence[AblationData], out_dir: Path, now: datetime | None = None) -> list[Path]:
+    """Write one page per ablation into `out_dir` (plus index.html when there are several); return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    names = [report_filename(d.name, taken) for d in datas]
+    several = len(datas) > 1
+    paths = []
+    for data, name in zip(datas, names, strict=True):
+        path = out_dir / name
+        path.write_text(render_ablation_html(data, "index.html" if several else None, now), encoding="utf-8")
+        paths.append(path)
+    if several:
+        index = out_dir / "index.html"
+        index.write_text(render_index_html(datas, names, now), encoding="utf-8")
+        paths.insert(0, index)
+    return paths
+
+
+def comparison_frame(data: AblationData) -> pd.DataFrame:
+    """The comparison table as plain numbers (one row per group), as written by `--format csv`."""
+    if data.runs.empty:
+        return pd.DataFrame()
+    columns = table_columns(data)
+    table = group_stats(data, columns)
+    out = pd.DataFrame(
+        {
+            "ablation": data.name,
+            "group": table["group"],
+            "variant": table["variant"],
+            "grid_point": table["grid_point"],
+            "baseline": table["is_baseline"],
+            "n_finished": table["n_finished"],
+            "n_failed": table["n_failed"],
+            "n_running": table["n_running"],
+            "seeds": [" ".join(str(s) for s in seeds) for seeds in table["seeds"]],
+        }
+    )
+    for col in columns:
+        out[f"{col.key}_mean"] = table[f"{col.key}_mean"]
+        out[f"{col.key}_std"] = table[f"{col.key}_std"]
+    if data.baseline is not None:
+        for col in DELTA_COLUMNS:
+            p = f"delta_{col.key}"
+            out[p] = table[p]
+            out[f"{p}_ci_low"] = table[f"{p}_low"]
+            out[f"{p}_ci_high"] = table[f"{p}_high"]
+            out[f"{p}_method"] = table[f"{p}_method"]
+    return out
+
+
+def comparison_csv(datas: Sequence[AblationData]) -> str:
+    """CSV of the comparison tables of `datas` (column `ablation` tells them apart)."""
+    frames = [comparison_frame(d) for d in datas]
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return "ablation,group\n"
+    buf = io.StringIO()
+    pd.concat(frames, ignore_index=True).to_csv(buf, index=False, float_format="%.6g")
+    return buf.getvalue()
+
+
+def _md_escape(text: Any) -> str:
+    return re.sub(r"([\\`*_{}\[\]<>|#])", r"\\\1", str(text)).replace("\n", " ")
+
+
+def comparison_markdown(datas: Sequence[AblationData]) -> str:
+    """Markdown: per ablation a heading, the comparison table (mean ± std, Δ [95% CI]) and footnotes."""
+    parts = []
+    for data in datas:
+        n = {s: data.count(s) if not data.runs.empty else 0 for s in ("finished", "failed", "running")}
+        parts.append(f"## {_md_escape(data.name)}\n")
+        if data.description:
+            parts.append(f"{_md_escape(data.description)}\n")
+        parts.append(f"{n['finished']} finished, {n['failed']} failed, {n['running']} running runs.\n")
+        if data.runs.empty:
+            continue
+        columns = table_columns(data)
+        table = group_stats(data, columns)
+        layout = _layout(data, columns)
+        head = ["group", "n"] + [
+            f"Δ {c.section} {c.label} [95% CI]" if what == "delta" else f"{c.section} {c.label}" for what, c in layout
+        ]
+        lines = ["| " + " | ".join(_md_escape(h) for h in head) + " |", "|" + "---|" * len(head)]
+        for _, row in table.iterrows():
+            cells = [_md_escape(row["group"]) + (" (baseline)" if row["is_baseline"] else ""), str(row["n_finished"])]
+            for what, col in layout:
+                if what == "delta":
+                    cell = _delta_cell(row, col)
+                    mark = f" ({row[f'delta_{col.key}_method']})" if cell["mark"] else ""
+                    cells.append(f"{cell['text']} {cell['ci']}{mark}".strip())
+                else:
+                    std = fmt_std(row[f"{col.key}_std"], col.kind)
+                    cells.append(fmt_value(row[f"{col.key}_mean"], col.kind) + (f" {std}" if std else ""))
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+        view = comparison_view(data, table, columns, {}, html=False)
+        parts.append("\n".join(f"- {_md_escape(note)}" for note in view.footnotes) + "\n")
+    return "\n".join(parts)
