@@ -156,10 +156,18 @@ def summarise(profiler: profile, top_n: int, trace_dir: str) -> ProfileSummary:
     on_device = sum(r[3] for r in rows) > 0
     total = sum(r[3] if on_device else r[2] for r in rows) or 1.0
     rows.sort(key=lambda r: r[3] if on_device else r[2], reverse=True)
-    deform = 0.0
+    deform_cpu = deform_device = 0.0
+    calls = 0
     for event in events:
         if event.name == SAMPLING_SCOPE or any(marker in event.name for marker in TORCHVISION_DCN_OPS):
-            deform += (event.device_time_total if on_device else event.cpu_time_total) / 1000
-    ops = [OpRow(name, calls, cpu, cuda, tot, (cuda if on_device else cpu) / total)
-           for name, calls, cpu, cuda, tot in rows[:top_n]]
+            deform_cpu += event.cpu_time_total / 1000
+            deform_device += event.device_time_total / 1000
+            calls += 1
+    deform = deform_device if on_device else deform_cpu
+    ops = [OpRow(name, n, cpu, cuda, tot, (cuda if on_device else cpu) / total)
+           for name, n, cpu, cuda, tot in rows[:top_n]]
+    if calls:  # one row for all deformable sampling (its ops also appear above under their own names)
+        ops.append(OpRow(f"{SAMPLING_SCOPE} (all sampling ops)", calls, deform_cpu, deform_device, deform_cpu,
+                         deform / total))
+        ops.sort(key=lambda op: op.self_cuda_ms if on_device else op.self_cpu_ms, reverse=True)
     return ProfileSummary(ops=ops, deform_share=min(1.0, deform / total), trace_dir=trace_dir)

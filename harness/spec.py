@@ -258,7 +258,7 @@ class SearchSpec(Strict):
                 if key not in space:
                     raise ValueError(f"enqueue[{index}]: {key!r} is not searched (searched: {', '.join(space)})")
                 if not space[key].contains(value):
-                    raise ValueError(f"enqueue[{index}]: {key}={value} is outside its range")
+                    raise ValueError(f"enqueue[{index}]: {key}={value:g} is outside its range")
         return self
 
 
@@ -443,7 +443,9 @@ def expand(
         grid[axis] = values
     clash = sorted(set(overrides) & set(grid))
     if clash:
-        raise HarnessError(f"--set {clash[0]} clashes with the grid axis of the same name: use --set grid.{clash[0]}=[...]")
+        raise HarnessError(
+            f"--set {clash[0]} clashes with the grid axis of the same name: use --set grid.{clash[0]}=[...]"
+        )
 
     root = str(data_root) if data_root is not None else os.environ.get(DATA_ROOT_ENV)
     axes = list(grid)

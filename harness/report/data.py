@@ -33,7 +33,7 @@ ENV_TAGS = {
     "harness.cuda": "CUDA",
 }
 TRAIN_SIZE_AXIS = "data.train_size"
-# operator names that look like deformable sampling (the runner counts grid_sampler and deform_conv2d)
+# operator names that look like deformable sampling (the runner adds a row for its sampling scope)
 _DEFORM_OP = re.compile(r"deform|grid_sampl|bilinear|im2col", re.IGNORECASE)
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -61,7 +62,7 @@ def check_reachable(uri: str, create: bool) -> None:
         except urllib.error.HTTPError as exc:
             if exc.code >= 500:
                 raise HarnessError(f"tracking server {uri} answered {exc.code}") from None
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise HarnessError(f"tracking server {uri} is unreachable: {reason}") from None
         return
@@ -100,8 +101,6 @@ class ChildRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
-
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
@@ -235,5 +234,150 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def temporary_artifact_dir() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="harness-artifacts-")
+
+# --- Optuna studies (harness tune): a parent run per study, a nested run per trial ----------------------------
+STUDY, TRIAL = "study", "trial"
+
+
+def start_study_run(store: AblationStore, study: str, tags: Mapping[str, Any]) -> str:
+    """The study's parent run (tag harness.role=study, harness.study=<name>): reopened if it exists, else created.
+
+    Callers that run concurrently on one study serialise this call themselves (harness.tune holds its
+    storage lock), so a study gets exactly one parent run.
+    """
+    query = f"tags.`{ROLE}` = '{STUDY}' and tags.`harness.study` = '{_quoted(study)}'"
+    found = store.client.search_runs(
+        [store.experiment_id], query, max_results=1, order_by=["attributes.start_time ASC"]
+    )
+    clean = {k: str(v) for k, v in tags.items()}
+    if found:
+        run_id = found[0].info.run_id
+        store.client.update_run(run_id, status="RUNNING")
+        ChildRun(store.client, run_id).set_tags(clean)
+        return run_id
+    run = store.client.create_run(
+        store.experiment_id, run_name=f"study {study}", tags={ROLE: STUDY, "harness.study": study, **clean}
+    )
+    return run.info.run_id
+
+
+def start_trial_run(
+    store: AblationStore, parent_id: str, name: str, params: Mapping[str, Any], tags: Mapping[str, Any]
+) -> ChildRun:
+    """A trial's run nested under its study's run (tag harness.role=trial; never harness.role=child)."""
+    from mlflow.entities import Param
+
+    run = store.client.create_run(
+        store.experiment_id,
+        run_name=name,
+        tags={"mlflow.parentRunId": parent_id, ROLE: TRIAL, **{k: str(v) for k, v in tags.items()}},
+    )
+    batch = [Param(k, _param_value(v)) for k, v in params.items()]
+    for start in range(0, len(batch), 90):
+        store.client.log_batch(run.info.run_id, params=batch[start : start + 90])
+    return ChildRun(store.client, run.info.run_id)
+
+
+def study_run(store: AblationStore, run_id: str) -> ChildRun:
+    """A handle to tag, log to and finish a study's parent run."""
+    return ChildRun(store.client, run_id)
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("'", "\\'")
+
+
+# --- analysis (harness eval): find finished child runs; log more into a run without changing its status ---------
+
+
+class RunRecord:
+    """What the analysis needs to know about one run: ids, name, status, tags, params, artifact location."""
+
+    def __init__(self, run: Any, experiment: str) -> None:
+        self.run_id: str = run.info.run_id
+        self.name: str = run.info.run_name or run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+        self.experiment: str = experiment
+        self.status: str = run.info.status
+        self.tags: dict[str, str] = dict(run.data.tags)
+        self.params: dict[str, str] = dict(run.data.params)
+        self.artifact_uri: str = run.info.artifact_uri
+
+    def __repr__(self) -> str:
+        return f"RunRecord({self.name!r}, {self.run_id}, {self.status})"
+
+
+def _reader_client(uri: str | None) -> tuple[str, Any]:
+    resolved = resolve_uri(uri)
+    check_reachable(resolved, create=False)
+    return resolved, _client(resolved)
+
+
+def _finished_children(client: Any, experiment_id: str, query: str) -> tuple[list[Any], int]:
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return sorted(finished, key=lambda r: r.info.run_name or ""), len(runs)
+
+
+def find_finished_runs(uri: str | None, ref: str) -> list[RunRecord]:
+    """The FINISHED child runs `ref` names: an ablation (experiment) name, a child run id or a parent run id.
+
+    Raises `HarnessError` for an unknown name or id, an ablation or parent without finished child
+    runs, and a child run that did not finish.
+    """
+    resolved, client = _reader_client(uri)
+    try:
+        experiment = client.get_experiment_by_name(ref)
+    except Exception as exc:  # connection problems of database back ends surface here
+        raise HarnessError(f"tracking URI {resolved}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if experiment is not None and experiment.lifecycle_stage != "deleted":
+        runs, total = _finished_children(client, experiment.experiment_id, f"tags.`{ROLE}` = '{CHILD}'")
+        if not runs:
+            what = f"no finished runs ({total} unfinished)" if total else "no runs"
+            raise HarnessError(f"ablation {ref!r} has {what} in {resolved}")
+        return [RunRecord(r, experiment.name) for r in runs]
+    try:
+        run = client.get_run(ref)
+    except Exception:
+        raise HarnessError(f"no ablation or run {ref!r} in {resolved}") from None
+    experiment_name = client.get_experiment(run.info.experiment_id).name
+    role = run.data.tags.get(ROLE)
+    if role == PARENT:
+        query = f"tags.`mlflow.parentRunId` = '{_quoted(run.info.run_id)}'"
+        runs, total = _finished_children(client, run.info.experiment_id, query)
+        if not runs:
+            raise HarnessError(f"parent run {ref} of ablation {experiment_name!r} has no finished child runs")
+        return [RunRecord(r, experiment_name) for r in runs]
+    if role != CHILD:
+        raise HarnessError(f"run {ref} is not a harness training run (tag {ROLE} is {role!r}, expected {CHILD!r})")
+    if run.info.status != "FINISHED":
+        raise HarnessError(f"run {run.info.run_name} ({ref}) is {run.info.status}: only finished runs are evaluated")
+    return [RunRecord(run, experiment_name)]
+
+
+def attach_run(uri: str | None, run_id: str) -> ChildRun:
+    """A handle to log more metrics, tags and artifacts into an existing run; its status is left as it is."""
+    _, client = _reader_client(uri)
+    return ChildRun(client, run_id)
+
+
+def read_run_text(run: ChildRun, path: str) -> str | None:
+    """A text artifact of `run` (e.g. config.yaml), or None when it has none."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per small file
+    with tempfile.TemporaryDirectory(prefix="harness-read-") as tmp:
+        try:
+            local = run.client.download_artifacts(run.run_id, path, tmp)
+            return Path(local).read_text(encoding="utf-8")
+        except Exception:
+            return None
+
+
+def log_artifact_dir(run: ChildRun, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    """Upload every file under `local_dir` into `run`'s artifacts (under `artifact_path`), replacing same names."""
+    run.client.log_artifacts(run.run_id, str(local_dir), artifact_path)

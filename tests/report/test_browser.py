@@ -258,3 +258,40 @@ def test_the_checks_can_fail(browser: Browser, tmp_path: Path) -> None:
     blank = screenshot(browser, tmp_path / "blank.png")
     n_colours, inked, _ = colour_stats(blank)
     assert n_colours < 1000 or inked < 0.05
+
+
+def test_report_of_a_real_run_loads_clean(browser: Browser, synth_root: Path, tmp_path: Path) -> None:
+    """The whole path a user takes: `harness run` on real files, `harness report`, a browser."""
+    from harness.cli import main
+
+    ablation = tmp_path / "real.yaml"
+    ablation.write_text(f"""
+name: real_run
+description: standard vs deformable, <b>escaped</b>
+baseline: standard
+base:
+  data: {{source: coco, root: "{synth_root}", image_size: 32}}
+  model: {{arch: small3}}
+  train: {{epochs: 2, batch_size: 16, lr: 0.003}}
+  profile: {{wait: 0, warmup: 1, active: 1}}
+variants:
+  standard: {{model: {{deform_layers: none}}}}
+  deform: {{model: {{deform_layers: "first:1"}}}}
+grid:
+  seed: [0, 1]
+""")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["run", str(ablation), "--tracking-uri", uri, "--results-dir", str(tmp_path / "results")]) == 0
+    out = tmp_path / "reports"
+    assert main(["report", "real_run", "--tracking-uri", uri, "--out", str(out)]) == 0
+    page = out / "real_run.html"
+    found = load(browser, page)
+    assert found["errors"] == [] and found["failed"] == []
+    assert all(u.startswith(("file:", "data:")) for u in found["urls"]), found["urls"]
+    assert browser.evaluate("document.querySelectorAll('svg').length") >= 3
+    assert browser.evaluate("document.querySelectorAll('#comparison-table tbody tr').length") == 2
+    text = browser.evaluate("document.body.innerText")
+    assert "<b>escaped</b>" in text and "4 finished" in text
+    png = screenshot(browser, tmp_path / "real_run.png")
+    n_colours, inked, _ = colour_stats(png)
+    assert n_colours > 500 and inked > 0.05, (n_colours, inked)
