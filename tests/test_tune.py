@@ -286,3 +286,17 @@ def test_search_overrides_and_shorthands(tuned):
     assert json.loads(search.model_dump_json())["objective"]["metric"] == "val_loss"
     default = load_ablation(Path(__file__).resolve().parent.parent / "ablations" / "lr_search.yaml")
     assert default.search is not None and default.search.objective.goal == "maximize"
+
+
+def test_report_shows_studies_from_mlflow(tuned):
+    out = tuned["tmp"] / "reports"
+    assert main(["report", "tiny", "--tracking-uri", tuned["uri"], "--out", str(out)]) == 0
+    html = (out / "tiny.html").read_text()
+    assert "Learning-rate searches (Optuna)" in html
+    row = html[html.index('id="studies-table"'):]
+    row = row[row.index("<tbody>"):row.index("</tbody>")]
+    cells = [c.rsplit(">", 1)[1] for c in row.split("</td>")[:-1]]
+    assert cells[:3] == ["tiny.standard", "standard", "minimize val_loss"]
+    assert cells[3:6] == ["1", "1", "1"]  # complete, pruned, failed: the true states
+    assert float(cells[6]) == pytest.approx(GOOD_LR)
+    assert "learning rate (log)" in html and "optimisation history" in html

@@ -86,6 +86,8 @@ class AblationData:
     op_tables: pd.DataFrame  # profile/op_table.csv rows of finished runs, with run_id
     tracking_uri: str = ""
     grid_axes: list[str] = field(default_factory=list)
+    studies: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `study_tables`
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -245,8 +247,11 @@ def load_ablations(
         ops = (
             query.artifact_tables(store, finished_ids, OP_TABLE_ARTIFACT, uris) if with_artifacts else pd.DataFrame()
         )
+        studies, trials = study_tables(store, exp.experiment_id)
         out.append(
             AblationData(
+                studies=studies,
+                trials=trials,
                 name=exp.name,
                 experiment_id=exp.experiment_id,
                 description=exp.description or "",
@@ -260,6 +265,62 @@ def load_ablations(
             )
         )
     return out
+
+
+def study_tables(store: query.Store, experiment_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Optuna studies logged by `harness tune` in this experiment, and their trials.
+
+    studies: study, variant, metric, direction, best_lr, best_value, best_trial.
+    trials: study, variant, number, state (COMPLETE/PRUNED/FAIL/RUNNING), lr, value (the objective: the
+    best value of the metric over the epochs the trial ran, pruned trials included), epochs.
+    """
+    raw_studies = query.search_runs(store, [experiment_id], role="study")
+    if raw_studies.empty:
+        return pd.DataFrame(), pd.DataFrame()
+
+    def get(row: pd.Series, key: str) -> Any:
+        value = row.get(key)
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    studies = pd.DataFrame([
+        {
+            "study": get(r, "tags.harness.study"), "variant": get(r, "tags.harness.variant"),
+            "metric": get(r, "tags.harness.metric") or "val_map",
+            "direction": get(r, "tags.harness.direction") or "maximize",
+            "best_lr": _float(get(r, "tags.harness.best_lr")), "best_value": _float(get(r, "tags.harness.best_value")),
+            "best_trial": get(r, "tags.harness.best_trial"),
+        }
+        for _, r in raw_studies.iterrows()
+    ])
+    raw_trials = query.search_runs(store, [experiment_id], role="trial")
+    if raw_trials.empty:
+        return studies, pd.DataFrame()
+    metric_of = dict(zip(studies["study"], studies["metric"], strict=True))
+    maximize = dict(zip(studies["study"], studies["direction"] == "maximize", strict=True))
+    keys = sorted(set(metric_of.values()))
+    histories = query.metric_histories(store, list(raw_trials["run_id"]), keys)
+    rows = []
+    for _, r in raw_trials.iterrows():
+        study = get(r, "tags.harness.study")
+        metric = metric_of.get(study, "val_map")
+        values = histories[(histories["run_id"] == r["run_id"]) & (histories["key"] == metric)]["value"]
+        finite = [v for v in values if math.isfinite(v)]
+        value = (max(finite) if maximize.get(study, True) else min(finite)) if finite else math.nan
+        state = get(r, "tags.harness.trial_state") or ("RUNNING" if r["status"] == "RUNNING" else "FAIL")
+        rows.append({
+            "study": study, "variant": get(r, "tags.harness.variant"),
+            "number": int(float(get(r, "tags.harness.trial_number") or -1)),
+            "state": state, "lr": _float(get(r, "params.lr")), "value": value, "epochs": len(values),
+        })
+    trials = pd.DataFrame(rows).sort_values(["study", "number"]).reset_index(drop=True)
+    return studies, trials
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 # ------------------------------------------------------------------------------------- statistics

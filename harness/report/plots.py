@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 BASELINE_COLOUR = "#3d3d3d"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -281,3 +282,44 @@ def op_bars(
             axes[j // cols, j % cols].set_visible(False)
         fig.tight_layout()
         return fig_to_svg(fig)
+
+
+def study_plots(trials: pd.DataFrame, studies: pd.DataFrame, colours: Mapping[str, str]) -> str | None:
+    """Left: objective vs learning rate (log x), pruned trials hollow; right: optimisation history."""
+    if trials.empty:
+        return None
+    fig, axes = _new(1, 2, 11.5, 3.6)
+    left, right = axes[0]
+    names = list(dict.fromkeys(trials["study"]))
+    palette = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    metric = str(studies["metric"].iloc[0]) if not studies.empty else "objective"
+    for study in names:
+        part = trials[trials["study"] == study]
+        variant = str(part["variant"].iloc[0]) if part["variant"].notna().any() else str(study)
+        colour = colours.get(variant) or next(palette)
+        label = _text(study)
+        done = part[(part["state"] == "COMPLETE") & part["value"].notna()]
+        pruned = part[(part["state"] == "PRUNED") & part["value"].notna()]
+        left.scatter(done["lr"], done["value"], color=colour, s=28, label=label, zorder=3)
+        left.scatter(pruned["lr"], pruned["value"], facecolors="none", edgecolors=colour, s=28, marker="o",
+                     linewidths=1.2, zorder=3)
+        ordered = part[part["value"].notna()].sort_values("number")
+        right.scatter(ordered["number"], ordered["value"], color=colour, s=14, alpha=0.6)
+        direction = studies.loc[studies["study"] == study, "direction"]
+        maximize = direction.iloc[0] == "maximize" if len(direction) else True
+        complete = ordered[ordered["state"] == "COMPLETE"]
+        if not complete.empty:
+            best = complete["value"].cummax() if maximize else complete["value"].cummin()
+            right.step(complete["number"], best, where="post", color=colour, label=label)
+    left.set_xscale("log")
+    left.set_xlabel("learning rate (log)")
+    left.set_ylabel(_text(metric))
+    left.set_title("objective vs learning rate (hollow: pruned, at its best epoch)", fontsize=9)
+    right.set_xlabel("trial number")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set_ylabel(_text(metric))
+    right.set_title("optimisation history (line: best so far)", fontsize=9)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="best")
+    return fig_to_svg(fig)

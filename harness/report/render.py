@@ -291,6 +291,7 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
                 shares[str(v)] = (m, s)
         ordered = {v: summaries[v] for v in variants if v in summaries}
         figures["ops"] = plots.op_bars(ordered, shares, colours)
+    figures["studies"] = plots.study_plots(data.trials, data.studies, colours) if not data.trials.empty else None
     failed = runs[runs["state"] == FAILED] if not runs.empty else runs
     running = runs[runs["state"] == RUNNING] if not runs.empty else runs
     return {
@@ -308,6 +309,7 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
         "findings": _key_findings(data, table),
         "figures": figures,
         "has_train_size": TRAIN_SIZE_AXIS in data.grid_axes,
+        "studies": _study_rows(data),
         "legend": [(v, colours[v]) for v in variants],
         "failed": [
             {
@@ -333,6 +335,21 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
             for r in running.itertuples(index=False)
         ],
     }
+
+
+def _study_rows(data: AblationData) -> list[dict[str, Any]]:
+    """One row per Optuna study: trial counts by state and the best learning rate."""
+    rows = []
+    for study in data.studies.itertuples(index=False):
+        part = data.trials[data.trials["study"] == study.study] if not data.trials.empty else data.trials
+        count = part["state"].value_counts() if not part.empty else {}
+        rows.append({
+            "study": study.study, "variant": study.variant, "metric": study.metric, "direction": study.direction,
+            "complete": int(count.get("COMPLETE", 0)), "pruned": int(count.get("PRUNED", 0)),
+            "failed": int(count.get("FAIL", 0)), "best_lr": _sig(study.best_lr) if _finite(study.best_lr) else "—",
+            "best_value": fmt_value(study.best_value, "score"), "best_trial": study.best_trial,
+        })
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ output

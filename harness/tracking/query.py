@@ -30,6 +30,7 @@ from harness.errors import HarnessError
 DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
 ROLE_TAG = "harness.role"
 _CHILD_FILTER = "tags.`harness.role` = 'child'"
+_STUDY_FILTER = "tags.`harness.role` = 'study'"
 _PAGE = 1000
 _BULK_CHUNK = 400
 _RUN_COLUMNS = ["run_id", "experiment_id", "run_name", "status", "start_time", "end_time", "artifact_uri"]
@@ -159,10 +160,13 @@ def experiments(store: Store) -> pd.DataFrame:
 
 
 def harness_experiments(store: Store) -> pd.DataFrame:
-    """The experiments that hold at least one harness child run (`harness.role = child`)."""
+    """The experiments that hold at least one harness child run or Optuna study run (`harness.role`)."""
     exps = experiments(store)
     keep = [
-        len(store.client.search_runs([eid], filter_string=_CHILD_FILTER, max_results=1)) > 0
+        any(
+            len(store.client.search_runs([eid], filter_string=role_filter, max_results=1)) > 0
+            for role_filter in (_CHILD_FILTER, _STUDY_FILTER)
+        )
         for eid in exps["experiment_id"]
     ]
     return exps[keep].reset_index(drop=True)
