@@ -267,19 +267,21 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                 raw, source = _sample_columns(input, grid, offset_groups, sampling)
             raw = raw.view(n, offset_groups, c // offset_groups, taps, length)
             go = grad_out.reshape(n, groups, out_channels // groups, length).to(gemm)
-            if need_weight:
-                columns = raw if mask is None else raw * mask.to(sampling).view(n, offset_groups, 1, taps, length)
-                columns = columns.reshape(n, groups, per_group * taps, length).to(gemm)
-                grad_weight = torch.matmul(go, columns.transpose(-1, -2)).sum(0)
-                grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-                del columns
             w_t = weight.to(gemm).view(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
             grad_columns = torch.matmul(w_t, go).to(sampling).view(n, offset_groups, c // offset_groups, taps, length)
             with record_function(SAMPLING_SCOPE):
                 if mask is not None:
+                    m = mask.to(sampling).view(n, offset_groups, 1, taps, length)
                     if need_mask:
                         grad_mask = (grad_columns * raw).sum(2).view(mask.shape).to(mask.dtype)
-                    grad_columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
+                    raw.mul_(m)  # the modulated columns, in place: no second column-sized buffer
+                    grad_columns.mul_(m)
+            if need_weight:
+                columns = raw.view(n, groups, per_group * taps, length).to(gemm)
+                grad_weight = torch.matmul(go, columns.transpose(-1, -2)).sum(0)
+                grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+                del columns
+            with record_function(SAMPLING_SCOPE):
                 del raw
                 if need_input or need_grid:
                     grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
