@@ -6,6 +6,7 @@ User mistakes arrive as `HarnessError` and are printed as one line with exit sta
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -25,6 +26,7 @@ for _name in _OPTIONAL_COMMANDS:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when first imported
     for noisy in ("mlflow", "alembic", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
