@@ -338,82 +338,28 @@ def deform_conv2d_shared(
         )
     # row i of `full` is the correlation anchored at input row i - reach_y
     full = full.reshape(n * offset_groups, out_channels, *full.shape[-2:])
+    full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
     opts = {"dtype": offset.dtype, "device": offset.device}
     rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
     cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)
     delta = offset.view(n, offset_groups, 2, ho, wo)
-    sample_y = (rows + delta[:, :, 0]).reshape(n * offset_groups, -1)
-    sample_x = (cols + delta[:, :, 1]).reshape(n * offset_groups, -1)
-    out = bilinear_gather(full, sample_y, sample_x).view(n, offset_groups, out_channels, ho, wo)
+    grid = torch.stack(
+        (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
+    ).view(n * offset_groups, ho, wo, 2)
+    sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
+    with record_function(SAMPLING_SCOPE):
+        # One fused bilinear sample of the (unpadded) map: the cheapest exact path. At exactly whole-pixel
+        # positions grid_sample's coordinate round trip may pick the left instead of the right corner
+        # pair: same value, the other one-sided derivative (torchvision always takes the right one).
+        out = F.grid_sample(full.to(sampling), grid.to(sampling), mode="bilinear", padding_mode="zeros",
+                            align_corners=False).to(full.dtype)
+    out = out.view(n, offset_groups, out_channels, ho, wo)
     out = out.sum(1) if offset_groups > 1 else out.squeeze(1)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
-
-
-def bilinear_gather(source: Tensor, y: Tensor, x: Tensor) -> Tensor:
-    """Bilinear samples of source [B, C, H, W] at points (y, x) [B, P] (pixel units) → [B, C, P].
-
-    Zero outside the image and the same corner choice as torchvision's kernel (floor, floor + 1), so
-    whole-pixel positions take the same one-sided gradient. Positions stay in fp32 or fp64; values are
-    combined in the positions' dtype and returned in the source's.
-    """
-    return _BilinearGather.apply(source, y, x)
-
-
-def _corners(y: Tensor, x: Tensor, h: int, w: int, channels: int):
-    """For each of the 4 corners: gather index [B, C, P], weight [B, 1, P] and d weight/dy, d weight/dx."""
-    y0, x0 = torch.floor(y), torch.floor(x)
-    fy, fx = y - y0, x - x0
-    y0i, x0i = y0.long(), x0.long()
-    for dy, wy, sy in ((0, 1 - fy, -1.0), (1, fy, 1.0)):
-        yi = y0i + dy
-        inside_y = (yi >= 0) & (yi < h)
-        for dx, wx, sx in ((0, 1 - fx, -1.0), (1, fx, 1.0)):
-            xi = x0i + dx
-            inside = (inside_y & (xi >= 0) & (xi < w)).to(y.dtype)
-            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).unsqueeze(1).expand(-1, channels, -1)
-            weight, d_dy, d_dx = wy * wx * inside, sy * wx * inside, sx * wy * inside
-            yield index, weight.unsqueeze(1), d_dy.unsqueeze(1), d_dx.unsqueeze(1)
-
-
-class _BilinearGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, source, y, x):  # type: ignore[override]
-        b, c, h, w = source.shape
-        flat = source.reshape(b, c, h * w)
-        out = torch.zeros(b, c, y.shape[1], dtype=y.dtype, device=source.device)
-        with record_function(SAMPLING_SCOPE):
-            for index, weight, _, _ in _corners(y, x, h, w, c):
-                out.addcmul_(torch.gather(flat, 2, index).to(y.dtype), weight)
-        ctx.save_for_backward(source, y, x)
-        return out.to(source.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):  # type: ignore[override]
-        source, y, x = ctx.saved_tensors
-        b, c, h, w = source.shape
-        flat = source.reshape(b, c, h * w)
-        go = grad_out.to(y.dtype)
-        grad_source = torch.zeros(b, c, h * w, dtype=y.dtype, device=source.device) if ctx.needs_input_grad[0] else None
-        grad_y = torch.zeros_like(y) if ctx.needs_input_grad[1] else None
-        grad_x = torch.zeros_like(x) if ctx.needs_input_grad[2] else None
-        with record_function(SAMPLING_SCOPE):
-            for index, weight, d_dy, d_dx in _corners(y, x, h, w, c):
-                if grad_source is not None:
-                    grad_source.scatter_add_(2, index, go * weight)
-                if grad_y is not None or grad_x is not None:
-                    along = (go * torch.gather(flat, 2, index).to(y.dtype)).sum(1)
-                    if grad_y is not None:
-                        grad_y.add_(along * d_dy.squeeze(1))
-                    if grad_x is not None:
-                        grad_x.add_(along * d_dx.squeeze(1))
-        if grad_source is not None:
-            grad_source = grad_source.view(b, c, h, w).to(source.dtype)
-        return grad_source, grad_y, grad_x
 
 
 def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:

