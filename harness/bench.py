@@ -129,16 +129,33 @@ def median_ms(fn: Callable[[], None], warmup: int, reps: int, min_time_s: float 
 
 
 def peak_memory_mb(shape: LayerShape, impl: str) -> float:
-    """Peak extra resident memory (MiB) of one forward+backward, measured in a fresh process."""
-    code = (
-        "import resource, json, torch, sys;"
-        "from harness.bench import LayerShape, _make_case;"
-        "torch.set_num_threads(1);"
-        f"run = _make_case(LayerShape(**{asdict(shape)!r}), {impl!r});"
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "run();"
-        "print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024))"
-    )
+    """Peak extra resident memory (MiB) of one forward+backward, measured in a fresh process.
+
+    After a warm-up call (whose buffers are freed again), a thread samples the process's RSS every
+    0.2 ms during a second call; the figure is the peak minus the RSS before it. Large tensors are
+    mmap-allocated and returned on free, so RSS follows them.
+    """
+    code = f"""
+import json, threading, time, psutil, torch
+from harness.bench import LayerShape, _make_case
+torch.set_num_threads(1)
+run = _make_case(LayerShape(**{asdict(shape)!r}), {impl!r})
+run()
+proc = psutil.Process()
+base = peak = proc.memory_info().rss
+done = threading.Event()
+def sample():
+    global peak
+    while not done.is_set():
+        peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.0002)
+thread = threading.Thread(target=sample)
+thread.start()
+run()
+done.set()
+thread.join()
+print(json.dumps((peak - base) / 2**20))
+"""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"memory probe failed for {impl} {shape.label}: {done.stderr.strip()[-400:]}")

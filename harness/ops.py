@@ -224,13 +224,24 @@ def _sample_columns(input: Tensor, grid: Tensor, offset_groups: int, dtype: torc
     return columns, source
 
 
+# Columns are sampled for this many bytes' worth of images at a time (at least one image), so the
+# transient column buffers of a layer stay bounded whatever the batch size.
+COLUMN_CHUNK_BYTES = 16 * 2**20
+
+
+def _image_chunks(n: int, bytes_per_image: int) -> list[slice]:
+    step = max(1, COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 class _DeformColumnsMatmul(torch.autograd.Function):
     """Sampled columns times the weights, with a hand-written backward that recomputes the columns.
 
     Forward keeps only the input, the sampling grid, the weights and the mask: the columns (k·k times
-    the input's size) are sampled again in backward instead of being held between the passes, which
-    keeps a network's activation memory close to an ordinary conv's. Sampling always runs in fp32
-    (fp64 for fp64 inputs); under autocast the matmuls run in autocast's dtype (bf16/fp16).
+    the input's size) are sampled again in backward instead of being held between the passes, and
+    both passes work through the batch in chunks of about COLUMN_CHUNK_BYTES of columns, so a layer's
+    memory stays close to an ordinary conv's. Sampling always runs in fp32 (fp64 for fp64 inputs);
+    under autocast the matmuls run in autocast's dtype (bf16/fp16).
     """
 
     @staticmethod
@@ -240,14 +251,21 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         taps, length = kh * kw, out_hw[0] * out_hw[1]
         sampling = torch.float64 if input.dtype == torch.float64 else torch.float32
         gemm = _gemm_dtype(input, weight)
+        g = offset_groups
+        out = torch.empty(n, out_channels, length, dtype=gemm, device=input.device)
         with torch.autocast(input.device.type, enabled=False):
-            with record_function(SAMPLING_SCOPE):
-                columns, _ = _sample_columns(input, grid, offset_groups, sampling)
-                columns = columns.view(n, offset_groups, c // offset_groups, taps, length)
-                if mask is not None:
-                    columns.mul_(mask.to(sampling).view(n, offset_groups, 1, taps, length))
-            columns = columns.view(n, groups, per_group * taps, length).to(gemm)
-            out = torch.matmul(weight.to(gemm).view(groups, out_channels // groups, per_group * taps), columns)
+            w = weight.to(gemm).view(groups, out_channels // groups, per_group * taps)
+            for part in _image_chunks(n, c * taps * length * torch.finfo(sampling).bits // 8):
+                m = part.stop - part.start
+                rows = slice(part.start * g, part.stop * g)
+                with record_function(SAMPLING_SCOPE):
+                    columns, _ = _sample_columns(input[part], grid[rows], g, sampling)
+                    columns = columns.view(m, g, c // g, taps, length)
+                    if mask is not None:
+                        columns.mul_(mask[part].to(sampling).view(m, g, 1, taps, length))
+                columns = columns.view(m, groups, per_group * taps, length).to(gemm)
+                out[part] = torch.matmul(w, columns).view(m, out_channels, length)
+                del columns
         ctx.save_for_backward(input, grid, weight, mask)
         ctx.config = (groups, offset_groups, out_hw, sampling, gemm)
         return out.view(n, out_channels, *out_hw)
@@ -256,42 +274,49 @@ class _DeformColumnsMatmul(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         input, grid, weight, mask = ctx.saved_tensors
-        groups, offset_groups, out_hw, sampling, gemm = ctx.config
+        groups, g, out_hw, sampling, gemm = ctx.config
         n, c, h, w = input.shape
         out_channels, per_group, kh, kw = weight.shape
         taps, length = kh * kw, out_hw[0] * out_hw[1]
         need_input, need_grid, need_weight, need_mask = ctx.needs_input_grad[:4]
-        grad_input = grad_grid = grad_weight = grad_mask = None
+        grad_input = torch.empty_like(input) if need_input else None
+        grad_grid = torch.empty_like(grid) if need_grid else None
+        grad_mask = torch.empty_like(mask) if mask is not None and need_mask else None
+        grad_weight = torch.zeros(groups, out_channels // groups, per_group * taps, dtype=gemm, device=weight.device)
         with torch.autocast(input.device.type, enabled=False):
-            with record_function(SAMPLING_SCOPE):
-                raw, source = _sample_columns(input, grid, offset_groups, sampling)
-            raw = raw.view(n, offset_groups, c // offset_groups, taps, length)
-            go = grad_out.reshape(n, groups, out_channels // groups, length).to(gemm)
             w_t = weight.to(gemm).view(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
-            grad_columns = torch.matmul(w_t, go).to(sampling).view(n, offset_groups, c // offset_groups, taps, length)
-            with record_function(SAMPLING_SCOPE):
-                if mask is not None:
-                    m = mask.to(sampling).view(n, offset_groups, 1, taps, length)
-                    if need_mask:
-                        grad_mask = (grad_columns * raw).sum(2).view(mask.shape).to(mask.dtype)
-                    raw.mul_(m)  # the modulated columns, in place: no second column-sized buffer
-                    grad_columns.mul_(m)
-            if need_weight:
-                columns = raw.view(n, groups, per_group * taps, length).to(gemm)
-                grad_weight = torch.matmul(go, columns.transpose(-1, -2)).sum(0)
-                grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-                del columns
-            with record_function(SAMPLING_SCOPE):
+            for part in _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8):
+                m = part.stop - part.start
+                rows = slice(part.start * g, part.stop * g)
+                with record_function(SAMPLING_SCOPE):
+                    raw, source = _sample_columns(input[part], grid[rows], g, sampling)
+                raw = raw.view(m, g, c // g, taps, length)
+                go = grad_out[part].reshape(m, groups, out_channels // groups, length).to(gemm)
+                grad_columns = torch.matmul(w_t, go).to(sampling).view(m, g, c // g, taps, length)
+                with record_function(SAMPLING_SCOPE):
+                    if mask is not None:
+                        mk = mask[part].to(sampling).view(m, g, 1, taps, length)
+                        if grad_mask is not None:
+                            grad_mask[part] = (grad_columns * raw).sum(2).view(grad_mask[part].shape)
+                        raw.mul_(mk)  # the modulated columns, in place: no second column-sized buffer
+                        grad_columns.mul_(mk)
+                if need_weight:
+                    columns = raw.view(m, groups, per_group * taps, length).to(gemm)
+                    grad_weight += torch.matmul(go, columns.transpose(-1, -2)).sum(0)
+                    del columns
                 del raw
                 if need_input or need_grid:
-                    grad_source, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
-                        grad_columns.view(n * offset_groups, c // offset_groups, taps * out_hw[0], out_hw[1]),
-                        source, grid.to(sampling), 0, 0, False, [need_input, need_grid],
-                    )
-                    if need_input:
-                        grad_input = grad_source[..., :h, :w].reshape(n, c, h, w).to(input.dtype)
-                    if need_grid:
-                        grad_grid = grad_grid.to(grid.dtype)
+                    with record_function(SAMPLING_SCOPE):
+                        grad_source, grad_part = torch.ops.aten.grid_sampler_2d_backward(
+                            grad_columns.view(m * g, c // g, taps * out_hw[0], out_hw[1]),
+                            source, grid[rows].to(sampling), 0, 0, False, [need_input, need_grid],
+                        )
+                    if grad_input is not None:
+                        grad_input[part] = grad_source[..., :h, :w].reshape(m, c, h, w)
+                    if grad_grid is not None:
+                        grad_grid[rows] = grad_part
+                del grad_columns
+        grad_weight = grad_weight.view(weight.shape).to(weight.dtype) if need_weight else None
         return grad_input, grad_grid, grad_weight, grad_mask, None, None, None
 
 

@@ -249,3 +249,17 @@ def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient():
                           [off])
     right, left = (ga - gb).abs() < 1e-6, (ga - gl).abs() < 1e-5
     assert bool((right | left).all())
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000])
+def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes):
+    import harness.ops
+
+    monkeypatch.setattr(harness.ops, "COLUMN_CHUNK_BYTES", chunk_bytes)  # 1 image, then a few, per chunk
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=5, c=8, o=4, groups=2, offset_groups=2)
+    tensors = [x, offset, weight, bias, mask]
+    out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
+    out_b, grads_b = _grads(lambda *t: tv_deform_conv2d(*t[:4], padding=(p, p), mask=t[4]), tensors)
+    torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
