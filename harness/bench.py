@@ -8,6 +8,7 @@ Timings are medians over repetitions after a warm-up, with the thread count fixe
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -156,7 +157,9 @@ done.set()
 thread.join()
 print(json.dumps((peak - base) / 2**20))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    # a fixed mmap threshold: glibc's adaptive one would keep freed blocks in the heap and hide peaks
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"memory probe failed for {impl} {shape.label}: {done.stderr.strip()[-400:]}")
     return float(json.loads(done.stdout.strip().splitlines()[-1]))
