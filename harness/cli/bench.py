@@ -99,7 +99,7 @@ def model(
 @bench_app.command("overhead")
 def overhead(
     data_root: Annotated[str, typer.Option("--data-root", help="COCO root, e.g. ../shared/coco-mini")],
-    epochs: Annotated[int, typer.Option(help="epochs per measurement")] = 3,
+    epochs: Annotated[int, typer.Option(help="epochs per measurement")] = 10,
     image_size: Annotated[int, typer.Option(help="square input size in px")] = 64,
     placement: Annotated[str, typer.Option(help="deform_layers spec")] = "first:2",
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
