@@ -314,6 +314,9 @@ def _run_one(
             if epoch not in logged:
                 child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         _log_result(child, result, data, lr)
+        from harness.analysis import post_training_analysis  # no-op unless analysis is asked for
+
+        post_training_analysis(child, config, data, checkpoint, device, run, context.enabled)
     except KeyboardInterrupt:
         child.set_tags({"harness.failure": "interrupted (Ctrl-C); rerun to resume from the last epoch"})
         child.finish("KILLED")

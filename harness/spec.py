@@ -117,6 +117,12 @@ class ProfileConfig(Strict):
     top_n: Annotated[int, Field(ge=1)] = 25
 
 
+class AnalysisConfig(Strict):
+    """After training, analyse the run (`harness eval`): robustness, offsets, sampling points, ERF."""
+
+    enabled: bool = False
+
+
 class RunConfig(Strict):
     """Everything one training run depends on."""
 
@@ -125,6 +131,7 @@ class RunConfig(Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     profile: ProfileConfig = ProfileConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
 
 
 # The validation metrics `fit` reports each epoch: what a search may optimise (docs/tuning.md).
@@ -263,7 +270,7 @@ class SearchSpec(Strict):
 
 
 # Keys that change how a run executes but not what it computes: left out of the identity hash.
-_EXECUTION_KEYS = ("profile", "train.device", "train.threads", "train.checkpoint", "train.channels_last")
+_EXECUTION_KEYS = ("profile", "analysis", "train.device", "train.threads", "train.checkpoint", "train.channels_last")
 
 
 class AblationSpec(Strict):

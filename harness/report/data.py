@@ -86,6 +86,7 @@ class AblationData:
     op_tables: pd.DataFrame  # profile/op_table.csv rows of finished runs, with run_id
     tracking_uri: str = ""
     grid_axes: list[str] = field(default_factory=list)
+    store: query.Store | None = None  # where the runs came from (the analysis section reads its artifacts)
     studies: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `study_tables`
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)
 
@@ -250,6 +251,7 @@ def load_ablations(
         studies, trials = study_tables(store, exp.experiment_id)
         out.append(
             AblationData(
+                store=store,
                 studies=studies,
                 trials=trials,
                 name=exp.name,

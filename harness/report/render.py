@@ -292,6 +292,11 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
         ordered = {v: summaries[v] for v in variants if v in summaries}
         figures["ops"] = plots.op_bars(ordered, shares, colours)
     figures["studies"] = plots.study_plots(data.trials, data.studies, colours) if not data.trials.empty else None
+    analysis = ""
+    if finished and data.store is not None:
+        from harness.analysis.section import analysis_section
+
+        analysis = analysis_section(data.runs, data.store, baseline=data.baseline, ablation=data.name)
     failed = runs[runs["state"] == FAILED] if not runs.empty else runs
     running = runs[runs["state"] == RUNNING] if not runs.empty else runs
     return {
@@ -310,6 +315,7 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
         "figures": figures,
         "has_train_size": TRAIN_SIZE_AXIS in data.grid_axes,
         "studies": _study_rows(data),
+        "analysis": analysis,
         "legend": [(v, colours[v]) for v in variants],
         "failed": [
             {

@@ -1,0 +1,178 @@
+"""Read back what `harness eval` logged: metrics robust/*, offset/*, erf/* and the analysis/ artifacts.
+
+Everything comes from the MLflow store through `harness.tracking.query.Store` (its client), nothing
+from results/ by path. Metric names are parsed as docs/analysis.md defines them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+
+from harness.tracking import query
+
+_ROBUST = re.compile(r"^robust/(?P<family>[a-z]+)/(?P<magnitude>-?[0-9.eE+-]+)/(?P<metric>[a-z_0-9]+)$")
+_OFFSET = re.compile(r"^offset/conv(?P<layer>\d+)(?:/(?P<region>[a-z]+))?/(?P<stat>[a-z_]+)$")
+_ERF = re.compile(r"^erf/(?P<stat>[a-z_0-9]+)$")
+
+
+@dataclass
+class AnalysedRun:
+    """One child run with its analysis metrics, as stored in MLflow."""
+
+    run_id: str
+    name: str
+    status: str
+    variant: str
+    group: str
+    seed: str
+    baseline: bool
+    artifact_uri: str
+    start_time: int = 0
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def analysed(self) -> bool:
+        return "harness.analysis" in self.tags
+
+    @property
+    def layout(self) -> str:
+        deform = self.params.get("model.deform_layers", "none")
+        if deform in ("none", "[]", ""):
+            return "standard conv"
+        layout = {"per_tap": "per-tap 2·k·k", "shared": "shared 2"}.get(self.params.get("model.offset_channels", ""),
+                                                                         self.params.get("model.offset_channels", "?"))
+        return f"deform {deform}, {layout}"
+
+
+def open_reader(store: query.Store | str | None) -> query.Store:
+    return store if isinstance(store, query.Store) else query.open_store(store)
+
+
+def load_runs(store: query.Store, run_ids: Iterable[str]) -> list[AnalysedRun]:
+    """The runs `run_ids` (in that order), unknown ids left out."""
+    ids = list(dict.fromkeys(str(r) for r in run_ids))
+
+    def one(run_id: str) -> AnalysedRun | None:
+        try:
+            run = store.client.get_run(run_id)
+        except Exception:
+            return None
+        tags = dict(run.data.tags)
+        variant = tags.get("harness.variant") or (run.info.run_name or run_id).split("/", 1)[0]
+        return AnalysedRun(
+            run_id=run_id, name=run.info.run_name or run_id, status=run.info.status, variant=variant,
+            group=tags.get("harness.group") or variant, seed=tags.get("harness.seed", ""),
+            baseline=tags.get("harness.baseline", "").lower() == "true", artifact_uri=run.info.artifact_uri,
+            start_time=int(run.info.start_time or 0),
+            params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags,
+        )
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(ids)))) as pool:
+        found = list(pool.map(one, ids)) if ids else []
+    return [r for r in found if r is not None]
+
+
+def robustness_frame(runs: Iterable[AnalysedRun]) -> pd.DataFrame:
+    """run_id, group, variant, seed, family, magnitude, metric, value (one row per robust/… metric)."""
+    rows = []
+    for run in runs:
+        for key, value in run.metrics.items():
+            m = _ROBUST.match(key)
+            if m is None:
+                continue
+            try:
+                magnitude = float(m["magnitude"])
+            except ValueError:
+                continue
+            rows.append({"run_id": run.run_id, "group": run.group, "variant": run.variant, "seed": run.seed,
+                         "family": m["family"], "magnitude": magnitude, "metric": m["metric"], "value": value})
+    columns = ["run_id", "group", "variant", "seed", "family", "magnitude", "metric", "value"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def offset_frame(runs: Iterable[AnalysedRun]) -> pd.DataFrame:
+    """run_id, group, layer, region ("all" for the whole plane), stat, value."""
+    rows = []
+    for run in runs:
+        for key, value in run.metrics.items():
+            m = _OFFSET.match(key)
+            if m is None:
+                continue
+            rows.append({"run_id": run.run_id, "group": run.group, "layer": int(m["layer"]),
+                         "region": m["region"] or "all", "stat": m["stat"], "value": value})
+    return pd.DataFrame(rows, columns=["run_id", "group", "layer", "region", "stat", "value"])
+
+
+def erf_frame(runs: Iterable[AnalysedRun]) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        for key, value in run.metrics.items():
+            m = _ERF.match(key)
+            if m is not None:
+                rows.append({"run_id": run.run_id, "group": run.group, "stat": m["stat"], "value": value})
+    return pd.DataFrame(rows, columns=["run_id", "group", "stat", "value"])
+
+
+def _local_dir(artifact_uri: str) -> Path | None:
+    parsed = urlparse(artifact_uri or "")
+    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and (artifact_uri or "").startswith("/"):
+        return Path(artifact_uri)
+    return None
+
+
+def artifact_bytes(store: query.Store, run: AnalysedRun, path: str) -> bytes | None:
+    """The bytes of artifact `path` of `run` (read in place when local, else downloaded), or None."""
+    local = _local_dir(run.artifact_uri)
+    if local is not None:
+        try:
+            return (local / path).read_bytes()
+        except OSError:
+            return None
+    with tempfile.TemporaryDirectory(prefix="harness-analysis-read-") as tmp:
+        try:
+            return Path(store.client.download_artifacts(run.run_id, path, tmp)).read_bytes()
+        except Exception:
+            return None
+
+
+def artifact_csv(store: query.Store, run: AnalysedRun, path: str) -> pd.DataFrame | None:
+    data = artifact_bytes(store, run, path)
+    if data is None:
+        return None
+    import io
+
+    try:
+        return pd.read_csv(io.BytesIO(data))
+    except (ValueError, pd.errors.ParserError):
+        return None
+
+
+def artifact_npy(store: query.Store, run: AnalysedRun, path: str) -> np.ndarray | None:
+    data = artifact_bytes(store, run, path)
+    if data is None:
+        return None
+    import io
+
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError):
+        return None
+    return array if array.ndim == 2 and np.isfinite(array).all() else None
+
+
+def finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(float(value))
