@@ -55,7 +55,7 @@ def _check_common(
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> tuple[int, int, int, int]:
-    """Validate input/weight/bias; return (groups, kh, kw) and the output size as Ho*Wo pair."""
+    """Validate input/weight/bias; return (groups, out_channels, kh, kw)."""
     if input.dim() != 4:
         raise ValueError(f"input must be 4-D [N, C, H, W], given shape {tuple(input.shape)}")
     if weight.dim() != 4:
@@ -82,6 +82,23 @@ def _check_common(
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"bias must have shape ({out_channels},), given {tuple(bias.shape)}")
     return groups, out_channels, weight.shape[2], weight.shape[3]
+
+
+def _geometry(
+    input: Tensor, weight: Tensor, bias: Tensor | None, stride: IntPair, padding: IntPair, dilation: IntPair
+) -> tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int]], int, int, tuple[int, int], tuple[int, int]]:
+    """Validated (stride, padding, dilation) pairs, conv groups, output channels, kernel and output size."""
+    pairs = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    groups, out_channels, kh, kw = _check_common(input, weight, bias, *pairs)
+    (sh, sw), (ph, pw), (dh, dw) = pairs
+    h, w = input.shape[-2:]
+    out_hw = (_output_size(h, kh, sh, ph, dh), _output_size(w, kw, sw, pw, dw))
+    if min(out_hw) < 1:
+        raise ValueError(
+            f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {pairs[1]} and dilation "
+            f"{pairs[2]}: output would be {out_hw[0]}x{out_hw[1]}"
+        )
+    return pairs, groups, out_channels, (kh, kw), out_hw
 
 
 def _check_offset(
@@ -167,18 +184,10 @@ def deform_conv2d(
     Shapes: input [N, C, H, W]; offset [N, 2·G·kh·kw, Ho, Wo] (G offset groups, inferred);
     weight [O, C/groups, kh, kw] (conv groups inferred); mask [N, G·kh·kw, Ho, Wo] (DCNv2).
     """
-    stride_, padding_, dilation_ = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    groups, out_channels, kh, kw = _check_common(input, weight, bias, stride_, padding_, dilation_)
-    n, c, h, w = input.shape
-    out_hw = (
-        _output_size(h, kh, stride_[0], padding_[0], dilation_[0]),
-        _output_size(w, kw, stride_[1], padding_[1], dilation_[1]),
+    (stride_, padding_, dilation_), groups, out_channels, (kh, kw), out_hw = _geometry(
+        input, weight, bias, stride, padding, dilation
     )
-    if min(out_hw) < 1:
-        raise ValueError(
-            f"input {h}x{w} is too small for kernel {kh}x{kw} with padding {padding_} and dilation "
-            f"{dilation_}: output would be {out_hw[0]}x{out_hw[1]}"
-        )
+    n, c, h, w = input.shape
     taps = kh * kw
     offset_groups = _check_offset("offset", offset, n, 2 * taps, c, out_hw)
     if mask is not None:
@@ -336,15 +345,10 @@ def deform_conv2d_shared(
     stride·p0 − padding + Δp(p0). With several offset groups and several conv groups at once it falls
     back to the general path.
     """
-    stride_, padding_, dilation_ = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    groups, out_channels, kh, kw = _check_common(input, weight, bias, stride_, padding_, dilation_)
-    n, c, h, w = input.shape
-    out_hw = (
-        _output_size(h, kh, stride_[0], padding_[0], dilation_[0]),
-        _output_size(w, kw, stride_[1], padding_[1], dilation_[1]),
+    (stride_, padding_, dilation_), groups, out_channels, (kh, kw), out_hw = _geometry(
+        input, weight, bias, stride, padding, dilation
     )
-    if min(out_hw) < 1:
-        raise ValueError(f"input {h}x{w} is too small for kernel {kh}x{kw}: output would be {out_hw}")
+    n, c, h, w = input.shape
     offset_groups = _check_offset("offset", offset, n, 2, c, out_hw)
     if offset_groups > 1 and groups > 1:
         return deform_conv2d(

@@ -45,6 +45,7 @@ from harness.spec import (
     _merge,
     flatten,
 )
+from harness.tracking.store import pid_alive
 
 if TYPE_CHECKING:
     import optuna
@@ -503,14 +504,6 @@ def _pruner(search: SearchSpec, epochs: int) -> optuna.pruners.BasePruner:
     return NopPruner()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tune(
@@ -656,7 +649,7 @@ def _fail_stale_trials(study: optuna.Study) -> None:
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = int(t.user_attrs.get(PID, 0) or 0)
-        if t.user_attrs.get(HOST) != host or (pid and _pid_alive(pid)):
+        if t.user_attrs.get(HOST) != host or (pid and pid_alive(pid)):
             continue
         storage = study._storage  # a trial of another process: no public Trial handle for it
         storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)

@@ -184,7 +184,7 @@ class AblationStore:
             if tags.get("harness.host") != host:
                 continue
             pid = int(tags.get("harness.pid", "0") or 0)
-            if pid and _pid_alive(pid):
+            if pid and pid_alive(pid):
                 continue
             self.client.set_tag(run.info.run_id, "harness.stale", "marked KILLED by a later harness run")
             self.client.set_terminated(run.info.run_id, status="KILLED")
@@ -224,7 +224,7 @@ class AblationStore:
         return child
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
