@@ -121,6 +121,29 @@ def _data_root(config: DataConfig, results_dir: Path, progress: Callable[[str, i
     return root
 
 
+def check_data_roots(runs: list[PlannedRun]) -> None:
+    """Before anything is logged: every COCO root the runs read exists with its annotation files."""
+    from harness.data import annotation_path
+
+    seen: set[tuple[str | None, str, str]] = set()
+    for run in runs:
+        data = run.config.data
+        key = (data.root, data.train_split, data.val_split)
+        if data.source != "coco" or key in seen:
+            continue
+        seen.add(key)
+        if not data.root:
+            raise HarnessError(
+                f"run {run.name}: no COCO root: pass --data-root DIR, set data.root, or set $HARNESS_COCO_ROOT"
+            )
+        root = Path(data.root).expanduser()
+        if not root.is_dir():
+            raise HarnessError(f"data root not found: {root}")
+        for split in dict.fromkeys((data.train_split, data.val_split)):
+            if not annotation_path(root, split).is_file():
+                raise HarnessError(f"annotation file not found: {annotation_path(root, split)}")
+
+
 class DataCache:
     """Prepared data shared by the runs of one invocation that read the same subset."""
 
@@ -170,6 +193,7 @@ def run_ablation(
         device = torch.device("cuda", context.local_rank)
     if not context.is_main:
         return _follow(runs, device, options, context)
+    check_data_roots(runs)
     store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
     stale = store.mark_stale_running()
     finished = store.finished_hashes()

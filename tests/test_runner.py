@@ -128,11 +128,18 @@ def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path, synth_root, cap
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_missing_data_root_is_reported(tmp_path, capsys):
-    file = ablation(tmp_path, tmp_path / "nowhere")
+@pytest.mark.parametrize("missing", ["root", "annotations"])
+def test_missing_data_is_one_line_exit_2_before_anything_is_logged(tmp_path, capsys, missing):
+    root = tmp_path / "coco"
+    if missing == "annotations":
+        (root / "train2017").mkdir(parents=True)
+    file = ablation(tmp_path, root)
     code = main(["run", str(file), "--tracking-uri", f"sqlite:///{tmp_path}/m.db", "--results-dir", str(tmp_path)])
-    assert code == 1
-    assert "data root not found" in capsys.readouterr().err
+    assert code == 2
+    err = capsys.readouterr().err
+    assert ("data root not found" if missing == "root" else "annotation file not found") in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "m.db").exists()
 
 
 def test_sigkill_mid_epoch_resumes_and_redoes_no_finished_run(tmp_path, synth_root):
