@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import yaml
@@ -33,8 +33,8 @@ from harness.tracking.store import AblationStore, ChildRun
 from harness.train import FitResult, fit, resolve_device
 
 
-class RunnerEvents(Protocol):
-    """What the runner reports while it works (the CLI draws it with rich)."""
+class RunnerEvents:
+    """What the runner reports while it works; these defaults ignore it (the CLI draws it with rich)."""
 
     def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None: ...
     def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None: ...
@@ -44,13 +44,7 @@ class RunnerEvents(Protocol):
     def run_finished(self, outcome: RunOutcome) -> None: ...
 
 
-class SilentEvents:
-    def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None: ...
-    def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None: ...
-    def data_progress(self, phase: str, done: int, total: int) -> None: ...
-    def step(self, step: int, steps: int) -> None: ...
-    def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None: ...
-    def run_finished(self, outcome: RunOutcome) -> None: ...
+SilentEvents = RunnerEvents
 
 
 @dataclass

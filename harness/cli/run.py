@@ -16,7 +16,7 @@ from rich.table import Table
 from harness.cli.app import app, console, err_console
 from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
-from harness.runner import RunnerOptions, RunOutcome, run_ablation
+from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
 from harness.spec import PlannedRun, expand, load_ablation, parse_set, select, shard
 
 SetOption = Annotated[
@@ -63,7 +63,7 @@ def _inline(data: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in flatten(data).items()) or "—"
 
 
-class RichEvents:
+class RichEvents(RunnerEvents):
     """Live progress: runs done/total, the current run's epochs, and its steps with ETA."""
 
     def __init__(self, progress: Progress) -> None:
