@@ -180,3 +180,26 @@ def test_sigkill_mid_epoch_resumes_and_redoes_no_finished_run(tmp_path, synth_ro
     standard = next(r for r in after if r.info.run_name == "standard/seed=0")
     assert standard.info.run_id == standard_id
     assert len(client.get_metric_history(standard_id, "val_map")) == 8, "finished run not redone"
+
+
+def test_run_on_real_coco_mini(tmp_path, coco_mini_root):
+    """The runner on real COCO files: 80 classes, official splits, a small subset."""
+    file = tmp_path / "coco.yaml"
+    file.write_text(f"""
+name: coco_mini_smoke
+base:
+  data: {{source: coco, root: "{coco_mini_root}", image_size: 32, train_size: 48, val_size: 40}}
+  model: {{arch: small3}}
+  train: {{epochs: 1, batch_size: 16}}
+  profile: {{enabled: false}}
+variants:
+  deform: {{model: {{deform_layers: "first:1", offset_channels: per_tap, modulated: true}}}}
+""")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["run", str(file), "--tracking-uri", uri, "--results-dir", str(tmp_path / "results")]) == 0
+    client, runs = children(uri, "coco_mini_smoke")
+    (run,) = runs
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train_images"] == 48 and run.data.metrics["val_images"] == 40
+    summary = client.download_artifacts(run.info.run_id, "model_summary.txt", str(tmp_path))
+    assert "out_features=80" in Path(summary).read_text()  # the 80 COCO categories
