@@ -201,7 +201,7 @@ def deform_conv2d(
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
     base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
-    delta = offset.view(n, offset_groups, taps, 2, ho, wo)
+    delta = offset.reshape(n, offset_groups, taps, 2, ho, wo)
     grid = torch.stack(
         (_normalise(base_x + delta[:, :, :, 1], _next_power_of_two(w)),
          _normalise(base_y + delta[:, :, :, 0], _next_power_of_two(h))),
@@ -263,7 +263,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         g = offset_groups
         out = torch.empty(n, out_channels, length, dtype=gemm, device=input.device)
         with torch.autocast(input.device.type, enabled=False):
-            w = weight.to(gemm).view(groups, out_channels // groups, per_group * taps)
+            w = weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps)
             for part in _image_chunks(n, c * taps * length * torch.finfo(sampling).bits // 8):
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
@@ -271,7 +271,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                     columns, _ = _sample_columns(input[part], grid[rows], g, sampling)
                     columns = columns.view(m, g, c // g, taps, length)
                     if mask is not None:
-                        columns.mul_(mask[part].to(sampling).view(m, g, 1, taps, length))
+                        columns.mul_(mask[part].to(sampling).reshape(m, g, 1, taps, length))
                 columns = columns.view(m, groups, per_group * taps, length).to(gemm)
                 out[part] = torch.matmul(w, columns).view(m, out_channels, length)
                 del columns
@@ -293,7 +293,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         grad_mask = torch.empty_like(mask) if mask is not None and need_mask else None
         grad_weight = torch.zeros(groups, out_channels // groups, per_group * taps, dtype=gemm, device=weight.device)
         with torch.autocast(input.device.type, enabled=False):
-            w_t = weight.to(gemm).view(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
+            w_t = weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
             for part in _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8):
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
@@ -304,7 +304,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                 grad_columns = torch.matmul(w_t, go).to(sampling).view(m, g, c // g, taps, length)
                 with record_function(SAMPLING_SCOPE):
                     if mask is not None:
-                        mk = mask[part].to(sampling).view(m, g, 1, taps, length)
+                        mk = mask[part].to(sampling).reshape(m, g, 1, taps, length)
                         if grad_mask is not None:
                             grad_mask[part] = (grad_columns * raw).sum(2).view(grad_mask[part].shape)
                         raw.mul_(mk)  # the modulated columns, in place: no second column-sized buffer
@@ -360,7 +360,7 @@ def deform_conv2d_shared(
         full = F.conv2d(input, weight, None, 1, (reach_y, reach_x), dilation_, groups)
     else:  # conv groups == 1: one convolution per offset group, stacked as conv groups
         per = c // offset_groups
-        split = weight.view(out_channels, offset_groups, per, kh, kw).transpose(0, 1)
+        split = weight.reshape(out_channels, offset_groups, per, kh, kw).transpose(0, 1)
         full = F.conv2d(
             input, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
             (reach_y, reach_x), dilation_, offset_groups,
@@ -373,7 +373,7 @@ def deform_conv2d_shared(
     opts = {"dtype": offset.dtype, "device": offset.device}
     rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
     cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)
-    delta = offset.view(n, offset_groups, 2, ho, wo)
+    delta = offset.reshape(n, offset_groups, 2, ho, wo)
     grid = torch.stack(
         (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
     ).view(n * offset_groups, ho, wo, 2)
@@ -396,7 +396,7 @@ def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:
     n, channels, ho, wo = offset.shape
     groups = channels // 2
     return (
-        offset.view(n, groups, 1, 2, ho, wo)
+        offset.reshape(n, groups, 1, 2, ho, wo)
         .expand(n, groups, taps, 2, ho, wo)
         .reshape(n, groups * taps * 2, ho, wo)
     )

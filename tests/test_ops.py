@@ -263,3 +263,18 @@ def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes):
     torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
     for ga, gb in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", True)])
+def test_channels_last_layer_matches_contiguous(layout, modulated):
+    torch.manual_seed(0)
+    layer = DeformConv2d(6, 4, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.offset_predictor.weight, std=0.3)
+    x = torch.randn(3, 6, 10, 10)
+    expected = layer(x)
+    layer = layer.to(memory_format=torch.channels_last)
+    out = layer(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    out.sum().backward()
+    assert layer.weight.grad is not None
