@@ -63,22 +63,31 @@ class LayerShape:
         return cls(*values)
 
 
-def _make_case(shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32) -> Callable[[], None]:
-    """A closure running forward+backward of one layer implementation on fixed random tensors."""
+def _make_case(
+    shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32, device: str = "cpu", amp: str = "none"
+) -> Callable[[], None]:
+    """A closure running forward+backward of one layer implementation on fixed random tensors.
+
+    `amp` = bf16 / fp16 runs the forward under autocast (fp32 tensors in, like a network under AMP).
+    """
     gen = torch.Generator().manual_seed(0)
     k, pad = shape.kernel, shape.dilation * (shape.kernel // 2)
-    x = torch.randn(shape.n, shape.c, shape.size, shape.size, generator=gen, dtype=dtype).requires_grad_()
-    w = (torch.randn(shape.o, shape.c, k, k, generator=gen, dtype=dtype) * 0.05).requires_grad_()
-    b = torch.zeros(shape.o, dtype=dtype, requires_grad=True)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device).requires_grad_()
+
+    x = leaf(torch.randn(shape.n, shape.c, shape.size, shape.size, generator=gen, dtype=dtype))
+    w = leaf(torch.randn(shape.o, shape.c, k, k, generator=gen, dtype=dtype) * 0.05)
+    b = leaf(torch.zeros(shape.o, dtype=dtype))
     out = (shape.size + 2 * pad - shape.dilation * (k - 1) - 1) // shape.stride + 1
     taps = k * k
     geometry = (shape.stride, pad, shape.dilation)
 
     def shared_offset() -> torch.Tensor:
-        return (torch.randn(shape.n, 2, out, out, generator=gen, dtype=dtype) * 2).requires_grad_()
+        return leaf(torch.randn(shape.n, 2, out, out, generator=gen, dtype=dtype) * 2)
 
     def tap_offset() -> torch.Tensor:
-        return (torch.randn(shape.n, 2 * taps, out, out, generator=gen, dtype=dtype) * 2).requires_grad_()
+        return leaf(torch.randn(shape.n, 2 * taps, out, out, generator=gen, dtype=dtype) * 2)
 
     if impl == "conv2d":
         def run() -> None:
@@ -95,7 +104,7 @@ def _make_case(shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32)
             deform_conv2d(x, off, w, b, *geometry).sum().backward()
     elif impl == "modulated":
         off = tap_offset()
-        mask = torch.rand(shape.n, taps, out, out, generator=gen, dtype=dtype).requires_grad_()
+        mask = leaf(torch.rand(shape.n, taps, out, out, generator=gen, dtype=dtype))
 
         def run() -> None:
             deform_conv2d(x, off, w, b, *geometry, mask=mask).sum().backward()
@@ -113,7 +122,16 @@ def _make_case(shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32)
             deform_conv2d(x, expand_shared_offset(off, taps), w, b, *geometry).sum().backward()
     else:
         raise HarnessError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
-    return run
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    device_type = torch.device(device).type
+
+    def timed() -> None:
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            run()
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    return timed
 
 
 def median_ms(fn: Callable[[], None], warmup: int, reps: int, min_time_s: float = 0.0) -> float:
@@ -174,11 +192,31 @@ class OpsRow:
     peak_mb: float | None = None
 
 
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda", "mps"):
+        raise HarnessError(f"--device {device!r}: expected cpu, cuda or mps")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise HarnessError("--device cuda: no CUDA device is available on this machine")
+
+
+def cuda_peak_memory_mb(shape: LayerShape, impl: str, amp: str = "none") -> float:
+    """Peak CUDA memory (MiB) allocated by one forward+backward beyond the case's own tensors."""
+    run = _make_case(shape, impl, device="cuda", amp=amp)
+    run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def bench_ops(
     shapes: Sequence[LayerShape], impls: Sequence[str] = IMPLS, warmup: int = 2, reps: int = 5,
     threads: int = 2, memory: bool = False, progress: Callable[[str], None] | None = None,
+    device: str = "cpu", amp: str = "none",
 ) -> list[OpsRow]:
     """Forward+backward median time of each implementation on each shape, and its ratio to conv2d."""
+    _check_device(device)
     torch.set_num_threads(threads)
     rows: list[OpsRow] = []
     for shape in shapes:
@@ -186,9 +224,11 @@ def bench_ops(
         for impl in ("conv2d", *[i for i in impls if i != "conv2d"]):
             if progress:
                 progress(f"{shape.label} {impl}")
-            ms = median_ms(_make_case(shape, impl), warmup, reps, min_time_s=0.5)
+            ms = median_ms(_make_case(shape, impl, device=device, amp=amp), warmup, reps, min_time_s=0.5)
             base = ms if impl == "conv2d" else base
-            peak = peak_memory_mb(shape, impl) if memory else None
+            peak = None
+            if memory:
+                peak = cuda_peak_memory_mb(shape, impl, amp) if device == "cuda" else peak_memory_mb(shape, impl)
             if impl in impls:
                 rows.append(OpsRow(shape.label, impl, ms, ms / base if base else float("nan"), peak))
     return rows
@@ -206,14 +246,20 @@ def bench_model(
     placements: Sequence[str], image_size: int = 64, batch: int = 32, arch: str = "unet_encoder",
     width: float = 0.25, offset_channels: str = "per_tap", modulated: bool = False,
     warmup: int = 2, reps: int = 5, threads: int = 2, progress: Callable[[str], None] | None = None,
+    device: str = "cpu", amp: str = "none", channels_last: bool = False,
 ) -> list[ModelRow]:
     """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement."""
     from harness.models import DeformOptions, create_model
 
+    _check_device(device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size)
-    targets = (torch.rand(batch, 80) < 0.05).float()
+    images = torch.randn(batch, 3, image_size, image_size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    targets = (torch.rand(batch, 80, device=device) < 0.05).float()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    device_type = torch.device(device).type
     rows: list[ModelRow] = []
     base_ips = None
     for placement in placements:
@@ -223,12 +269,22 @@ def bench_model(
             arch, width=width, deform_layers=placement,
             options=DeformOptions(offset_channels=offset_channels, modulated=modulated),
         )
+        model.to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
 
-        def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
+        def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
+                 scaler: torch.amp.GradScaler = scaler) -> None:
             optimizer.zero_grad(set_to_none=True)
-            F.binary_cross_entropy_with_logits(model(images), targets).backward()
-            optimizer.step()
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(images)
+            scaler.scale(F.binary_cross_entropy_with_logits(logits.float(), targets)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
 
         ms = median_ms(step, warmup, reps, min_time_s=1.0)
         ips = batch / (ms / 1000)

@@ -36,7 +36,7 @@ def _grads(fn, tensors):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
     out = fn(*leaves)
     g = torch.Generator().manual_seed(1)
-    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
     (out * upstream).sum().backward()
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
@@ -277,4 +277,32 @@ def test_channels_last_layer_matches_contiguous(layout, modulated):
     out = layer(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     out.sum().backward()
+    assert layer.weight.grad is not None
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_cuda_matches_torchvision_cuda_kernel(case):
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, **case)
+    tensors = [t.cuda() if t is not None else None for t in (x, offset, weight, bias, mask)]
+    out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
+    out_b, grads_b = _grads(lambda *t: tv_deform_conv2d(*t[:4], stride=(s, s), padding=(p, p), dilation=(d, d),
+                                                        mask=t[4]), tensors)
+    torch.testing.assert_close(out_a, out_b, atol=1e-4, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        if gb is not None:
+            torch.testing.assert_close(ga, gb, atol=1e-4 * max(1.0, gb.abs().max().item() / 100), rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout", ["shared", "per_tap"])
+def test_cuda_autocast_bf16_output_is_bf16(layout):
+    layer = DeformConv2d(8, 8, 3, padding=1, offset_channels=layout).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(torch.randn(2, 8, 16, 16, device="cuda"))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
     assert layer.weight.grad is not None

@@ -26,6 +26,8 @@ def ops(
     warmup: Annotated[int, typer.Option(help="untimed warm-up calls")] = 2,
     memory: Annotated[bool, typer.Option("--memory", help="also measure peak RSS per case (subprocess each)")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    amp: Annotated[str, typer.Option(help="none, bf16 or fp16: forward under autocast")] = "none",
 ) -> None:
     """Forward+backward time of conv2d vs our DCN (per_tap, shared, modulated) vs torchvision's DCN."""
     shapes = [LayerShape.parse(s) for s in shape] if shape else [LayerShape(*s) for s in DEFAULT_SHAPES]
@@ -34,11 +36,12 @@ def ops(
     if unknown:
         raise HarnessError(f"unknown --impl {unknown}; known: {', '.join(IMPLS)}")
     with console.status("benchmarking") as status:
-        rows = bench_ops(shapes, impls, warmup, reps, threads, memory, progress=status.update)
+        rows = bench_ops(shapes, impls, warmup, reps, threads, memory, progress=status.update, device=device, amp=amp)
     if as_json:
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
         return
-    table = Table(title=f"forward+backward, fp32, {threads} threads (median of {reps})")
+    precision = "fp32" if amp == "none" else f"autocast {amp}"
+    table = Table(title=f"forward+backward, {precision}, {device}, {threads} threads (median of {reps})")
     table.add_column("shape N×C→O @H")
     for name in impls:
         table.add_column(name, justify="right")
@@ -76,13 +79,16 @@ def model(
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
     reps: Annotated[int, typer.Option(help="timed steps (median reported)")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    amp: Annotated[str, typer.Option(help="none, bf16 or fp16")] = "none",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC activations and weights")] = False,
 ) -> None:
     """Training-step images/s of the network for each deformable placement."""
     placements = placement or ["none", "first:2", "all"]
     with console.status("benchmarking") as status:
         rows = bench_model(
             placements, image_size, batch, arch, width, offset_channels, modulated,
-            reps=reps, threads=threads, progress=status.update,
+            reps=reps, threads=threads, progress=status.update, device=device, amp=amp, channels_last=channels_last,
         )
     if as_json:
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
