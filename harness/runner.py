@@ -93,7 +93,21 @@ def environment_tags(device: torch.device) -> dict[str, str]:
         "harness.cuda": torch.version.cuda or "none",
         "harness.version": __version__,
         "harness.python": platform.python_version(),
+        "harness.packages": _package_versions(),
     }
+
+
+def _package_versions() -> str:
+    """The versions a result depends on, e.g. 'torchvision 0.29.1, mlflow 3.17.2, ...'."""
+    from importlib import metadata
+
+    found = []
+    for name in ("torchvision", "numpy", "pillow", "pycocotools", "mlflow", "optuna"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
 
 
 def _data_root(config: DataConfig, results_dir: Path, progress: Callable[[str, int, int], None]) -> Path:

@@ -31,6 +31,8 @@ ENV_TAGS = {
     "harness.version": "harness",
     "harness.torch": "torch",
     "harness.cuda": "CUDA",
+    "harness.python": "Python",
+    "harness.packages": "packages",
 }
 TRAIN_SIZE_AXIS = "data.train_size"
 # operator names that look like deformable sampling (the runner adds a row for its sampling scope)
