@@ -8,8 +8,6 @@ its text elements.
 from __future__ import annotations
 
 import io
-import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from harness.report.plots import fig_to_svg, safe_text  # noqa: E402,F401  (shared with the report)
+
 RC = {
     "svg.fonttype": "none",
     "svg.hashsalt": "harness-analysis",
@@ -31,15 +31,6 @@ RC = {
     "legend.frameon": False,
 }
 FINAL_COLOUR, MIDDLE_COLOUR, CENTRE_COLOUR = "#ff2020", "#00d0ff", "#ffe000"
-_ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
-_counter = itertools.count()
-
-
-def safe_text(value: object, limit: int = 60) -> str:
-    text = str(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("$", r"\$")
 
 
 def fig_to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
@@ -47,19 +38,6 @@ def fig_to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return buf.getvalue()
-
-
-def fig_to_svg(fig: plt.Figure, prefix: str | None = None) -> str:
-    """An <svg> element string (no prolog, no global <style>, element ids prefixed to stay unique)."""
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
-    plt.close(fig)
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg") :]
-    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.DOTALL)
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
-    prefix = prefix or f"dcn{next(_counter)}"
-    return _ID.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", svg)
 
 
 # --------------------------------------------------------------------------------------- sampling

@@ -49,7 +49,7 @@ _ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
 _counter = itertools.count()
 
 
-def _text(value: object, limit: int = 60) -> str:
+def safe_text(value: object, limit: int = 60) -> str:
     """A user string made safe for matplotlib text: no mathtext, bounded length."""
     text = str(value)
     if len(text) > limit:
@@ -87,7 +87,7 @@ def _new(rows: int, cols: int, width: float, row_height: float, **kw: object) ->
 
 def _legend_handles(colours: Mapping[str, str], baseline: str | None) -> list[Line2D]:
     return [
-        Line2D([], [], color=c, lw=2.2, label=_text(v + (" (baseline)" if v == baseline else "")))
+        Line2D([], [], color=c, lw=2.2, label=safe_text(v + (" (baseline)" if v == baseline else "")))
         for v, c in colours.items()
     ]
 
@@ -128,7 +128,7 @@ def learning_curves(
                 if r == len(points) - 1:
                     ax.set_xlabel("epoch")
                 if c == 0 and point.grid_point:
-                    ax.set_ylabel(_text(point.grid_point, 40), fontweight="bold")
+                    ax.set_ylabel(safe_text(point.grid_point, 40), fontweight="bold")
                 ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         width, height = fig.get_figwidth(), fig.get_figheight()
         fig.legend(
@@ -181,7 +181,7 @@ def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: 
         handles = _legend_handles(colours, baseline)
         if len(points) > 1 or points[0]:
             handles += [
-                Line2D([], [], color="#555555", marker=marker[p], ls="", label=_text(p or "—", 40)) for p in points
+                Line2D([], [], color="#555555", marker=marker[p], ls="", label=safe_text(p or "—", 40)) for p in points
             ]
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5))
         ax.set_title("accuracy vs cost (up-left is better)", fontweight="bold")
@@ -232,14 +232,14 @@ def scaling_curves(
                 dodge = 1 + 0.02 * (i - (n_lines - 1) / 2)  # side by side, so the intervals do not hide each other
                 axes[0, 1].errorbar(x * dodge, d, yerr=err, color=colour, ls=ls, marker="o", ms=4, capsize=3)
         for ax in axes[0]:
-            ax.set_xlabel(_text(axis))
+            ax.set_xlabel(safe_text(axis))
             if frame["_x"].max() / max(frame["_x"].min(), 1e-12) >= 8:
                 ax.set_xscale("log")
         axes[0, 0].set_ylabel("best val mAP")
         axes[0, 0].set_title("scaling with training-set size (±1 std)", fontweight="bold")
         if has_delta:
             axes[0, 1].axhline(0.0, color=BASELINE_COLOUR, lw=1, ls="--")
-            axes[0, 1].set_ylabel(_text(f"Δ best val mAP vs {baseline}"))
+            axes[0, 1].set_ylabel(safe_text(f"Δ best val mAP vs {baseline}"))
             axes[0, 1].set_title("Δ vs baseline (95% CI)", fontweight="bold")
         axes[0, 0].legend(handles=_legend_handles(colours, baseline), loc="best", fontsize=8)
         fig.tight_layout()
@@ -263,7 +263,7 @@ def op_bars(
         for i, variant in enumerate(names):
             ax = axes[i // cols, i % cols]
             frame = summaries[variant].iloc[::-1]
-            labels = [_text(n, 34) for n in frame["name"]]
+            labels = [safe_text(n, 34) for n in frame["name"]]
             bar_colours = [DEFORM_COLOUR if d else OTHER_OP_COLOUR for d in frame["deform"]]
             ax.barh(range(len(frame)), frame["ms"], color=bar_colours)
             ax.set_yticks(range(len(frame)), labels, fontsize=7.5)
@@ -276,7 +276,7 @@ def op_bars(
             if share is not None and math.isfinite(share[0]):
                 sd = f" ± {share[1]:.0%}" if math.isfinite(share[1]) and share[1] > 0 else ""
                 subtitle = f"\nDCN sampling share {share[0]:.0%}{sd}"
-            ax.set_title(_text(variant, 40) + subtitle, fontsize=9.5, color=colours.get(variant, "#333333"),
+            ax.set_title(safe_text(variant, 40) + subtitle, fontsize=9.5, color=colours.get(variant, "#333333"),
                          fontweight="bold")
         for j in range(len(names), rows * cols):
             axes[j // cols, j % cols].set_visible(False)
@@ -297,7 +297,7 @@ def study_plots(trials: pd.DataFrame, studies: pd.DataFrame, colours: Mapping[st
         part = trials[trials["study"] == study]
         variant = str(part["variant"].iloc[0]) if part["variant"].notna().any() else str(study)
         colour = colours.get(variant) or next(palette)
-        label = _text(study)
+        label = safe_text(study)
         done = part[(part["state"] == "COMPLETE") & part["value"].notna()]
         pruned = part[(part["state"] == "PRUNED") & part["value"].notna()]
         left.scatter(done["lr"], done["value"], color=colour, s=28, label=label, zorder=3)
@@ -313,11 +313,11 @@ def study_plots(trials: pd.DataFrame, studies: pd.DataFrame, colours: Mapping[st
             right.step(complete["number"], best, where="post", color=colour, label=label)
     left.set_xscale("log")
     left.set_xlabel("learning rate (log)")
-    left.set_ylabel(_text(metric))
+    left.set_ylabel(safe_text(metric))
     left.set_title("objective vs learning rate (hollow: pruned, at its best epoch)", fontsize=9)
     right.set_xlabel("trial number")
     right.xaxis.set_major_locator(MaxNLocator(integer=True))
-    right.set_ylabel(_text(metric))
+    right.set_ylabel(safe_text(metric))
     right.set_title("optimisation history (line: best so far)", fontsize=9)
     for ax in (left, right):
         ax.grid(alpha=0.3)
