@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.console import Console
 
@@ -19,3 +21,12 @@ app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
+
+# Options several commands share, declared once.
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)"),
+]
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="auto | cpu | cuda | mps (overrides train.device)")
+]

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.cli.app import app, console
+from harness.cli.app import TrackingUriOption, app, console
 from harness.errors import HarnessError
 
 _PARTS = ("robustness", "offsets", "sampling", "erf")
@@ -46,10 +46,7 @@ def eval_command(
     target: Annotated[
         str, typer.Argument(help="a child run id, a parent run id, or an ablation name (all its finished runs)")
     ],
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)"),
-    ] = None,
+    tracking_uri: TrackingUriOption = None,
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="where `harness run` put checkpoints/ and cache/")
     ] = Path("results"),

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from harness.cli.app import app, bench_app, console
+from harness.cli.app import TrackingUriOption, app, bench_app, console
 from harness.errors import HarnessError
 
 FORMATS = ("html", "md", "csv")
@@ -25,10 +25,7 @@ def report(
             help="ablation names (MLflow experiments); default: every experiment with harness runs",
         ),
     ] = None,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db)"),
-    ] = None,
+    tracking_uri: TrackingUriOption = None,
     out: Annotated[
         str | None,
         typer.Option(

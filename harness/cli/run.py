@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from harness.cli.app import app, console, err_console
+from harness.cli.app import DeviceOption, TrackingUriOption, app, console, err_console
 from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
 from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
@@ -138,12 +138,8 @@ def run(
     file: Annotated[Path, typer.Argument(help="ablation YAML file, e.g. ablations/quickstart.yaml")],
     only: OnlyOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate and list the runs, train nothing")] = False,
-    tracking_uri: Annotated[
-        str | None, typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI or "
-                                 "sqlite:///results/mlflow.db")
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps (overrides train.device)")]
-    = None,
+    tracking_uri: TrackingUriOption = None,
+    device: DeviceOption = None,
     set_items: SetOption = None,
     data_root: DataRootOption = None,
     no_profile: Annotated[bool, typer.Option("--no-profile", help="turn the torch.profiler window off")] = False,

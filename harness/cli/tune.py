@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.cli.app import app, console
+from harness.cli.app import DeviceOption, TrackingUriOption, app, console
 from harness.errors import HarnessError
 from harness.spec import expand, load_ablation, parse_set, select
 from harness.tune import (
@@ -132,12 +132,8 @@ def tune_command(
         Path | None,
         typer.Option("--data-root", help="COCO root (annotations/ + <split>/ images); or $HARNESS_COCO_ROOT"),
     ] = None,
-    tracking_uri: Annotated[
-        str | None, typer.Option("--tracking-uri", help="MLflow store; default $MLFLOW_TRACKING_URI or "
-                                 "sqlite:///results/mlflow.db")
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | mps (overrides train.device)")]
-    = None,
+    tracking_uri: TrackingUriOption = None,
+    device: DeviceOption = None,
     results_dir: Annotated[Path, typer.Option("--results-dir", help="data caches, generated data")] = Path("results"),
 ) -> int:
     """Search each variant's learning rate with Optuna (resumable; many workers may share one --storage)."""
