@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -45,7 +45,7 @@ from harness.spec import (
     _merge,
     flatten,
 )
-from harness.tracking.store import pid_alive
+from harness.tracking.store import ensure_writable_dir, pid_alive
 
 if TYPE_CHECKING:
     import optuna
@@ -212,12 +212,7 @@ def open_storage(url: str | None = None, *, create: bool = True) -> optuna.stora
                         f"no Optuna storage at {db}: run `harness tune` first, or pass the storage URL "
                         f"(--storage / ${STORAGE_ENV})"
                     )
-                try:
-                    db.parent.mkdir(parents=True, exist_ok=True)
-                except OSError as exc:
-                    raise HarnessError(f"Optuna storage {url}: cannot create {db.parent}: {exc.strerror}") from None
-                if not os.access(db.parent, os.W_OK):
-                    raise HarnessError(f"Optuna storage {url}: {db.parent} is not writable")
+                ensure_writable_dir(db.parent, f"Optuna storage {url}")
     else:
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
     try:
@@ -448,8 +443,11 @@ class StudyOutcome:
         return sum(self.counts.values()) - self.counts["WAITING"] - self.counted
 
 
-class TuneEvents(Protocol):
-    """What `tune` reports while it works (the CLI draws it with rich). Called from worker threads."""
+class TuneEvents:
+    """What `tune` reports while it works; these defaults ignore it (the CLI draws it with rich).
+
+    Called from worker threads.
+    """
 
     def study_started(self, study: PlannedStudy, target: int, counted: int) -> None: ...
     def data_progress(self, phase: str, done: int, total: int) -> None: ...
@@ -459,13 +457,7 @@ class TuneEvents(Protocol):
     def study_finished(self, outcome: StudyOutcome) -> None: ...
 
 
-class SilentTuneEvents:
-    def study_started(self, study: PlannedStudy, target: int, counted: int) -> None: ...
-    def data_progress(self, phase: str, done: int, total: int) -> None: ...
-    def trial_started(self, study: PlannedStudy, number: int, params: dict[str, Any]) -> None: ...
-    def epoch(self, study: PlannedStudy, number: int, epoch: int, value: float) -> None: ...
-    def trial_finished(self, study: PlannedStudy, result: TrialResult) -> None: ...
-    def study_finished(self, outcome: StudyOutcome) -> None: ...
+SilentTuneEvents = TuneEvents
 
 
 class _Interrupted(BaseException):

@@ -19,6 +19,7 @@ from harness.tune import (
     PlannedStudy,
     StudyOutcome,
     TrialResult,
+    TuneEvents,
     TuneOptions,
     mask_url,
     plan_studies,
@@ -39,7 +40,7 @@ def _params(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
-class RichTuneEvents:
+class RichTuneEvents(TuneEvents):
     """Live progress: each study's trials done/target, data preparation, one line per finished trial."""
 
     def __init__(self, progress: Progress) -> None:

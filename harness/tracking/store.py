@@ -38,6 +38,16 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///"))
 
 
+def ensure_writable_dir(directory: Path, what: str) -> None:
+    """Create `directory` if needed; a one-line error naming `what` when it cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HarnessError(f"{what}: cannot create {directory}: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise HarnessError(f"{what}: {directory} is not writable")
+
+
 def check_reachable(uri: str, create: bool) -> None:
     """Fail fast, in one line, when a store cannot be used (before anything is logged)."""
     db = _sqlite_path(uri)
@@ -46,12 +56,7 @@ def check_reachable(uri: str, create: bool) -> None:
             return
         if not create:
             raise HarnessError(f"no MLflow store at {db} (tracking URI {uri})")
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise HarnessError(f"tracking URI {uri}: cannot create {db.parent}: {exc.strerror}") from None
-        if not os.access(db.parent, os.W_OK):
-            raise HarnessError(f"tracking URI {uri}: {db.parent} is not writable")
+        ensure_writable_dir(db.parent, f"tracking URI {uri}")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
