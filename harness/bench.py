@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from harness.allocator import steady_heap
 from harness.errors import HarnessError
 from harness.ops import deform_conv2d, deform_conv2d_shared, expand_shared_offset
 
@@ -31,7 +32,7 @@ DEFAULT_SHAPES: list[tuple[int, int, int, int, int, int]] = [
     (16, 64, 64, 32, 2, 1),
     (16, 64, 64, 32, 1, 2),
 ]
-IMPLS = ("conv2d", "per_tap", "shared", "modulated", "torchvision")
+IMPLS = ("conv2d", "per_tap", "shared", "modulated", "torchvision", "im2col_gemm")
 
 
 @dataclass
@@ -115,6 +116,17 @@ def _make_case(
 
         def run() -> None:
             tv_deform_conv2d(x, off, w, b, *geometry).sum().backward()
+    elif impl == "im2col_gemm":
+        # Only the three matmuls of the per-tap layer (output, weight gradient, column gradient) on
+        # ready-made columns, in the layout the op uses: the floor of any sample-then-matmul DCN.
+        columns = torch.randn(shape.n, shape.c * taps, out * out, generator=gen, dtype=dtype).to(device)
+        grad_out = torch.randn(shape.n, shape.o, out * out, generator=gen, dtype=dtype).to(device)
+        weight = w.detach().reshape(shape.o, shape.c * taps)
+
+        def run() -> None:
+            torch.matmul(weight, columns)
+            torch.matmul(grad_out, columns.transpose(1, 2)).sum(0)
+            torch.matmul(weight.t(), grad_out)
     elif impl == "shared_expanded":
         off = shared_offset()
 
@@ -215,22 +227,35 @@ def bench_ops(
     threads: int = 2, memory: bool = False, progress: Callable[[str], None] | None = None,
     device: str = "cpu", amp: str = "none",
 ) -> list[OpsRow]:
-    """Forward+backward median time of each implementation on each shape, and its ratio to conv2d."""
+    """Forward+backward median time of each implementation on each shape, and its ratio to conv2d.
+
+    Each ratio divides by conv2d timed again just before and just after that implementation (the mean
+    of the two), so a machine whose speed drifts during a long run still gives like-for-like ratios.
+    """
     _check_device(device)
+    steady_heap()
     torch.set_num_threads(threads)
     rows: list[OpsRow] = []
     for shape in shapes:
-        base = None
-        for impl in ("conv2d", *[i for i in impls if i != "conv2d"]):
+        conv = _make_case(shape, "conv2d", device=device, amp=amp)
+
+        def conv_ms(conv: Callable[[], None] = conv) -> float:
+            return median_ms(conv, warmup, reps, min_time_s=0.5)
+
+        first = conv_ms()
+        for impl in impls:
             if progress:
                 progress(f"{shape.label} {impl}")
-            ms = median_ms(_make_case(shape, impl, device=device, amp=amp), warmup, reps, min_time_s=0.5)
-            base = ms if impl == "conv2d" else base
+            if impl == "conv2d":
+                ms, ratio = first, 1.0
+            else:
+                before = conv_ms()
+                ms = median_ms(_make_case(shape, impl, device=device, amp=amp), warmup, reps, min_time_s=0.5)
+                ratio = ms / ((before + conv_ms()) / 2)
             peak = None
             if memory:
                 peak = cuda_peak_memory_mb(shape, impl, amp) if device == "cuda" else peak_memory_mb(shape, impl)
-            if impl in impls:
-                rows.append(OpsRow(shape.label, impl, ms, ms / base if base else float("nan"), peak))
+            rows.append(OpsRow(shape.label, impl, ms, ratio, peak))
     return rows
 
 
@@ -252,6 +277,7 @@ def bench_model(
     from harness.models import DeformOptions, create_model
 
     _check_device(device)
+    steady_heap()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, device=device)

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
+from harness import native
+
 OffsetLayout = Literal["shared", "per_tap"]
 Backend = Literal["native", "torchvision"]
 
@@ -201,6 +203,8 @@ def deform_conv2d(
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
     base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
+    if groups == 1 and input.device.type == "cpu" and native.available():
+        return _deform_conv2d_native(input, offset, weight, bias, mask, base_y, base_x, offset_groups, out_hw)
     delta = offset.reshape(n, offset_groups, taps, 2, ho, wo)
     grid = torch.stack(
         (_normalise(base_x + delta[:, :, :, 1], _next_power_of_two(w)),
@@ -239,7 +243,14 @@ COLUMN_CHUNK_BYTES = 16 * 2**20
 
 
 def _image_chunks(n: int, bytes_per_image: int) -> list[slice]:
+    """Batch slices of about COLUMN_CHUNK_BYTES of columns, each a multiple of the thread count.
+
+    grid_sample's CPU kernels parallelise over the batch only: a chunk of one image would leave every
+    other core idle (and 3 images on 2 threads one idle a third of the time).
+    """
+    threads = torch.get_num_threads()
     step = max(1, COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
+    step = max(threads, step - step % threads)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -329,6 +340,148 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         return grad_input, grad_grid, grad_weight, grad_mask, None, None, None
 
 
+def _deform_conv2d_native(
+    input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
+    base_y: Tensor, base_x: Tensor, offset_groups: int, out_hw: tuple[int, int],
+) -> Tensor:
+    """The CPU path through the compiled channels-last kernel (harness.native); same maths, same layout."""
+    n = input.shape[0]
+    taps, (ho, wo) = base_y.shape[0], out_hw
+    sampling = offset.dtype  # fp32, or fp64 for fp64 inputs
+    gemm = _gemm_dtype(input, weight)
+    x = input.to(sampling).permute(0, 2, 3, 1).contiguous()
+    base = torch.stack((base_y, base_x), dim=-1).permute(1, 2, 0, 3).reshape(1, ho, wo, 1, taps, 2)
+    delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 4, 5, 1, 2, 3)
+    pos = (base + delta).reshape(n, ho * wo, offset_groups, taps, 2)
+    if mask is not None:
+        mask = (
+            mask.to(sampling).reshape(n, offset_groups, taps, ho, wo).permute(0, 3, 4, 1, 2)
+            .reshape(n, ho * wo, offset_groups, taps).contiguous()
+        )
+    out = _DeformColumnsNative.apply(x, pos.contiguous(), weight, mask, out_hw, gemm)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1).to(out.dtype)
+    return out
+
+
+def _as_image(rows: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """[M·Ho·Wo, F] rows → the same memory as a channels-last [M, F, Ho, Wo] tensor (no copy)."""
+    return rows.view(-1, *out_hw, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _columns_times_weight(columns: Tensor, w: Tensor, out_hw: tuple[int, int]) -> Tensor:
+    """columns [M, K·C] @ w[O, K·C].T. In fp32/bf16 as a channels-last 1x1 convolution: oneDNN's
+    kernel runs 2.4-2.6x faster here than the BLAS matmul (which oneDNN cannot take in fp32)."""
+    if columns.dtype == torch.float64:
+        return torch.mm(columns, w.t())
+    out = F.conv2d(_as_image(columns, out_hw), w[:, :, None, None])
+    return out.permute(0, 2, 3, 1).reshape(columns.shape[0], w.shape[0])
+
+
+def _columns_times_weight_backward(
+    columns: Tensor, w: Tensor, grad_out: Tensor, out_hw: tuple[int, int], need_weight: bool, need_columns: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of `_columns_times_weight`: (grad_w [O, K·C], grad_columns [M, K·C]).
+
+    The weight gradient goes through oneDNN (as fast as or faster than BLAS on every benchmark shape);
+    the column gradient too when O >= 64, where its backward-data kernel wins (1.25-2.3x), but BLAS
+    with fewer output channels, where oneDNN's is 2.7x slower.
+    """
+    if columns.dtype == torch.float64:
+        return (torch.mm(grad_out.t(), columns) if need_weight else None,
+                torch.mm(grad_out, w) if need_columns else None)
+    dnn_columns = need_columns and w.shape[0] >= 64
+    grad_columns = None
+    if need_weight or dnn_columns:
+        grad_image, grad_w, _ = torch.ops.aten.convolution_backward(
+            _as_image(grad_out, out_hw), _as_image(columns, out_hw), w[:, :, None, None], None,
+            [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [dnn_columns, need_weight, False],
+        )
+        if dnn_columns:
+            grad_columns = grad_image.permute(0, 2, 3, 1).reshape(columns.shape)
+        grad_w = grad_w.view(w.shape) if need_weight else None
+    else:
+        grad_w = None
+    if need_columns and grad_columns is None:
+        grad_columns = torch.mm(grad_out, w)
+    return grad_w, grad_columns
+
+
+class _DeformColumnsNative(torch.autograd.Function):
+    """Channels-last columns [N·L, K·C] from the compiled kernel, times the weights.
+
+    Same contract as `_DeformColumnsMatmul` (columns recomputed in backward, batch processed in chunks
+    of about COLUMN_CHUNK_BYTES, sampling in fp32/fp64, matmuls in autocast's dtype), but the columns
+    are tap-major rows, so the output comes out channels-last and every sampling loop runs over
+    contiguous channels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pos, weight, mask, out_hw, gemm):  # type: ignore[override]
+        n, _, _, c = x.shape
+        out_channels, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+        length, taps = out_hw[0] * out_hw[1], kh * kw
+        out = torch.empty(n * length, out_channels, dtype=gemm, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
+            for part in _image_chunks(n, length * taps * c * x.element_size()):
+                columns = torch.empty(part.stop - part.start, length, taps, c, dtype=x.dtype)
+                with record_function(SAMPLING_SCOPE):
+                    native.columns_forward(x[part], pos[part], None if mask is None else mask[part], columns)
+                rows = slice(part.start * length, part.stop * length)
+                out[rows] = _columns_times_weight(columns.view(-1, taps * c).to(gemm), w, out_hw)
+                del columns
+        ctx.save_for_backward(x, pos, weight, mask)
+        ctx.config = (out_hw, gemm)
+        return out.view(n, *out_hw, out_channels).permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, pos, weight, mask = ctx.saved_tensors
+        out_hw, gemm = ctx.config
+        n, _, _, c = x.shape
+        out_channels, per_group, kh, kw = weight.shape
+        length, taps = out_hw[0] * out_hw[1], kh * kw
+        need_x, need_pos, need_weight, need_mask = ctx.needs_input_grad[:4]
+        need_mask = need_mask and mask is not None
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_pos = torch.empty_like(pos) if need_pos else None
+        grad_mask = torch.empty_like(mask) if need_mask else None
+        grad_w = torch.zeros(out_channels, taps * c, dtype=torch.promote_types(gemm, torch.float32))
+        with torch.autocast(x.device.type, enabled=False):
+            go = grad_out.permute(0, 2, 3, 1).reshape(n * length, out_channels).to(gemm)
+            w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
+            for part in _image_chunks(n, 2 * length * taps * c * x.element_size()):
+                m = part.stop - part.start
+                rows = slice(part.start * length, part.stop * length)
+                mk = None if mask is None else mask[part]
+                columns = torch.empty(m, length, taps, c, dtype=x.dtype)
+                with record_function(SAMPLING_SCOPE):
+                    native.columns_forward(x[part], pos[part], mk, columns)
+                columns = columns.view(-1, taps * c).to(gemm)
+                grad_w_part, grad_columns = _columns_times_weight_backward(
+                    columns, w, go[rows], out_hw, need_weight, need_x or need_pos or need_mask
+                )
+                del columns
+                if grad_w_part is not None:
+                    grad_w += grad_w_part
+                if grad_columns is not None:
+                    grad_columns = grad_columns.to(x.dtype).contiguous()
+                    with record_function(SAMPLING_SCOPE):
+                        native.columns_backward(
+                            x[part], pos[part], mk, grad_columns,
+                            None if grad_x is None else grad_x[part],
+                            None if grad_pos is None else grad_pos[part],
+                            None if grad_mask is None else grad_mask[part],
+                        )
+                    del grad_columns
+        grad_weight = None
+        if need_weight:
+            grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)
+        return grad_x, grad_pos, grad_weight, grad_mask, None, None
+
+
 def deform_conv2d_shared(
     input: Tensor,
     offset: Tensor,
@@ -350,20 +503,28 @@ def deform_conv2d_shared(
     )
     n, c, h, w = input.shape
     offset_groups = _check_offset("offset", offset, n, 2, c, out_hw)
-    if offset_groups > 1 and groups > 1:
+    # At stride s the conv-then-sample form computes s*s times the outputs it keeps; the compiled
+    # per-tap kernel is cheaper there (2.6x vs 4x conv2d at stride 2).
+    strided_native = stride_ != (1, 1) and groups == 1 and input.device.type == "cpu" and native.available()
+    if (offset_groups > 1 and groups > 1) or strided_native:
         return deform_conv2d(
             input, expand_shared_offset(offset, kh * kw), weight, bias, stride_, padding_, dilation_
         )
 
     reach_y, reach_x = (kh - 1) * dilation_[0], (kw - 1) * dilation_[1]
+    # The plane is zero-padded by `reach` on every side. oneDNN's backward is much slower for a
+    # padding wider than "same" (1.3-1.5x for a 3x3), so the part beyond "same" is an explicit pad.
+    same_y, same_x = reach_y // 2, reach_x // 2
+    extra_y, extra_x = reach_y - same_y, reach_x - same_x
+    plane = F.pad(input, (extra_x, extra_x, extra_y, extra_y)) if extra_y or extra_x else input
     if offset_groups == 1:
-        full = F.conv2d(input, weight, None, 1, (reach_y, reach_x), dilation_, groups)
+        full = F.conv2d(plane, weight, None, 1, (same_y, same_x), dilation_, groups)
     else:  # conv groups == 1: one convolution per offset group, stacked as conv groups
         per = c // offset_groups
         split = weight.reshape(out_channels, offset_groups, per, kh, kw).transpose(0, 1)
         full = F.conv2d(
-            input, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
-            (reach_y, reach_x), dilation_, offset_groups,
+            plane, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
+            (same_y, same_x), dilation_, offset_groups,
         )
     # row i of `full` is the correlation anchored at input row i - reach_y
     full = full.reshape(n * offset_groups, out_channels, *full.shape[-2:])

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.allocator import steady_heap
 from harness.data import BatchLoader, PreparedData
 from harness.distributed import SINGLE, DistContext, barrier, gather_cat, mean_over_ranks
 from harness.metrics import HIGHER_IS_BETTER, multilabel_metrics
@@ -184,6 +185,7 @@ def fit(
     Under torchrun (`context.enabled`) every rank calls this: the model is wrapped in DDP, each rank
     trains on its share of every batch, only rank 0 writes the checkpoint and calls `on_epoch`.
     """
+    steady_heap()  # epoch times measure compute, not page faults (see harness.allocator)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)

@@ -12,8 +12,9 @@ from harness.errors import HarnessError
 
 
 def test_bench_ops_rows_and_ratio():
-    rows = bench_ops([LayerShape(1, 4, 4, 8)], ("conv2d", "per_tap", "shared", "torchvision"), warmup=1, reps=1)
-    assert [r.impl for r in rows] == ["conv2d", "per_tap", "shared", "torchvision"]
+    impls = ("conv2d", "per_tap", "shared", "torchvision", "im2col_gemm")
+    rows = bench_ops([LayerShape(1, 4, 4, 8)], impls, warmup=1, reps=1)
+    assert [r.impl for r in rows] == list(impls)
     assert rows[0].ratio_to_conv2d == pytest.approx(1.0)
     assert all(r.ms > 0 for r in rows)
 

@@ -52,12 +52,25 @@ CASES = [
     dict(k=5, p=2, h=9, w=6),
     dict(h=5, w=11, s=2, d=2, p=2, mask=True),
     dict(scale=8.0, mask=True),
+    dict(c=8, o=64, mask=True),  # >= 64 output channels: the column gradient goes through oneDNN
 ]
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def cpu_kernel(request, monkeypatch):
+    """Run a test through the compiled kernel (harness.native) and through the pure-PyTorch path."""
+    from harness import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "available", lambda: False)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_torchvision_forward_and_gradients(case, dtype, tol):
+def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel):
     x, offset, weight, bias, mask, (s, p, d) = _case(dtype, **case)
     tensors = [x, offset, weight, bias, mask]
 
@@ -251,12 +264,13 @@ def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient():
     assert bool((right | left).all())
 
 
+@pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000])
-def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes):
+def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes, groups, cpu_kernel):
     import harness.ops
 
     monkeypatch.setattr(harness.ops, "COLUMN_CHUNK_BYTES", chunk_bytes)  # 1 image, then a few, per chunk
-    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=5, c=8, o=4, groups=2, offset_groups=2)
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=5, c=8, o=4, groups=groups, offset_groups=2)
     tensors = [x, offset, weight, bias, mask]
     out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
     out_b, grads_b = _grads(lambda *t: tv_deform_conv2d(*t[:4], padding=(p, p), mask=t[4]), tensors)

@@ -29,7 +29,11 @@ def ops(
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     amp: Annotated[str, typer.Option(help="none, bf16 or fp16: forward under autocast")] = "none",
 ) -> None:
-    """Forward+backward time of conv2d vs our DCN (per_tap, shared, modulated) vs torchvision's DCN."""
+    """Forward+backward time of conv2d vs our DCN (per_tap, shared, modulated) vs torchvision's DCN.
+
+    im2col_gemm times only the per-tap layer's three matmuls on ready-made columns: the floor of any
+    sample-then-matmul implementation on this machine's BLAS.
+    """
     shapes = [LayerShape.parse(s) for s in shape] if shape else [LayerShape(*s) for s in DEFAULT_SHAPES]
     impls = tuple(impl) if impl else IMPLS
     unknown = [i for i in impls if i not in IMPLS]
