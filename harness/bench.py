@@ -117,16 +117,23 @@ def _make_case(
         def run() -> None:
             tv_deform_conv2d(x, off, w, b, *geometry).sum().backward()
     elif impl == "im2col_gemm":
-        # Only the three matmuls of the per-tap layer (output, weight gradient, column gradient) on
-        # ready-made columns, in the layout the op uses: the floor of any sample-then-matmul DCN.
-        columns = torch.randn(shape.n, shape.c * taps, out * out, generator=gen, dtype=dtype).to(device)
-        grad_out = torch.randn(shape.n, shape.o, out * out, generator=gen, dtype=dtype).to(device)
+        # Only the matmuls of the per-tap layer (output, weight gradient, column gradient) on ready-made
+        # columns, done as the op does them: the floor of any sample-then-matmul DCN here.
+        from harness.ops import _columns_times_weight, _columns_times_weight_backward, _image_chunks
+
+        rows = shape.n * out * out
+        columns = torch.randn(rows, taps * shape.c, generator=gen, dtype=dtype).to(device)
+        grad_out = torch.randn(rows, shape.o, generator=gen, dtype=dtype).to(device)
         weight = w.detach().reshape(shape.o, shape.c * taps)
 
-        def run() -> None:
-            torch.matmul(weight, columns)
-            torch.matmul(grad_out, columns.transpose(1, 2)).sum(0)
-            torch.matmul(weight.t(), grad_out)
+        per_image = out * out * taps * shape.c * columns.element_size()
+
+        def run() -> None:  # in the op's chunks: chunk-sized matmuls stay in cache
+            for part in _image_chunks(shape.n, per_image):
+                _columns_times_weight(columns[part.start * out * out : part.stop * out * out], weight, (out, out))
+            for part in _image_chunks(shape.n, 2 * per_image):
+                rows = slice(part.start * out * out, part.stop * out * out)
+                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), True, True)
     elif impl == "shared_expanded":
         off = shared_offset()
 

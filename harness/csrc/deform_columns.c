@@ -18,22 +18,40 @@
 #include <stdint.h>
 #include <string.h>
 
+#define T float
+#define FLOOR floorf
+#define NAME(base) base##_f32
+#include __FILE__
+#undef T
+#undef FLOOR
+#undef NAME
+#define T double
+#define FLOOR floor
+#define NAME(base) base##_f64
+#include __FILE__
+#undef T
+#undef FLOOR
+#undef NAME
+
+#else  /* the kernels, included once per element type T */
+
 typedef struct {
     int64_t off[4];  /* element offset of each corner in one image of x, or -1 outside the image */
-    double w[4];     /* bilinear weights of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) */
-    double lh, lw;   /* fractional parts of y and x */
+    T w[4];          /* bilinear weights of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) */
+    T lh, lw;        /* fractional parts of y and x */
     int inside;      /* 0: the sample reads zero and has zero gradient */
-} corners_t;
+} NAME(corners_t);
 
-static inline corners_t corners_of(double y, double x, int64_t H, int64_t W, int64_t C) {
-    corners_t r;
-    r.inside = !(y <= -1.0 || y >= (double)H || x <= -1.0 || x >= (double)W);
+/* In the element type, like torchvision's kernel, so that fp32 results round the same way. */
+static inline NAME(corners_t) NAME(corners_of)(T y, T x, int64_t H, int64_t W, int64_t C) {
+    NAME(corners_t) r;
+    r.inside = !(y <= (T)-1 || y >= (T)H || x <= (T)-1 || x >= (T)W);
     if (!r.inside) return r;
-    const double yf = floor(y), xf = floor(x);
+    const T yf = FLOOR(y), xf = FLOOR(x);
     const int64_t y0 = (int64_t)yf, x0 = (int64_t)xf, y1 = y0 + 1, x1 = x0 + 1;
     r.lh = y - yf;
     r.lw = x - xf;
-    const double hh = 1.0 - r.lh, hw = 1.0 - r.lw;
+    const T hh = (T)1 - r.lh, hw = (T)1 - r.lw;
     r.w[0] = hh * hw; r.w[1] = hh * r.lw; r.w[2] = r.lh * hw; r.w[3] = r.lh * r.lw;
     r.off[0] = (y0 >= 0 && x0 >= 0) ? (y0 * W + x0) * C : -1;
     r.off[1] = (y0 >= 0 && x1 <= W - 1) ? (y0 * W + x1) * C : -1;
@@ -41,19 +59,6 @@ static inline corners_t corners_of(double y, double x, int64_t H, int64_t W, int
     r.off[3] = (y1 <= H - 1 && x1 <= W - 1) ? (y1 * W + x1) * C : -1;
     return r;
 }
-
-#define T float
-#define NAME(base) base##_f32
-#include __FILE__
-#undef T
-#undef NAME
-#define T double
-#define NAME(base) base##_f64
-#include __FILE__
-#undef T
-#undef NAME
-
-#else  /* the kernels, included once per element type T */
 
 void NAME(deform_columns_forward)(
     const T *x, const T *pos, const T *mask, T *cols,
@@ -67,7 +72,7 @@ void NAME(deform_columns_forward)(
             for (int64_t g = 0; g < G; ++g) {
                 const int64_t at = (row * G + g) * K + k;
                 T *restrict o = cols + (row * K + k) * C + g * cg;
-                const corners_t q = corners_of((double)pos[2 * at], (double)pos[2 * at + 1], H, W, C);
+                const NAME(corners_t) q = NAME(corners_of)(pos[2 * at], pos[2 * at + 1], H, W, C);
                 if (!q.inside) {
                     memset(o, 0, sizeof(T) * cg);
                     continue;
@@ -76,7 +81,7 @@ void NAME(deform_columns_forward)(
                 T w[4];
                 const T *src[4];
                 for (int j = 0; j < 4; ++j) {
-                    w[j] = q.off[j] >= 0 ? scale * (T)q.w[j] : (T)0;
+                    w[j] = q.off[j] >= 0 ? scale * q.w[j] : (T)0;
                     src[j] = img + (q.off[j] >= 0 ? q.off[j] : 0) + g * cg;
                 }
                 const T *restrict s0 = src[0], *restrict s1 = src[1], *restrict s2 = src[2], *restrict s3 = src[3];
@@ -105,7 +110,7 @@ void NAME(deform_columns_backward)(
                 for (int64_t g = 0; g < G; ++g) {
                     const int64_t at = (row * G + g) * K + k;
                     const T *restrict d = dcols + (row * K + k) * C + g * cg;
-                    const corners_t q = corners_of((double)pos[2 * at], (double)pos[2 * at + 1], H, W, C);
+                    const NAME(corners_t) q = NAME(corners_of)(pos[2 * at], pos[2 * at + 1], H, W, C);
                     if (!q.inside) {
                         if (grad_pos) grad_pos[2 * at] = grad_pos[2 * at + 1] = 0;
                         if (grad_mask) grad_mask[at] = 0;
@@ -115,7 +120,7 @@ void NAME(deform_columns_backward)(
                     if (gimg) {
                         for (int j = 0; j < 4; ++j) {
                             if (q.off[j] < 0) continue;
-                            const T wj = scale * (T)q.w[j];
+                            const T wj = scale * q.w[j];
                             T *restrict dst = gimg + q.off[j] + g * cg;
 #pragma omp simd
                             for (int64_t c = 0; c < cg; ++c) dst[c] += wj * d[c];
@@ -129,7 +134,7 @@ void NAME(deform_columns_backward)(
                         const T *restrict s1 = img + (q.off[1] >= 0 ? q.off[1] : 0) + base;
                         const T *restrict s2 = img + (q.off[2] >= 0 ? q.off[2] : 0) + base;
                         const T *restrict s3 = img + (q.off[3] >= 0 ? q.off[3] : 0) + base;
-                        const T lh = (T)q.lh, lw = (T)q.lw, hh = (T)(1.0 - q.lh), hw = (T)(1.0 - q.lw);
+                        const T lh = q.lh, lw = q.lw, hh = (T)1 - q.lh, hw = (T)1 - q.lw;
                         T sy = 0, sx = 0, sv = 0;
 #pragma omp simd reduction(+:sy, sx, sv)
                         for (int64_t c = 0; c < cg; ++c) {
