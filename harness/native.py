@@ -68,14 +68,16 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _status = "no C compiler (cc/gcc) found"
+        _status = "no C compiler (cc/gcc) found, using the PyTorch path"
+        warnings.warn("harness: no C compiler (cc/gcc) for the native DCN kernel; using the slower PyTorch path",
+                      RuntimeWarning, stacklevel=2)
         return None
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_identity()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / f"deform_columns-{key}.so"
     try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+        key = hashlib.sha256(
+            "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_identity()]).encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"deform_columns-{key}.so"
         if not target.exists():
             _compile(compiler, target)
         lib = ctypes.CDLL(str(target))

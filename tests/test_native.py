@@ -48,8 +48,9 @@ def test_disabled_by_environment(fresh_library, monkeypatch):
                                tv_deform_conv2d(x, offset, weight, padding=(1, 1)), atol=1e-4, rtol=0)
 
 
-def test_failed_build_warns_once_and_falls_back(fresh_library, monkeypatch):
-    monkeypatch.setenv("CC", "/bin/false")
+@pytest.mark.parametrize("compiler", ["/bin/false", "/nonexistent/cc"])
+def test_failed_build_warns_once_and_falls_back(fresh_library, monkeypatch, compiler):
+    monkeypatch.setenv("CC", compiler)
     with pytest.warns(RuntimeWarning, match="native DCN kernel is unavailable"):
         assert not native.available()
     assert native.status().startswith("build failed")
@@ -70,3 +71,13 @@ def test_rejects_what_the_kernel_cannot_take():
     x = torch.zeros(1, 2, 4, 4).permute(0, 2, 3, 1)  # not contiguous
     with pytest.raises(ValueError, match="contiguous"):
         native.columns_forward(x, pos.float(), None, torch.empty(1, 16, 9, 2))
+
+
+def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C compiler"):
+        assert not native.available()
+    x, offset, weight = _parity_case()
+    torch.testing.assert_close(deform_conv2d(x, offset, weight, padding=1),
+                               tv_deform_conv2d(x, offset, weight, padding=(1, 1)), atol=1e-4, rtol=0)
