@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import math
 import re
-import tempfile
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pandas as pd
@@ -125,40 +122,13 @@ def erf_frame(runs: Iterable[AnalysedRun]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run_id", "group", "stat", "value"])
 
 
-def _local_dir(artifact_uri: str) -> Path | None:
-    parsed = urlparse(artifact_uri or "")
-    if parsed.scheme == "file" and parsed.netloc in ("", "localhost"):
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and (artifact_uri or "").startswith("/"):
-        return Path(artifact_uri)
-    return None
-
-
 def artifact_bytes(store: query.Store, run: AnalysedRun, path: str) -> bytes | None:
     """The bytes of artifact `path` of `run` (read in place when local, else downloaded), or None."""
-    local = _local_dir(run.artifact_uri)
-    if local is not None:
-        try:
-            return (local / path).read_bytes()
-        except OSError:
-            return None
-    with tempfile.TemporaryDirectory(prefix="harness-analysis-read-") as tmp:
-        try:
-            return Path(store.client.download_artifacts(run.run_id, path, tmp)).read_bytes()
-        except Exception:
-            return None
+    return query.read_artifact_bytes(store, run.run_id, path, run.artifact_uri)
 
 
 def artifact_csv(store: query.Store, run: AnalysedRun, path: str) -> pd.DataFrame | None:
-    data = artifact_bytes(store, run, path)
-    if data is None:
-        return None
-    import io
-
-    try:
-        return pd.read_csv(io.BytesIO(data))
-    except (ValueError, pd.errors.ParserError):
-        return None
+    return query.read_artifact_csv(store, run.run_id, path, run.artifact_uri)
 
 
 def artifact_npy(store: query.Store, run: AnalysedRun, path: str) -> np.ndarray | None:

@@ -272,6 +272,21 @@ def _local_artifact_dir(artifact_uri: str | None) -> Path | None:
     return None
 
 
+def read_artifact_bytes(store: Store, run_id: str, path: str, artifact_uri: str | None = None) -> bytes | None:
+    """The bytes of artifact `path` of `run_id` (read in place when local, else downloaded), or None."""
+    local_dir = _local_artifact_dir(artifact_uri)
+    if local_dir is not None:
+        try:
+            return (local_dir / path).read_bytes()
+        except OSError:
+            return None
+    with tempfile.TemporaryDirectory(prefix="harness-artifact-") as tmp:
+        try:
+            return Path(store.client.download_artifacts(run_id, path, dst_path=tmp)).read_bytes()
+        except Exception:
+            return None
+
+
 def read_artifact_csv(store: Store, run_id: str, path: str, artifact_uri: str | None = None) -> pd.DataFrame | None:
     """The CSV artifact `path` of `run_id` as a DataFrame; None when the run has no such artifact.
 
