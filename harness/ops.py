@@ -20,6 +20,7 @@ predictor, so at initialisation an unmodulated layer is exactly an ordinary conv
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Literal
 
 import torch
@@ -153,25 +154,56 @@ def _pad_to_power_of_two(t: Tensor) -> Tensor:
     return F.pad(t, (0, pad_w, 0, pad_h)) if pad_h or pad_w else t
 
 
+@lru_cache(maxsize=128)
 def _tap_grid(
     kernel: tuple[int, int],
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
     out_hw: tuple[int, int],
-    like: Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """Undeformed sampling positions (y, x) of every tap at every output pixel, each [K, Ho, Wo]."""
+    """Undeformed sampling positions (y, x) of every tap at every output pixel, each [K, Ho, Wo].
+
+    Cached per geometry (read-only): on a GPU the few tiny kernels that build it cost more than the
+    layer's own sampling at small sizes.
+    """
     kh, kw = kernel
     ho, wo = out_hw
-    opts = {"dtype": like.dtype, "device": like.device}
-    rows = torch.arange(ho, **opts) * stride[0] - padding[0]
-    cols = torch.arange(wo, **opts) * stride[1] - padding[1]
-    tap_rows = torch.arange(kh, **opts) * dilation[0]
-    tap_cols = torch.arange(kw, **opts) * dilation[1]
-    y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo)
-    x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo)
-    return y.reshape(kh * kw, ho, wo), x.reshape(kh * kw, ho, wo)
+    opts = {"dtype": dtype, "device": device}
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
+        rows = torch.arange(ho, **opts) * stride[0] - padding[0]
+        cols = torch.arange(wo, **opts) * stride[1] - padding[1]
+        tap_rows = torch.arange(kh, **opts) * dilation[0]
+        tap_cols = torch.arange(kw, **opts) * dilation[1]
+        y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo)
+        x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo)
+        return y.reshape(kh * kw, ho, wo), x.reshape(kh * kw, ho, wo)
+
+
+@lru_cache(maxsize=128)
+def _normalised_tap_grid(
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+    source_hw: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """grid_sample's view of `_tap_grid` on a source of `source_hw`: the undeformed grid [K, Ho, Wo, 2]
+    as (x, y) in [-1, 1], and the scale (2/W, 2/H) that turns an offset (Δx, Δy) into that frame.
+
+    With power-of-two sizes both are exact, so grid = base + scale·Δ is one rounding, and exact for
+    whole-pixel offsets.
+    """
+    y, x = _tap_grid(kernel, stride, padding, dilation, out_hw, dtype, device)
+    with torch.inference_mode(False):
+        base = torch.stack((_normalise(x, source_hw[1]), _normalise(y, source_hw[0])), dim=-1)
+        scale = torch.tensor([2.0 / source_hw[1], 2.0 / source_hw[0]], dtype=dtype, device=device)
+    return base, scale
 
 
 def deform_conv2d(
@@ -205,15 +237,16 @@ def deform_conv2d(
 
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
-    base_y, base_x = _tap_grid((kh, kw), stride_, padding_, dilation_, out_hw, offset)
+    geometry = ((kh, kw), stride_, padding_, dilation_, out_hw)
     if groups == 1 and input.device.type == "cpu" and native.available():
+        base_y, base_x = _tap_grid(*geometry, offset.dtype, offset.device)
         return _deform_conv2d_native(input, offset, weight, bias, mask, base_y, base_x, offset_groups, out_hw)
-    delta = offset.reshape(n, offset_groups, taps, 2, ho, wo)
-    grid = torch.stack(
-        (_normalise(base_x + delta[:, :, :, 1], _next_power_of_two(w)),
-         _normalise(base_y + delta[:, :, :, 0], _next_power_of_two(h))),
-        dim=-1,
-    ).view(n * offset_groups, taps * ho, wo, 2)
+    base, scale = _normalised_tap_grid(
+        *geometry, (_next_power_of_two(h), _next_power_of_two(w)), offset.dtype, offset.device
+    )
+    # (Δy, Δx) per tap → grid_sample's (x, y): one flip and one fused multiply-add
+    delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 1, 2, 4, 5, 3).flip(-1)
+    grid = torch.addcmul(base, delta, scale).view(n * offset_groups, taps * ho, wo, 2)
     out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
@@ -244,17 +277,24 @@ def _sample_columns(input: Tensor, grid: Tensor, offset_groups: int, dtype: torc
 # so the transient column buffers of a layer stay bounded whatever the batch size. 4 MiB keeps peak
 # memory under torchvision's on every benchmark shape and costs at most ~5 % speed against 16 MiB.
 COLUMN_CHUNK_BYTES = 4 * 2**20
+# On a GPU small chunks only add launches (each kernel must fill the device); the bound is there so
+# that a large training batch does not need gigabytes of columns at once.
+CUDA_COLUMN_CHUNK_BYTES = 256 * 2**20
 
 
-def _image_chunks(n: int, bytes_per_image: int) -> list[slice]:
-    """Batch slices of about COLUMN_CHUNK_BYTES of columns, each a multiple of the thread count.
+def _image_chunks(n: int, bytes_per_image: int, device: torch.device | None = None) -> list[slice]:
+    """Batch slices of about COLUMN_CHUNK_BYTES of columns (CUDA_COLUMN_CHUNK_BYTES on a GPU).
 
-    grid_sample's CPU kernels parallelise over the batch only: a chunk of one image would leave every
-    other core idle (and 3 images on 2 threads one idle a third of the time).
+    On the CPU each slice is a multiple of the thread count: grid_sample's CPU kernels parallelise
+    over the batch only, so a chunk of one image would leave every other core idle (and 3 images on
+    2 threads one idle a third of the time).
     """
-    threads = torch.get_num_threads()
-    step = max(1, COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
-    step = max(threads, step - step % threads)
+    if device is not None and device.type == "cuda":
+        step = max(1, CUDA_COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
+    else:
+        threads = torch.get_num_threads()
+        step = max(1, COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
+        step = max(threads, step - step % threads)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -279,7 +319,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         out = torch.empty(n, out_channels, length, dtype=gemm, device=input.device)
         with torch.autocast(input.device.type, enabled=False):
             w = weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps)
-            for part in _image_chunks(n, c * taps * length * torch.finfo(sampling).bits // 8):
+            for part in _image_chunks(n, c * taps * length * torch.finfo(sampling).bits // 8, input.device):
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
                 with record_function(SAMPLING_SCOPE):
@@ -288,7 +328,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                     if mask is not None:
                         columns.mul_(mask[part].to(sampling).reshape(m, g, 1, taps, length))
                 columns = columns.view(m, groups, per_group * taps, length).to(gemm)
-                out[part] = torch.matmul(w, columns).view(m, out_channels, length)
+                torch.matmul(w, columns, out=out[part].view(m, groups, out_channels // groups, length))
                 del columns
         ctx.save_for_backward(input, grid, weight, mask)
         ctx.config = (groups, offset_groups, out_hw, sampling, gemm)
@@ -309,7 +349,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         grad_weight = torch.zeros(groups, out_channels // groups, per_group * taps, dtype=gemm, device=weight.device)
         with torch.autocast(input.device.type, enabled=False):
             w_t = weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
-            for part in _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8):
+            for part in _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8, input.device):
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
                 with record_function(SAMPLING_SCOPE):

@@ -320,3 +320,93 @@ def test_cuda_autocast_bf16_output_is_bf16(layout):
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert layer.weight.grad is not None
+
+
+@requires_cuda
+def test_cuda_chunked_columns_match_torchvision(monkeypatch):
+    import harness.ops
+
+    monkeypatch.setattr(harness.ops, "CUDA_COLUMN_CHUNK_BYTES", 1)  # one image per chunk
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=5, c=8, o=4, offset_groups=2)
+    tensors = [t.cuda() for t in (x, offset, weight, bias, mask)]
+    out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
+    out_b, grads_b = _grads(lambda *t: tv_deform_conv2d(*t[:4], stride=(s, s), padding=(p, p), dilation=(d, d),
+                                                        mask=t[4]), tensors)
+    torch.testing.assert_close(out_a, out_b, atol=1e-8, rtol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
+
+
+def test_cuda_chunks_are_large_and_cpu_chunks_follow_the_threads(monkeypatch):
+    import harness.ops
+
+    monkeypatch.setattr(harness.ops, "COLUMN_CHUNK_BYTES", 3 * 2**20)
+    monkeypatch.setattr(harness.ops, "CUDA_COLUMN_CHUNK_BYTES", 100 * 2**20)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    mib = 2**20
+    assert harness.ops._image_chunks(10, mib, torch.device("cuda")) == [slice(0, 10)]
+    assert harness.ops._image_chunks(10, 40 * mib, torch.device("cuda")) == [slice(0, 2), slice(2, 4), slice(4, 6),
+                                                                             slice(6, 8), slice(8, 10)]
+    # CPU: 3 images fit, rounded down to a multiple of 2 threads
+    assert harness.ops._image_chunks(5, mib, torch.device("cpu")) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+
+
+class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtype of every matrix product and convolution that actually runs (below autograd)."""
+
+    HEAVY = {torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm, torch.ops.aten.baddbmm,
+             torch.ops.aten.convolution, torch.ops.aten.convolution_backward, torch.ops.aten.mkldnn_convolution,
+             torch.ops.aten.cudnn_convolution}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.HEAVY:
+            first = next(a for a in args if isinstance(a, torch.Tensor))
+            self.dtypes.append((str(func.overloadpacket), first.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def _bf16_layer_dtypes(layout: str, modulated: bool, device: str) -> list[tuple[str, torch.dtype]]:
+    layer = DeformConv2d(8, 8, 3, padding=1, offset_channels=layout, modulated=modulated).to(device)
+    with torch.no_grad():  # non-zero offsets, so that the sampling really interpolates
+        layer.offset_predictor.weight.normal_(0, 0.1)
+    x = torch.randn(2, 8, 12, 12, device=device)
+    with _MatmulDtypes() as record:
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == torch.bfloat16
+        out.float().square().sum().backward()
+    return record.dtypes
+
+
+@pytest.mark.parametrize("layout,modulated", [("per_tap", False), ("per_tap", True), ("shared", False)])
+def test_autocast_bf16_runs_every_product_in_bf16(layout, modulated, cpu_kernel):
+    """torchvision's op silently runs in fp32 under autocast; every product of ours must be bf16."""
+    dtypes = _bf16_layer_dtypes(layout, modulated, "cpu")
+    assert len(dtypes) >= 3  # forward, weight gradient, input gradient at least
+    assert {dtype for _, dtype in dtypes} == {torch.bfloat16}, dtypes
+
+
+@requires_cuda
+@pytest.mark.parametrize("layout,modulated", [("per_tap", False), ("per_tap", True), ("shared", False)])
+def test_cuda_autocast_bf16_runs_every_product_in_bf16(layout, modulated):
+    dtypes = _bf16_layer_dtypes(layout, modulated, "cuda")
+    assert len(dtypes) >= 3
+    assert {dtype for _, dtype in dtypes} == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.parametrize("layout", ["per_tap", "shared"])
+def test_layer_trains_after_running_under_inference_mode(layout, cpu_kernel):
+    """The cached sampling grids must not be inference tensors, or the next training step could not save them."""
+    import harness.ops
+
+    harness.ops._tap_grid.cache_clear()
+    harness.ops._normalised_tap_grid.cache_clear()
+    layer = DeformConv2d(4, 4, 3, padding=1, offset_channels=layout)
+    with torch.inference_mode():
+        layer(torch.randn(1, 4, 9, 9))
+    layer(torch.randn(1, 4, 9, 9)).square().sum().backward()
+    assert layer.offset_predictor.weight.grad is not None and layer.offset_predictor.weight.grad.abs().sum() > 0

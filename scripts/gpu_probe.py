@@ -1,0 +1,86 @@
+"""What `harness bench` alone does not show on a GPU: the column-chunk size, larger shapes, the kernel
+breakdown (fp32 and bf16, ours and torchvision's) and the network at a GPU-sized batch.
+
+Run by scripts/gpu_check.sh; writes $OUT/probe.json and $OUT/profile.txt and prints a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import harness.ops
+from harness.bench import LayerShape, _make_case, bench_model, bench_ops
+
+OUT = Path(os.environ.get("OUT", "results/gpu_check"))
+SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
+          LayerShape(16, 64, 64, 32, 2), LayerShape(16, 64, 64, 32, 1, 2)]
+LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32)]
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "no CUDA device"
+    report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+    sweep = {}
+    for mib in (4, 64, 1024):
+        harness.ops.CUDA_COLUMN_CHUNK_BYTES = mib * 2**20
+        rows = bench_ops(SHAPES, ("conv2d", "per_tap"), reps=20, device="cuda")
+        sweep[mib] = {r.shape: r.ms for r in rows if r.impl == "per_tap"}
+        log(f"chunk {mib:5d} MiB per_tap ms: " + ", ".join(f"{v:.3f}" for v in sweep[mib].values()))
+    report["chunk_sweep_ms"] = sweep
+    harness.ops.CUDA_COLUMN_CHUNK_BYTES = 256 * 2**20
+
+    large = {}
+    for amp in ("none", "bf16"):
+        rows = bench_ops(LARGE, ("conv2d", "per_tap", "shared", "torchvision"), reps=10, device="cuda", amp=amp,
+                         memory=True)
+        large[amp] = [asdict(r) for r in rows]
+        for r in rows:
+            log(f"large {amp:4s} {r.shape:22s} {r.impl:12s} {r.ms:8.3f} ms  {r.ratio_to_conv2d:5.2f}x  "
+                f"{r.peak_mb:.0f} MiB")
+    report["large"] = large
+
+    models = {}
+    for batch, size in ((256, 64), (64, 128)):
+        for amp, offsets in (("none", "per_tap"), ("none", "shared"), ("bf16", "per_tap")):
+            rows = bench_model(["none", "first:2", "all"], image_size=size, batch=batch, offset_channels=offsets,
+                               device="cuda", amp=amp, channels_last=amp == "bf16")
+            key = f"batch{batch}@{size} {amp} {offsets}"
+            models[key] = [asdict(r) for r in rows]
+            log(f"model {key:28s} " + ", ".join(f"{r.placement} {r.images_per_s:.0f}/s ({r.relative_to_standard:.2f}x)"
+                                                 for r in rows))
+    report["models"] = models
+
+    with open(OUT / "profile.txt", "w") as handle:
+        shape = LayerShape(16, 64, 64, 32)
+        for impl, amp in (("per_tap", "none"), ("per_tap", "bf16"), ("torchvision", "none"), ("shared", "none"),
+                          ("modulated", "bf16")):
+            run = _make_case(shape, impl, device="cuda", amp=amp)
+            for _ in range(3):
+                run()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    run()
+            table = prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70)
+            handle.write(f"\n===== {impl} {amp} {shape.label} (5 steps) =====\n{table}\n")
+            kernels = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
+                             key=lambda e: -e.device_time_total)[:5]
+            log(f"top kernels {impl} {amp}: " + "; ".join(f"{e.key[:60]} {e.device_time_total / 5:.0f}us"
+                                                         for e in kernels))
+
+    (OUT / "probe.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
