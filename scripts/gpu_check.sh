@@ -21,19 +21,19 @@ LOG=$OUT/log.txt
   nproc; } 2>&1 | tee "$LOG"
 step() { echo "== $*" | tee -a "$LOG"; }
 step parity
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda 2>&1 | tail -15 > "$OUT/parity.txt"
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda 2>&1 | tail -15 > "$OUT/parity.txt"
 cat "$OUT/parity.txt" >> "$LOG"; tail -2 "$OUT/parity.txt"
 IMPLS="--impl conv2d --impl per_tap --impl shared --impl modulated --impl torchvision"
 step ops fp32
-timeout 240 $PY -m harness bench ops --device cuda $IMPLS --memory --reps 20 --json > "$OUT/ops_fp32.json" 2>> "$LOG"
+timeout 150 $PY -m harness bench ops --device cuda $IMPLS --memory --reps 20 --json > "$OUT/ops_fp32.json" 2>> "$LOG"
 step ops bf16
-timeout 240 $PY -m harness bench ops --device cuda $IMPLS --amp bf16 --memory --reps 20 --json > "$OUT/ops_bf16.json" 2>> "$LOG"
+timeout 150 $PY -m harness bench ops --device cuda $IMPLS --amp bf16 --memory --reps 20 --json > "$OUT/ops_bf16.json" 2>> "$LOG"
 step model fp32
-timeout 120 $PY -m harness bench model --device cuda --json > "$OUT/model_fp32.json" 2>> "$LOG"
+timeout 60 $PY -m harness bench model --device cuda --json > "$OUT/model_fp32.json" 2>> "$LOG"
 step model bf16
-timeout 120 $PY -m harness bench model --device cuda --amp bf16 --channels-last --json > "$OUT/model_bf16.json" 2>> "$LOG"
+timeout 60 $PY -m harness bench model --device cuda --amp bf16 --channels-last --json > "$OUT/model_bf16.json" 2>> "$LOG"
 step probe
-timeout 300 $PY scripts/gpu_probe.py 2>&1 | tee -a "$LOG"
+timeout 200 $PY scripts/gpu_probe.py 2>&1 | tee -a "$LOG"
 step summary
 $PY - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys, pathlib
