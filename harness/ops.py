@@ -20,6 +20,7 @@ predictor, so at initialisation an unmodulated layer is exactly an ordinary conv
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from typing import Literal
 
@@ -38,6 +39,12 @@ IntPair = int | tuple[int, int]
 # Profiler scope around every deformable sampling step (forward and backward), so that the share of
 # time spent sampling can be measured apart from the convolutions and matmuls.
 SAMPLING_SCOPE = "harness::deform_sampling"
+
+
+def _sampling_scope() -> AbstractContextManager[object]:
+    """SAMPLING_SCOPE while a profiler records; nothing otherwise (on a GPU each scope is two more
+    dispatcher calls in a layer that is launch-bound at small sizes)."""
+    return record_function(SAMPLING_SCOPE) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
 
 
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
@@ -268,7 +275,9 @@ def _gemm_dtype(input: Tensor, weight: Tensor) -> torch.dtype:
 def _sample_columns(input: Tensor, grid: Tensor, offset_groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Bilinear samples of every tap at every output pixel [N·G, C/G, K·Ho, Wo], and the padded source."""
     n, c, h, w = input.shape
-    source = _pad_to_power_of_two(input.to(dtype).reshape(n * offset_groups, c // offset_groups, h, w))
+    # contiguous NCHW: grid_sample reads one channel plane at a time, so channels-last input would
+    # make every read strided
+    source = _pad_to_power_of_two(input.to(dtype).reshape(n * offset_groups, c // offset_groups, h, w).contiguous())
     columns = F.grid_sample(source, grid.to(dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     return columns, source
 
@@ -322,7 +331,7 @@ class _DeformColumnsMatmul(torch.autograd.Function):
             for part in _image_chunks(n, c * taps * length * torch.finfo(sampling).bits // 8, input.device):
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
-                with record_function(SAMPLING_SCOPE):
+                with _sampling_scope():
                     columns, _ = _sample_columns(input[part], grid[rows], g, sampling)
                     columns = columns.view(m, g, c // g, taps, length)
                     if mask is not None:
@@ -343,21 +352,23 @@ class _DeformColumnsMatmul(torch.autograd.Function):
         out_channels, per_group, kh, kw = weight.shape
         taps, length = kh * kw, out_hw[0] * out_hw[1]
         need_input, need_grid, need_weight, need_mask = ctx.needs_input_grad[:4]
-        grad_input = torch.empty_like(input) if need_input else None
-        grad_grid = torch.empty_like(grid) if need_grid else None
+        chunks = _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8, input.device)
+        whole = len(chunks) == 1  # one chunk (the usual case on a GPU): gradients are the results, no copies
+        grad_input = torch.empty_like(input) if need_input and not whole else None
+        grad_grid = torch.empty_like(grid) if need_grid and not whole else None
         grad_mask = torch.empty_like(mask) if mask is not None and need_mask else None
-        grad_weight = torch.zeros(groups, out_channels // groups, per_group * taps, dtype=gemm, device=weight.device)
+        grad_weight = None
         with torch.autocast(input.device.type, enabled=False):
             w_t = weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps).transpose(-1, -2)
-            for part in _image_chunks(n, 2 * c * taps * length * torch.finfo(sampling).bits // 8, input.device):
+            for part in chunks:
                 m = part.stop - part.start
                 rows = slice(part.start * g, part.stop * g)
-                with record_function(SAMPLING_SCOPE):
+                with _sampling_scope():
                     raw, source = _sample_columns(input[part], grid[rows], g, sampling)
                 raw = raw.view(m, g, c // g, taps, length)
                 go = grad_out[part].reshape(m, groups, out_channels // groups, length).to(gemm)
                 grad_columns = torch.matmul(w_t, go).to(sampling).view(m, g, c // g, taps, length)
-                with record_function(SAMPLING_SCOPE):
+                with _sampling_scope():
                     if mask is not None:
                         mk = mask[part].to(sampling).reshape(m, g, 1, taps, length)
                         if grad_mask is not None:
@@ -366,19 +377,27 @@ class _DeformColumnsMatmul(torch.autograd.Function):
                         grad_columns.mul_(mk)
                 if need_weight:
                     columns = raw.view(m, groups, per_group * taps, length).to(gemm)
-                    grad_weight += torch.matmul(go, columns.transpose(-1, -2)).sum(0)
+                    part_weight = torch.matmul(go, columns.transpose(-1, -2)).sum(0)
+                    grad_weight = part_weight if grad_weight is None else grad_weight.add_(part_weight)
                     del columns
                 del raw
                 if need_input or need_grid:
-                    with record_function(SAMPLING_SCOPE):
+                    with _sampling_scope():
                         grad_source, grad_part = torch.ops.aten.grid_sampler_2d_backward(
                             grad_columns.view(m * g, c // g, taps * out_hw[0], out_hw[1]),
                             source, grid[rows].to(sampling), 0, 0, False, [need_input, need_grid],
                         )
-                    if grad_input is not None:
-                        grad_input[part] = grad_source[..., :h, :w].reshape(m, c, h, w)
-                    if grad_grid is not None:
-                        grad_grid[rows] = grad_part
+                    if need_input:
+                        grad_source = grad_source[..., :h, :w].reshape(m, c, h, w)
+                        if whole:
+                            grad_input = grad_source
+                        else:
+                            grad_input[part] = grad_source
+                    if need_grid:
+                        if whole:
+                            grad_grid = grad_part
+                        else:
+                            grad_grid[rows] = grad_part
                 del grad_columns
         grad_weight = grad_weight.view(weight.shape).to(weight.dtype) if need_weight else None
         return grad_input, grad_grid, grad_weight, grad_mask, None, None, None
@@ -470,7 +489,7 @@ class _DeformColumnsNative(torch.autograd.Function):
             w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
             for part in _image_chunks(n, length * taps * c * x.element_size()):
                 columns = torch.empty(part.stop - part.start, length, taps, c, dtype=x.dtype)
-                with record_function(SAMPLING_SCOPE):
+                with _sampling_scope():
                     native.columns_forward(x[part], pos[part], None if mask is None else mask[part], columns)
                 rows = slice(part.start * length, part.stop * length)
                 out[rows] = _columns_times_weight(columns.view(-1, taps * c).to(gemm), w, out_hw)
@@ -501,7 +520,7 @@ class _DeformColumnsNative(torch.autograd.Function):
                 rows = slice(part.start * length, part.stop * length)
                 mk = None if mask is None else mask[part]
                 columns = torch.empty(m, length, taps, c, dtype=x.dtype)
-                with record_function(SAMPLING_SCOPE):
+                with _sampling_scope():
                     native.columns_forward(x[part], pos[part], mk, columns)
                 columns = columns.view(-1, taps * c).to(gemm)
                 grad_w_part, grad_columns = _columns_times_weight_backward(
@@ -512,7 +531,7 @@ class _DeformColumnsNative(torch.autograd.Function):
                     grad_w += grad_w_part
                 if grad_columns is not None:
                     grad_columns = grad_columns.to(x.dtype).contiguous()
-                    with record_function(SAMPLING_SCOPE):
+                    with _sampling_scope():
                         native.columns_backward(
                             x[part], pos[part], mk, grad_columns,
                             None if grad_x is None else grad_x[part],
@@ -583,7 +602,7 @@ def deform_conv2d_shared(
         (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
     ).view(n * offset_groups, ho, wo, 2)
     sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
-    with record_function(SAMPLING_SCOPE):
+    with _sampling_scope():
         # One fused bilinear sample of the (unpadded) map: the cheapest exact path. At exactly whole-pixel
         # positions grid_sample's coordinate round trip may pick the left instead of the right corner
         # pair: same value, the other one-sided derivative (torchvision always takes the right one).

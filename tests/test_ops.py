@@ -364,8 +364,8 @@ class _MatmulDtypes(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in self.HEAVY:
-            first = next(a for a in args if isinstance(a, torch.Tensor))
-            self.dtypes.append((str(func.overloadpacket), first.dtype))
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.dtypes.append((str(func.overloadpacket), None if first is None else first.dtype))
         return func(*args, **(kwargs or {}))
 
 
@@ -410,3 +410,20 @@ def test_layer_trains_after_running_under_inference_mode(layout, cpu_kernel):
         layer(torch.randn(1, 4, 9, 9))
     layer(torch.randn(1, 4, 9, 9)).square().sum().backward()
     assert layer.offset_predictor.weight.grad is not None and layer.offset_predictor.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("layout", ["per_tap", "shared"])
+def test_sampling_scope_is_recorded_only_while_profiling(layout, cpu_kernel):
+    from torch.profiler import profile
+
+    from harness.ops import SAMPLING_SCOPE
+
+    layer = DeformConv2d(4, 4, 3, padding=1, offset_channels=layout)
+    x = torch.randn(2, 4, 9, 9)
+    with profile() as prof:
+        layer(x).sum().backward()
+    assert sum(event.key == SAMPLING_SCOPE for event in prof.key_averages()) == 1
+    with _MatmulDtypes() as record:  # any dispatch mode sees the scope's enter/exit ops
+        record.HEAVY = {torch.ops.profiler._record_function_enter_new}
+        layer(x).sum().backward()
+    assert record.dtypes == []
