@@ -11,7 +11,8 @@ matmuls are oneDNN 1x1 convolutions; elsewhere (CUDA, or without a C compiler) s
 `deform_conv2d_shared` is the fast path for the layout the course assignment used: one (Δy, Δx) per
 offset group shared by all kernel taps. Because every tap then sees the same fractional position, the
 layer equals an ordinary stride-1 convolution over the zero-padded plane followed by one bilinear
-sample of its output per output pixel, which costs little more than the convolution itself.
+sample of its output per output pixel (on the CPU the compiled kernel with one tap, else
+`grid_sample`), which costs little more than the convolution itself.
 
 `DeformConv2d` is the layer the networks use: conv weights plus a zero-initialised offset (and mask)
 predictor, so at initialisation an unmodulated layer is exactly an ordinary convolution.
@@ -253,7 +254,7 @@ def deform_conv2d(
     )
     # (Δy, Δx) per tap → grid_sample's (x, y): one flip and one fused multiply-add
     delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 1, 2, 4, 5, 3).flip(-1)
-    grid = torch.addcmul(base, delta, scale).view(n * offset_groups, taps * ho, wo, 2)
+    grid = torch.addcmul(base, delta, scale).reshape(n * offset_groups, taps * ho, wo, 2)
     out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
@@ -558,8 +559,13 @@ def deform_conv2d_shared(
 
     Exact (not an approximation) and equal to `deform_conv2d` with the offset repeated over the taps:
     convolve the zero-padded input at stride 1, then bilinearly sample the result at
-    stride·p0 − padding + Δp(p0). With several offset groups and several conv groups at once it falls
-    back to the general path.
+    stride·p0 − padding + Δp(p0). On the CPU with the compiled kernel (`harness.native`) the
+    convolution runs channels-last and the sample is that kernel with one tap, so values and gradients
+    follow torchvision's kernel at whole pixels too (its one-sided offset gradient), except a sample
+    exactly one pixel before the map (all taps off the image, the last at -1), whose offset gradient
+    the kernel sets to 0; elsewhere the sample is `grid_sample`. With several offset groups and several
+    conv groups at once, and on the compiled path at stride > 1, it goes through `deform_conv2d`
+    instead.
     """
     (stride_, padding_, dilation_), groups, out_channels, (kh, kw), out_hw = _geometry(
         input, weight, bias, stride, padding, dilation
@@ -579,40 +585,127 @@ def deform_conv2d_shared(
     # padding wider than "same" (1.3-1.5x for a 3x3), so the part beyond "same" is an explicit pad.
     same_y, same_x = reach_y // 2, reach_x // 2
     extra_y, extra_x = reach_y - same_y, reach_x - same_x
-    plane = F.pad(input, (extra_x, extra_x, extra_y, extra_y)) if extra_y or extra_x else input
+    use_native = input.device.type == "cpu" and native.available()
+    if use_native:  # channels-last, the compiled kernel's layout: oneDNN then writes `full` channels-last too
+        plane = (_PadChannelsLast.apply(input, extra_y, extra_x) if extra_y or extra_x
+                 else input.contiguous(memory_format=torch.channels_last))
+    else:
+        plane = F.pad(input, (extra_x, extra_x, extra_y, extra_y)) if extra_y or extra_x else input
     if offset_groups == 1:
-        full = F.conv2d(plane, weight, None, 1, (same_y, same_x), dilation_, groups)
-    else:  # conv groups == 1: one convolution per offset group, stacked as conv groups
+        conv_weight = weight
+    else:  # conv groups == 1: one convolution per offset group, stacked as conv groups (channel g·O + o)
         per = c // offset_groups
         split = weight.reshape(out_channels, offset_groups, per, kh, kw).transpose(0, 1)
-        full = F.conv2d(
-            plane, split.reshape(offset_groups * out_channels, per, kh, kw), None, 1,
-            (same_y, same_x), dilation_, offset_groups,
-        )
+        conv_weight = split.reshape(offset_groups * out_channels, per, kh, kw)
+    full = F.conv2d(plane, conv_weight, None, 1, (same_y, same_x), dilation_, groups * offset_groups)
     # row i of `full` is the correlation anchored at input row i - reach_y
-    full = full.reshape(n * offset_groups, out_channels, *full.shape[-2:])
     full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
     offset = offset.to(_coordinate_dtype(offset, input))
-    opts = {"dtype": offset.dtype, "device": offset.device}
-    rows = (torch.arange(ho, **opts) * stride_[0] + (reach_y - padding_[0])).view(1, 1, ho, 1)
-    cols = (torch.arange(wo, **opts) * stride_[1] + (reach_x - padding_[1])).view(1, 1, 1, wo)
     delta = offset.reshape(n, offset_groups, 2, ho, wo)
-    grid = torch.stack(
-        (_normalise(cols + delta[:, :, 1], full_w), _normalise(rows + delta[:, :, 0], full_h)), dim=-1
-    ).view(n * offset_groups, ho, wo, 2)
+    # output pixel (i, j) reads `full` at (i·s + reach − padding, j·s + reach − padding) + Δ: the
+    # per-tap grid of a 1x1 kernel with padding − reach
+    geometry = ((1, 1), stride_, (padding_[0] - reach_y, padding_[1] - reach_x), (1, 1), out_hw)
+    if use_native:
+        rows, cols = _tap_grid(*geometry, offset.dtype, offset.device)
+        return _sample_shared_native(full, rows[0, :, 0], cols[0, 0], delta, bias)
+    base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
+    grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
     sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
+    # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)
+    map_dtype = full.dtype  # autocast's under autocast
+    full = full.to(sampling).reshape(n * offset_groups, out_channels, full_h, full_w).contiguous()
     with _sampling_scope():
-        # One fused bilinear sample of the (unpadded) map: the cheapest exact path. At exactly whole-pixel
-        # positions grid_sample's coordinate round trip may pick the left instead of the right corner
-        # pair: same value, the other one-sided derivative (torchvision always takes the right one).
-        out = F.grid_sample(full.to(sampling), grid.to(sampling), mode="bilinear", padding_mode="zeros",
-                            align_corners=False).to(full.dtype)
+        # One fused bilinear sample of the (unpadded) map. At exactly whole-pixel positions
+        # grid_sample's coordinate round trip may pick the left instead of the right corner pair:
+        # same value, the other one-sided derivative (torchvision always takes the right one).
+        out = F.grid_sample(full, grid.to(sampling), mode="bilinear", padding_mode="zeros",
+                            align_corners=False).to(map_dtype)
     out = out.view(n, offset_groups, out_channels, ho, wo)
     out = out.sum(1) if offset_groups > 1 else out.squeeze(1)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
+
+
+def _sample_shared_native(full: Tensor, rows: Tensor, cols: Tensor, delta: Tensor, bias: Tensor | None) -> Tensor:
+    """`full` [N, G·O, Hf, Wf] sampled at (rows[i] + Δy, cols[j] + Δx) of each offset group, summed over
+    the groups, plus the bias: [N, O, Ho, Wo] (channels-last memory), by the compiled kernel with one
+    tap (K = 1).
+
+    Offset group g owns channels g·O ... g·O + O - 1 of `full`, the kernel's group-contiguous channel
+    convention. Sampling runs in the positions' dtype (fp32, fp64 for fp64 inputs); the result is
+    returned in `full`'s (autocast's bf16/fp16 under autocast).
+    """
+    n, channels, _, _ = full.shape
+    groups, ho, wo = delta.shape[1], delta.shape[3], delta.shape[4]
+    x = full.to(delta.dtype).permute(0, 2, 3, 1)  # no copy when `full` is channels-last, as it comes out
+    base = torch.stack((rows.view(ho, 1).expand(ho, wo), cols.view(1, wo).expand(ho, wo)), dim=-1)
+    pos = (base.view(1, ho, wo, 1, 2) + delta.permute(0, 3, 4, 1, 2)).reshape(n, ho * wo, groups, 1, 2)
+    out = _SampleNative.apply(x.contiguous(), pos.contiguous(), (ho, wo))  # [N, Ho, Wo, G·O]
+    if groups > 1:
+        out = out.view(n, ho, wo, groups, channels // groups).sum(3)
+    out = out.to(full.dtype)
+    if bias is not None:  # in place, over contiguous channels: `out` is a fresh tensor
+        out.add_(bias.to(out.dtype))
+    return out.permute(0, 3, 1, 2)
+
+
+class _PadChannelsLast(torch.autograd.Function):
+    """input [N, C, H, W] zero-padded by (pad_y, pad_x) on every side, as a channels-last tensor.
+
+    One copy (F.pad then a layout change would be two, and two more for the gradient); backward
+    returns a view of the padded gradient's interior.
+    """
+
+    @staticmethod
+    def forward(ctx, input, pad_y, pad_x):  # type: ignore[override]
+        n, c, h, w = input.shape
+        out = input.new_empty(n, h + 2 * pad_y, w + 2 * pad_x, c)
+        if pad_y:
+            out[:, :pad_y].zero_()
+            out[:, pad_y + h :].zero_()
+        if pad_x:
+            out[:, pad_y : pad_y + h, :pad_x].zero_()
+            out[:, pad_y : pad_y + h, pad_x + w :].zero_()
+        out[:, pad_y : pad_y + h, pad_x : pad_x + w].copy_(input.permute(0, 2, 3, 1))
+        ctx.interior = (slice(pad_y, pad_y + h), slice(pad_x, pad_x + w))
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        rows, cols = ctx.interior
+        return grad[:, :, rows, cols], None, None
+
+
+class _SampleNative(torch.autograd.Function):
+    """x [N, H, W, C] (channels last) sampled bilinearly at pos [N, Ho·Wo, G, 1, 2]: [N, Ho, Wo, C].
+
+    One tap of the compiled column kernel, so torchvision's sampling rule and its one-sided gradient at
+    whole pixels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, pos, out_hw):  # type: ignore[override]
+        n, _, _, c = x.shape
+        out = torch.empty(n, *out_hw, c, dtype=x.dtype, device=x.device)
+        with _sampling_scope():
+            native.columns_forward(x, pos, None, out)
+        ctx.save_for_backward(x, pos)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, pos = ctx.saved_tensors
+        need_x, need_pos = ctx.needs_input_grad[:2]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_pos = torch.empty_like(pos) if need_pos else None
+        if need_x or need_pos:
+            with _sampling_scope():
+                native.columns_backward(x, pos, None, grad_out.to(x.dtype).contiguous(), grad_x, grad_pos, None)
+        return grad_x, grad_pos, None
 
 
 def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:

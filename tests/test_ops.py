@@ -90,12 +90,15 @@ def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel)
         torch.testing.assert_close(ga, gb, atol=tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
 
 
-@pytest.mark.parametrize(
-    "s,p,d,offset_groups,groups",
-    [(1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 2, 1, 1), (2, 0, 2, 1, 1), (1, 1, 1, 2, 1), (1, 1, 1, 2, 2)],
-)
-def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups):
-    dtype = torch.float64
+SHARED_GEOMETRIES = [
+    (1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 2, 1, 1), (2, 0, 2, 1, 1), (1, 1, 1, 2, 1), (1, 1, 1, 2, 2),
+    (1, 1, 1, 1, 2), (1, 2, 2, 2, 1), (1, 0, 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("s,p,d,offset_groups,groups", SHARED_GEOMETRIES)
+def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups, dtype, tol, cpu_kernel):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 10, generator=g, dtype=dtype)
     w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=dtype)
@@ -112,9 +115,60 @@ def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups):
 
     out_a, grads_a = _grads(shared, [x, off, w, b])
     out_b, grads_b = _grads(reference, [x, off, w, b])
-    torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
-    for ga, gb in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
+    torch.testing.assert_close(out_a, out_b, atol=tol, rtol=0)
+    for name, ga, gb in zip(("input", "offset", "weight", "bias"), grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, atol=100 * tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("s,p,d,offset_groups,groups", [(1, 1, 1, 1, 1), (1, 2, 2, 1, 1), (1, 1, 1, 2, 1),
+                                                        (1, 1, 1, 1, 2), (2, 1, 1, 1, 1)])
+def test_shared_gradcheck_fp64(s, p, d, offset_groups, groups, cpu_kernel):
+    g = torch.Generator().manual_seed(5)
+    h, w = 5, 6
+    ho, wo = _out(h, 3, s, p, d), _out(w, 3, s, p, d)
+    x = torch.randn(1, 4, h, w, generator=g, dtype=torch.float64)
+    weight = torch.randn(2, 4 // groups, 3, 3, generator=g, dtype=torch.float64)
+    bias = torch.randn(2, generator=g, dtype=torch.float64)
+    # fractional offsets, several of them outside the image
+    off = torch.randn(1, 2 * offset_groups, ho, wo, generator=g, dtype=torch.float64) * 2.5
+    inputs = [t.requires_grad_() for t in (x, off, weight, bias)]
+    assert torch.autograd.gradcheck(
+        lambda *a: deform_conv2d_shared(*a, s, p, d), inputs, eps=1e-6, atol=1e-5
+    )
+
+
+def test_shared_native_path_samples_with_the_compiled_kernel(monkeypatch):
+    """On the CPU with the compiled kernel: stride 1 samples `full` with it (no grid_sample); stride 2
+    goes to the per-tap kernel through deform_conv2d."""
+    import harness.ops
+    from harness import native
+
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("grid_sample called on the compiled path")
+
+    monkeypatch.setattr(F, "grid_sample", boom)
+    per_tap_calls: list[int] = []
+    real_deform_conv2d = harness.ops.deform_conv2d
+
+    def counting_deform_conv2d(*args, **kwargs):
+        per_tap_calls.append(1)
+        return real_deform_conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(harness.ops, "deform_conv2d", counting_deform_conv2d)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    off = torch.randn(2, 4, 9, 9, requires_grad=True)
+    out = deform_conv2d_shared(x, off, w, None, 1, 1, 1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    assert not per_tap_calls and off.grad is not None and x.grad is not None
+
+    monkeypatch.setattr(harness.ops, "_sample_shared_native", boom)
+    deform_conv2d_shared(x, torch.randn(2, 2, 5, 5), w, None, 2, 1, 1).sum().backward()
+    assert per_tap_calls == [1]
 
 
 def test_gradcheck_fp64():
@@ -153,7 +207,7 @@ def test_modulated_layer_starts_at_half_mask_and_trains_offsets():
 @pytest.mark.parametrize(
     "layout,modulated", [("shared", False), ("shared", True), ("per_tap", False), ("per_tap", True)]
 )
-def test_native_and_torchvision_backends_agree_with_nonzero_offsets(layout, modulated):
+def test_native_and_torchvision_backends_agree_with_nonzero_offsets(layout, modulated, cpu_kernel):
     torch.manual_seed(1)
     a = DeformConv2d(4, 6, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2)
     b = DeformConv2d(4, 6, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2,
@@ -214,7 +268,7 @@ def test_native_path_does_not_call_torchvision(monkeypatch):
 
 
 @pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", False), ("per_tap", True)])
-def test_autocast_bf16_runs_in_bf16_with_fp32_positions(layout, modulated):
+def test_autocast_bf16_runs_in_bf16_with_fp32_positions(layout, modulated, cpu_kernel):
     torch.manual_seed(0)
     layer = DeformConv2d(8, 8, 3, padding=1, offset_channels=layout, modulated=modulated)
     with torch.no_grad():
@@ -247,21 +301,55 @@ def test_backward_recomputes_columns_instead_of_saving_them():
     assert max(saved) < columns, "the k*k-times-larger columns must not be kept for backward"
 
 
-def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient():
-    """Zero or whole-pixel offsets (every offset at initialisation): exact values; the offset gradient
-    is a one-sided difference, the right one (torchvision's) or the left one."""
+@pytest.mark.parametrize("p,d,offset_groups", [(1, 1, 1), (2, 2, 1), (1, 1, 2), (0, 1, 1)])
+def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient(p, d, offset_groups, cpu_kernel):
+    """Zero or whole-pixel offsets (every offset at initialisation), many of them off the image: exact
+    values. The compiled kernel takes torchvision's corners, so every gradient equals torchvision's
+    (the right one-sided difference), also where the sample sits exactly one pixel before the map;
+    grid_sample's offset gradient is the right or the left one."""
     dtype = torch.float64
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(1, 3, 7, 9, generator=g, dtype=dtype)
-    w = torch.randn(4, 3, 3, 3, generator=g, dtype=dtype)
-    off = torch.randint(-2, 3, (1, 2, 7, 9), generator=g).to(dtype)
-    out_a, (ga,) = _grads(lambda o: deform_conv2d_shared(x, o, w, None, 1, 1, 1), [off])
-    out_b, (gb,) = _grads(lambda o: tv_deform_conv2d(x, expand_shared_offset(o, 9), w, None, padding=(1, 1)), [off])
+    x = torch.randn(1, 4, 7, 9, generator=g, dtype=dtype)
+    w = torch.randn(4, 4, 3, 3, generator=g, dtype=dtype)
+    ho, wo = _out(7, 3, 1, p, d), _out(9, 3, 1, p, d)
+    off = torch.randint(-4, 5, (1, 2 * offset_groups, ho, wo), generator=g).to(dtype)
+
+    def shared(x, o, w):
+        return deform_conv2d_shared(x, o, w, None, 1, p, d)
+
+    def reference(x, o, w):
+        return tv_deform_conv2d(x, expand_shared_offset(o, 9), w, None, padding=(p, p), dilation=(d, d))
+
+    out_a, grads_a = _grads(shared, [x, off, w])
+    out_b, grads_b = _grads(reference, [x, off, w])
     torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
-    out_l, (gl,) = _grads(lambda o: tv_deform_conv2d(x, expand_shared_offset(o - 1e-9, 9), w, None, padding=(1, 1)),
-                          [off])
+    if cpu_kernel == "native":
+        reach = 2 * d
+        ys = torch.arange(ho, dtype=dtype).view(-1, 1) + (reach - p) + off[:, 0::2]
+        assert bool((ys == -1).any()), "the case must put some samples exactly one pixel before the map"
+        for name, ga, gb in zip(("input", "offset", "weight"), grads_a, grads_b, strict=True):
+            torch.testing.assert_close(ga, gb, atol=1e-9, rtol=0, msg=name)
+        return
+    _, (_, gl, _) = _grads(lambda x, o, w: reference(x, o - 1e-9, w), [x, off, w])
+    ga, gb = grads_a[1], grads_b[1]
     right, left = (ga - gb).abs() < 1e-6, (ga - gl).abs() < 1e-5
     assert bool((right | left).all())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_offset_gradient_exactly_one_pixel_off_the_image_matches_torchvision(axis, cpu_kernel):
+    """A tap exactly at y = -1 (or x = -1) reads 0, but torchvision's offset gradient there is the
+    one-sided difference (row 0 minus the zero above it), not 0."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 2, 1, 1, generator=g, dtype=torch.float64)
+    off = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    along = torch.arange(5, dtype=torch.float64)
+    off[0, axis] = -1.0 - (along.view(5, 1) if axis == 0 else along.view(1, 5))  # every sample at -1
+    _, (ours,) = _grads(lambda o: deform_conv2d(x, o, w), [off])
+    _, (theirs,) = _grads(lambda o: tv_deform_conv2d(x, o, w), [off])
+    assert bool((theirs[:, axis] != 0).all())
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -280,7 +368,7 @@ def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes, groups, cpu
 
 
 @pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", True)])
-def test_channels_last_layer_matches_contiguous(layout, modulated):
+def test_channels_last_layer_matches_contiguous(layout, modulated, cpu_kernel):
     torch.manual_seed(0)
     layer = DeformConv2d(6, 4, 3, padding=1, offset_channels=layout, modulated=modulated, offset_groups=2)
     with torch.no_grad():

@@ -8,9 +8,10 @@
  *   cols   [N, L, K, C]      columns: row (n, p) holds K*C values, tap-major, so that
  *                            cols.view(N*L, K*C) @ weight.permute(0, 2, 3, 1).reshape(O, K*C).T
  *                            is the convolution
- * Sampling follows torchvision's kernel: a position with y <= -1, y >= H, x <= -1 or x >= W reads 0
+ * Sampling follows torchvision's kernel: a position with y < -1, y >= H, x < -1 or x >= W reads 0
  * and has zero gradient; otherwise corners floor(.) and floor(.) + 1 are read, those outside the
- * image as 0. Channels are the innermost loop, so every gather, scatter and dot product is a
+ * image as 0. (torchvision reads 0 at exactly y = -1 too, which the corner weights give anyway, but
+ * its offset gradient there is the one-sided difference, so -1 counts as inside here.) Channels are the innermost loop, so every gather, scatter and dot product is a
  * contiguous vector loop over C.
  */
 #ifndef T
@@ -45,7 +46,7 @@ typedef struct {
 /* In the element type, like torchvision's kernel, so that fp32 results round the same way. */
 static inline NAME(corners_t) NAME(corners_of)(T y, T x, int64_t H, int64_t W, int64_t C) {
     NAME(corners_t) r;
-    r.inside = !(y <= (T)-1 || y >= (T)H || x <= (T)-1 || x >= (T)W);
+    r.inside = !(y < (T)-1 || y >= (T)H || x < (T)-1 || x >= (T)W);
     if (!r.inside) return r;
     const T yf = FLOOR(y), xf = FLOOR(x);
     const int64_t y0 = (int64_t)yf, x0 = (int64_t)xf, y1 = y0 + 1, x1 = x0 + 1;
