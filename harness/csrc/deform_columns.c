@@ -137,12 +137,21 @@ void NAME(deform_columns_backward)(
                         const T *restrict s3 = img + (q.off[3] >= 0 ? q.off[3] : 0) + base;
                         const T lh = q.lh, lw = q.lw, hh = (T)1 - q.lh, hw = (T)1 - q.lw;
                         T sy = 0, sx = 0, sv = 0;
+                        if (cg >= 32) {  /* a vector reduction only pays for its final horizontal sums here */
 #pragma omp simd reduction(+:sy, sx, sv)
-                        for (int64_t c = 0; c < cg; ++c) {
-                            const T a = m0 * s0[c], b = m1 * s1[c], e = m2 * s2[c], f = m3 * s3[c];
-                            sy += d[c] * (hw * (e - a) + lw * (f - b));
-                            sx += d[c] * (hh * (b - a) + lh * (f - e));
-                            sv += d[c] * (hh * hw * a + hh * lw * b + lh * hw * e + lh * lw * f);
+                            for (int64_t c = 0; c < cg; ++c) {
+                                const T a = m0 * s0[c], b = m1 * s1[c], e = m2 * s2[c], f = m3 * s3[c];
+                                sy += d[c] * (hw * (e - a) + lw * (f - b));
+                                sx += d[c] * (hh * (b - a) + lh * (f - e));
+                                sv += d[c] * (hh * hw * a + hh * lw * b + lh * hw * e + lh * lw * f);
+                            }
+                        } else {
+                            for (int64_t c = 0; c < cg; ++c) {
+                                const T a = m0 * s0[c], b = m1 * s1[c], e = m2 * s2[c], f = m3 * s3[c];
+                                sy += d[c] * (hw * (e - a) + lw * (f - b));
+                                sx += d[c] * (hh * (b - a) + lh * (f - e));
+                                sv += d[c] * (hh * hw * a + hh * lw * b + lh * hw * e + lh * lw * f);
+                            }
                         }
                         if (grad_pos) {
                             grad_pos[2 * at] = scale * sy;
