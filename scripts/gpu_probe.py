@@ -62,22 +62,30 @@ def main() -> None:
                                                  for r in rows))
     report["models"] = models
 
+    busy: dict[str, dict[str, float]] = {}
     with open(OUT / "profile.txt", "w") as handle:
-        shape = LayerShape(16, 64, 64, 32)
-        for impl, amp in (("per_tap", "none"), ("per_tap", "bf16"), ("torchvision", "none"), ("shared", "none"),
-                          ("modulated", "bf16")):
+        cases = [(shape, impl, amp) for shape in (SHAPES[0], SHAPES[1])
+                 for impl, amp in (("conv2d", "none"), ("per_tap", "none"), ("shared", "none"),
+                                   ("torchvision", "none"), ("per_tap", "bf16"))]
+        for shape, impl, amp in cases:
             run = _make_case(shape, impl, device="cuda", amp=amp)
             for _ in range(3):
                 run()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     run()
-            table = prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=70)
+            events = prof.key_averages()
+            # device events, less the profiler scopes' GPU ranges (harness::deform_sampling would count twice)
+            kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("harness::")]
+            gpu_us = sum(e.self_device_time_total for e in kernels) / 5
+            launches = sum(e.count for e in kernels) / 5
+            busy.setdefault(shape.label, {})[f"{impl} {amp}"] = gpu_us
+            table = events.table(sort_by="device_time_total", row_limit=14, max_name_column_width=70)
             handle.write(f"\n===== {impl} {amp} {shape.label} (5 steps) =====\n{table}\n")
-            kernels = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"),
-                             key=lambda e: -e.device_time_total)[:5]
-            log(f"top kernels {impl} {amp}: " + "; ".join(f"{e.key[:60]} {e.device_time_total / 5:.0f}us"
-                                                         for e in kernels))
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:4]
+            log(f"gpu-busy {shape.label:18s} {impl:12s} {amp:4s} {gpu_us:7.0f} us/step, {launches:4.0f} kernels/step; "
+                + "; ".join(f"{e.key[:48]} {e.self_device_time_total / 5:.0f}us" for e in top))
+    report["gpu_busy_us"] = busy
 
     (OUT / "probe.json").write_text(json.dumps(report, indent=1))
 
