@@ -255,7 +255,10 @@ def deform_conv2d(
     # (Δy, Δx) per tap → grid_sample's (x, y): one flip and one fused multiply-add
     delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 1, 2, 4, 5, 3).flip(-1)
     grid = torch.addcmul(base, delta, scale).reshape(n * offset_groups, taps * ho, wo, 2)
-    out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
+    if _keeps_columns(input, n * c * taps * ho * wo * torch.finfo(offset.dtype).bits // 8):
+        out = _sample_then_matmul(input, grid, weight, mask, groups, offset_groups, out_hw)
+    else:
+        out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
@@ -306,6 +309,38 @@ def _image_chunks(n: int, bytes_per_image: int, device: torch.device | None = No
         step = max(1, COLUMN_CHUNK_BYTES // max(1, bytes_per_image))
         step = max(threads, step - step % threads)
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _keeps_columns(input: Tensor, column_bytes: int) -> bool:
+    """On a GPU, a batch whose columns fit in one chunk keeps them for backward (`_sample_then_matmul`)."""
+    return input.device.type == "cuda" and column_bytes <= CUDA_COLUMN_CHUNK_BYTES
+
+
+def _sample_then_matmul(
+    input: Tensor, grid: Tensor, weight: Tensor, mask: Tensor | None, groups: int, offset_groups: int,
+    out_hw: tuple[int, int],
+) -> Tensor:
+    """`_DeformColumnsMatmul`'s computation in differentiable PyTorch ops, for a GPU.
+
+    At the benchmark's sizes a GPU layer is bound by the host, not the device: this version's backward
+    runs in autograd's C++ engine with no Python, and reuses the columns instead of sampling them
+    again (about 12 kernels per forward+backward instead of 29). The price is that the columns
+    (at most CUDA_COLUMN_CHUNK_BYTES, else the chunked Function is used) stay alive until backward.
+    """
+    n, c = input.shape[:2]
+    out_channels, per_group, kh, kw = weight.shape
+    taps, length = kh * kw, out_hw[0] * out_hw[1]
+    sampling = torch.float64 if input.dtype == torch.float64 else torch.float32
+    gemm = _gemm_dtype(input, weight)
+    with torch.autocast(input.device.type, enabled=False):
+        with _sampling_scope():
+            columns, _ = _sample_columns(input, grid, offset_groups, sampling)
+            if mask is not None:
+                columns = columns.view(n, offset_groups, c // offset_groups, taps, length) * mask.to(
+                    sampling).reshape(n, offset_groups, 1, taps, length)
+        columns = columns.reshape(n, groups, per_group * taps, length).to(gemm)
+        out = torch.matmul(weight.to(gemm).reshape(groups, out_channels // groups, per_group * taps), columns)
+    return out.view(n, out_channels, *out_hw)
 
 
 class _DeformColumnsMatmul(torch.autograd.Function):

@@ -56,16 +56,20 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["native", "pytorch"])
+@pytest.fixture(params=["native", "pytorch", "pytorch-kept"])
 def cpu_kernel(request, monkeypatch):
-    """Run a test through the compiled kernel (harness.native) and through the pure-PyTorch path."""
+    """Run a test through the compiled kernel (harness.native), through the pure-PyTorch path, and
+    through its GPU variant that keeps the columns for autograd (`pytorch-kept`, forced on the CPU)."""
+    import harness.ops
     from harness import native
 
     if request.param == "native" and not native.available():
         pytest.skip(f"native kernel unavailable: {native.status()}")
-    if request.param == "pytorch":
+    if request.param.startswith("pytorch"):
         monkeypatch.setattr(native, "available", lambda: False)
-    return request.param
+    if request.param == "pytorch-kept":
+        monkeypatch.setattr(harness.ops, "_keeps_columns", lambda *_: True)
+    return request.param.split("-")[0]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
