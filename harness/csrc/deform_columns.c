@@ -11,8 +11,8 @@
  * Sampling follows torchvision's kernel: a position with y < -1, y >= H, x < -1 or x >= W reads 0
  * and has zero gradient; otherwise corners floor(.) and floor(.) + 1 are read, those outside the
  * image as 0. (torchvision reads 0 at exactly y = -1 too, which the corner weights give anyway, but
- * its offset gradient there is the one-sided difference, so -1 counts as inside here.) Channels are the innermost loop, so every gather, scatter and dot product is a
- * contiguous vector loop over C.
+ * its offset gradient there is the one-sided difference, so -1 counts as inside here.) Channels are
+ * the innermost loop, so every gather, scatter and dot product is a contiguous vector loop over C.
  */
 #ifndef T
 #include <math.h>
