@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -86,13 +87,16 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"harness: the native DCN kernel is unavailable ({error}); using the slower PyTorch path",
                       RuntimeWarning, stacklevel=2)
         return None
-    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    pointer, geometry = ctypes.c_void_p, ctypes.POINTER(Geometry)
     for suffix in ("f32", "f64"):
         forward = getattr(lib, f"deform_columns_forward_{suffix}")
-        forward.argtypes = [pointer] * 4 + [size] * 7 + [ctypes.c_int]
+        forward.argtypes = [pointer] * 4 + [geometry, ctypes.c_int]
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
-        backward.argtypes = [pointer] * 7 + [size] * 7 + [ctypes.c_int]
-        forward.restype = backward.restype = None
+        backward.argtypes = [pointer] * 7 + [geometry, ctypes.c_int]
+        forward.restype = backward.restype = ctypes.c_int
+        transpose = getattr(lib, f"to_channels_last_{suffix}")
+        transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        transpose.restype = None
     _status = f"in use ({target})"
     return lib
 
@@ -117,35 +121,101 @@ def _suffix(x: Tensor) -> str:
     return "f32" if x.dtype == torch.float32 else "f64"
 
 
-def _dims(x: Tensor, pos: Tensor) -> list[int]:
+class Geometry(ctypes.Structure):
+    """The kernel's `geometry_t`: shapes, stride/padding/dilation, and the offset's, mask's and their
+    gradients' strides (in elements), so that they are read and written in place, in any layout."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("n", "h", "w", "c", "ho", "wo", "groups", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")]
+    _fields_ += [(name, ctypes.c_int64 * 4) for name in ("offset", "mask", "grad_offset", "grad_mask")]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Where the kernel samples: kernel size, stride, padding, dilation (each (y, x)) and output size."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    out_hw: tuple[int, int]
+
+
+def _geometry(
+    x: Tensor, offset: Tensor, mask: Tensor | None, sampling: Sampling,
+    grad_offset: Tensor | None = None, grad_mask: Tensor | None = None,
+) -> Geometry:
     n, h, w, c = x.shape
-    _, length, groups, taps, _ = pos.shape
-    return [n, h, w, c, length, groups, taps]
+    taps = sampling.kernel[0] * sampling.kernel[1]
+    groups = offset.shape[1] // (2 * taps)
+    if tuple(offset.shape) != (n, 2 * groups * taps, *sampling.out_hw) or c % groups:
+        raise ValueError(f"offset {tuple(offset.shape)} does not fit x {tuple(x.shape)} and {sampling}")
+    if mask is not None and tuple(mask.shape) != (n, groups * taps, *sampling.out_hw):
+        raise ValueError(f"mask {tuple(mask.shape)} does not fit offset {tuple(offset.shape)}")
+    geo = Geometry(n, h, w, c, *sampling.out_hw, groups, *sampling.kernel, *sampling.stride,
+                   *sampling.padding, *sampling.dilation)
+    for name, t in (("offset", offset), ("mask", mask), ("grad_offset", grad_offset), ("grad_mask", grad_mask)):
+        if t is not None:
+            setattr(geo, name, (ctypes.c_int64 * 4)(*t.stride()))
+    return geo
 
 
 def _check(*tensors: Tensor | None) -> None:
     for t in tensors:
         if t is not None and not t.is_contiguous():
-            raise ValueError("native DCN kernel needs contiguous tensors")
+            raise ValueError("native DCN kernel needs contiguous x and columns")
 
 
-def columns_forward(x: Tensor, pos: Tensor, mask: Tensor | None, cols: Tensor) -> None:
-    """cols [N, L, K, C] ← bilinear samples of x [N, H, W, C] at pos [N, L, G, K, 2] (times mask)."""
+def _same_dtype(x: Tensor, *others: Tensor | None) -> None:
+    for t in others:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"native DCN kernel needs every tensor in x's {x.dtype} on {x.device}, given {t.dtype}")
+
+
+def _done(status: int) -> None:
+    if status:
+        raise MemoryError("native DCN kernel: could not allocate its per-thread offset tile")
+
+
+def columns_forward(x: Tensor, offset: Tensor, mask: Tensor | None, cols: Tensor, sampling: Sampling) -> None:
+    """cols [N, Ho·Wo, K, C] ← bilinear samples of x [N, H, W, C] where `sampling` and offset
+    [N, 2·G·K, Ho, Wo] (torchvision's layout, any strides) put them, times mask [N, G·K, Ho, Wo]."""
     lib = library()
     assert lib is not None
-    _check(x, pos, mask, cols)
+    _check(x, cols)
+    _same_dtype(x, offset, mask, cols)
     fn = getattr(lib, f"deform_columns_forward_{_suffix(x)}")
-    fn(_ptr(x), _ptr(pos), _ptr(mask), _ptr(cols), *_dims(x, pos), torch.get_num_threads())
+    _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(cols), ctypes.byref(_geometry(x, offset, mask, sampling)),
+             torch.get_num_threads()))
 
 
 def columns_backward(
-    x: Tensor, pos: Tensor, mask: Tensor | None, grad_cols: Tensor,
-    grad_x: Tensor | None, grad_pos: Tensor | None, grad_mask: Tensor | None,
+    x: Tensor, offset: Tensor, mask: Tensor | None, grad_cols: Tensor, sampling: Sampling,
+    grad_x: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None,
 ) -> None:
-    """Scatter grad_cols into grad_x (must be zeroed) and write grad_pos / grad_mask; None skips one."""
+    """Scatter grad_cols into grad_x and write grad_offset / grad_mask (any strides); every one given
+    is overwritten (grad_x need not be zeroed), None skips one."""
     lib = library()
     assert lib is not None
-    _check(x, pos, mask, grad_cols, grad_x, grad_pos, grad_mask)
+    _check(x, grad_cols, grad_x)
+    _same_dtype(x, offset, mask, grad_cols, grad_x, grad_offset, grad_mask)
+    geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
+    for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
+        if grad is not None and (like is None or grad.shape != like.shape):
+            raise ValueError(f"{name} must have the shape of its input")
     fn = getattr(lib, f"deform_columns_backward_{_suffix(x)}")
-    fn(_ptr(x), _ptr(pos), _ptr(mask), _ptr(grad_cols), _ptr(grad_x), _ptr(grad_pos), _ptr(grad_mask),
-       *_dims(x, pos), torch.get_num_threads())
+    _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(grad_cols), _ptr(grad_x), _ptr(grad_offset),
+             _ptr(grad_mask), ctypes.byref(geo), torch.get_num_threads()))
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """x [N, C, H, W] as a contiguous [N, H, W, C] tensor (no copy when x is channels-last already)."""
+    nhwc = x.permute(0, 2, 3, 1)
+    if nhwc.is_contiguous() or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64):
+        return nhwc.contiguous()
+    lib = library()
+    assert lib is not None
+    out = torch.empty(nhwc.shape, dtype=x.dtype)
+    n, c, h, w = x.shape
+    getattr(lib, f"to_channels_last_{_suffix(x)}")(_ptr(x), _ptr(out), n, c, h * w, torch.get_num_threads())
+    return out

@@ -247,8 +247,7 @@ def deform_conv2d(
     offset = offset.to(_coordinate_dtype(offset, input))
     geometry = ((kh, kw), stride_, padding_, dilation_, out_hw)
     if groups == 1 and input.device.type == "cpu" and native.available():
-        base_y, base_x = _tap_grid(*geometry, offset.dtype, offset.device)
-        return _deform_conv2d_native(input, offset, weight, bias, mask, base_y, base_x, offset_groups, out_hw)
+        return _deform_conv2d_native(input, offset, weight, bias, mask, native.Sampling(*geometry))
     base, scale = _normalised_tap_grid(
         *geometry, (_next_power_of_two(h), _next_power_of_two(w)), offset.dtype, offset.device
     )
@@ -442,26 +441,35 @@ class _DeformColumnsMatmul(torch.autograd.Function):
 
 def _deform_conv2d_native(
     input: Tensor, offset: Tensor, weight: Tensor, bias: Tensor | None, mask: Tensor | None,
-    base_y: Tensor, base_x: Tensor, offset_groups: int, out_hw: tuple[int, int],
+    sampling: native.Sampling,
 ) -> Tensor:
-    """The CPU path through the compiled channels-last kernel (harness.native); same maths, same layout."""
-    n = input.shape[0]
-    taps, (ho, wo) = base_y.shape[0], out_hw
-    sampling = offset.dtype  # fp32, or fp64 for fp64 inputs
-    gemm = _gemm_dtype(input, weight)
-    x = input.to(sampling).permute(0, 2, 3, 1).contiguous()
-    base = torch.stack((base_y, base_x), dim=-1).permute(1, 2, 0, 3).reshape(1, ho, wo, 1, taps, 2)
-    delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 4, 5, 1, 2, 3)
-    pos = (base + delta).reshape(n, ho * wo, offset_groups, taps, 2)
+    """The CPU path through the compiled channels-last kernel (harness.native); same maths, same layout.
+
+    The kernel reads the offset and mask where the predictor wrote them (any layout) and forms the
+    positions itself, and writes their gradients the same way.
+    """
+    dtype = offset.dtype  # sampling runs in fp32, or fp64 for fp64 inputs
+    x = _ChannelsLast.apply(input.to(dtype))
     if mask is not None:
-        mask = (
-            mask.to(sampling).reshape(n, offset_groups, taps, ho, wo).permute(0, 3, 4, 1, 2)
-            .reshape(n, ho * wo, offset_groups, taps).contiguous()
-        )
-    out = _DeformColumnsNative.apply(x, pos.contiguous(), weight, mask, out_hw, gemm)
+        mask = mask.to(dtype)
+    out = _DeformColumnsNative.apply(x, offset, weight, mask, sampling, _gemm_dtype(input, weight))
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1).to(out.dtype)
     return out
+
+
+class _ChannelsLast(torch.autograd.Function):
+    """input [N, C, H, W] as a contiguous [N, H, W, C] tensor, by the kernel library's blocked transpose;
+    the gradient goes back as a view."""
+
+    @staticmethod
+    def forward(ctx, input):  # type: ignore[override]
+        return native.to_channels_last(input)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.permute(0, 3, 1, 2)
 
 
 def _as_image(rows: Tensor, out_hw: tuple[int, int]) -> Tensor:
@@ -517,9 +525,10 @@ class _DeformColumnsNative(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, pos, weight, mask, out_hw, gemm):  # type: ignore[override]
+    def forward(ctx, x, offset, weight, mask, sampling, gemm):  # type: ignore[override]
         n, _, _, c = x.shape
         out_channels, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
+        out_hw = sampling.out_hw
         length, taps = out_hw[0] * out_hw[1], kh * kw
         out = torch.empty(n * length, out_channels, dtype=gemm, device=x.device)
         with torch.autocast(x.device.type, enabled=False):
@@ -527,26 +536,28 @@ class _DeformColumnsNative(torch.autograd.Function):
             for part in _image_chunks(n, length * taps * c * x.element_size()):
                 columns = torch.empty(part.stop - part.start, length, taps, c, dtype=x.dtype)
                 with _sampling_scope():
-                    native.columns_forward(x[part], pos[part], None if mask is None else mask[part], columns)
+                    native.columns_forward(x[part], offset[part], None if mask is None else mask[part], columns,
+                                           sampling)
                 rows = slice(part.start * length, part.stop * length)
                 out[rows] = _columns_times_weight(columns.view(-1, taps * c).to(gemm), w, out_hw)
                 del columns
-        ctx.save_for_backward(x, pos, weight, mask)
-        ctx.config = (out_hw, gemm)
+        ctx.save_for_backward(x, offset, weight, mask)
+        ctx.config = (sampling, gemm)
         return out.view(n, *out_hw, out_channels).permute(0, 3, 1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, pos, weight, mask = ctx.saved_tensors
-        out_hw, gemm = ctx.config
+        x, offset, weight, mask = ctx.saved_tensors
+        sampling, gemm = ctx.config
+        out_hw = sampling.out_hw
         n, _, _, c = x.shape
         out_channels, per_group, kh, kw = weight.shape
         length, taps = out_hw[0] * out_hw[1], kh * kw
-        need_x, need_pos, need_weight, need_mask = ctx.needs_input_grad[:4]
+        need_x, need_offset, need_weight, need_mask = ctx.needs_input_grad[:4]
         need_mask = need_mask and mask is not None
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_pos = torch.empty_like(pos) if need_pos else None
+        grad_x = torch.empty_like(x) if need_x else None  # the kernel zeroes each image as it starts it
+        grad_offset = torch.empty_like(offset) if need_offset else None
         grad_mask = torch.empty_like(mask) if need_mask else None
         grad_w = torch.zeros(out_channels, taps * c, dtype=torch.promote_types(gemm, torch.float32))
         with torch.autocast(x.device.type, enabled=False):
@@ -558,10 +569,10 @@ class _DeformColumnsNative(torch.autograd.Function):
                 mk = None if mask is None else mask[part]
                 columns = torch.empty(m, length, taps, c, dtype=x.dtype)
                 with _sampling_scope():
-                    native.columns_forward(x[part], pos[part], mk, columns)
+                    native.columns_forward(x[part], offset[part], mk, columns, sampling)
                 columns = columns.view(-1, taps * c).to(gemm)
                 grad_w_part, grad_columns = _columns_times_weight_backward(
-                    columns, w, go[rows], out_hw, need_weight, need_x or need_pos or need_mask
+                    columns, w, go[rows], out_hw, need_weight, need_x or need_offset or need_mask
                 )
                 del columns
                 if grad_w_part is not None:
@@ -570,16 +581,16 @@ class _DeformColumnsNative(torch.autograd.Function):
                     grad_columns = grad_columns.to(x.dtype).contiguous()
                     with _sampling_scope():
                         native.columns_backward(
-                            x[part], pos[part], mk, grad_columns,
+                            x[part], offset[part], mk, grad_columns, sampling,
                             None if grad_x is None else grad_x[part],
-                            None if grad_pos is None else grad_pos[part],
+                            None if grad_offset is None else grad_offset[part],
                             None if grad_mask is None else grad_mask[part],
                         )
                     del grad_columns
         grad_weight = None
         if need_weight:
             grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)
-        return grad_x, grad_pos, grad_weight, grad_mask, None, None
+        return grad_x, grad_offset, grad_weight, grad_mask, None, None
 
 
 def deform_conv2d_shared(
@@ -642,8 +653,7 @@ def deform_conv2d_shared(
     # per-tap grid of a 1x1 kernel with padding − reach
     geometry = ((1, 1), stride_, (padding_[0] - reach_y, padding_[1] - reach_x), (1, 1), out_hw)
     if use_native:
-        rows, cols = _tap_grid(*geometry, offset.dtype, offset.device)  # each [1, Ho, Wo]
-        return _sample_shared_native(full, rows[0], cols[0], delta, bias)
+        return _sample_shared_native(full, offset, native.Sampling(*geometry), bias)
     base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
     grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
     sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
@@ -663,21 +673,19 @@ def deform_conv2d_shared(
     return out
 
 
-def _sample_shared_native(full: Tensor, rows: Tensor, cols: Tensor, delta: Tensor, bias: Tensor | None) -> Tensor:
-    """`full` [N, G·O, Hf, Wf] sampled at (rows + Δy, cols + Δx) ([Ho, Wo] each) of each offset group, summed over
-    the groups, plus the bias: [N, O, Ho, Wo] (channels-last memory), by the compiled kernel with one
-    tap (K = 1).
+def _sample_shared_native(full: Tensor, offset: Tensor, sampling: native.Sampling, bias: Tensor | None) -> Tensor:
+    """`full` [N, G·O, Hf, Wf] sampled where `sampling` (a 1x1 kernel) and offset [N, 2·G, Ho, Wo] put each
+    offset group's pixels, summed over the groups, plus the bias: [N, O, Ho, Wo] (channels-last memory),
+    by the compiled kernel with one tap (K = 1).
 
     Offset group g owns channels g·O ... g·O + O - 1 of `full`, the kernel's group-contiguous channel
-    convention. Sampling runs in the positions' dtype (fp32, fp64 for fp64 inputs); the result is
+    convention. Sampling runs in the offset's dtype (fp32, fp64 for fp64 inputs); the result is
     returned in `full`'s (autocast's bf16/fp16 under autocast).
     """
     n, channels, _, _ = full.shape
-    groups, ho, wo = delta.shape[1], delta.shape[3], delta.shape[4]
-    x = full.to(delta.dtype).permute(0, 2, 3, 1)  # no copy when `full` is channels-last, as it comes out
-    base = torch.stack((rows, cols), dim=-1)
-    pos = (base.view(1, ho, wo, 1, 2) + delta.permute(0, 3, 4, 1, 2)).reshape(n, ho * wo, groups, 1, 2)
-    out = _SampleNative.apply(x.contiguous(), pos.contiguous(), (ho, wo))  # [N, Ho, Wo, G·O]
+    groups, (ho, wo) = offset.shape[1] // 2, sampling.out_hw
+    x = full.to(offset.dtype).permute(0, 2, 3, 1)  # no copy when `full` is channels-last, as it comes out
+    out = _SampleNative.apply(x.contiguous(), offset, sampling)  # [N, Ho, Wo, G·O]
     if groups > 1:
         out = out.view(n, ho, wo, groups, channels // groups).sum(3)
     out = out.to(full.dtype)
@@ -715,32 +723,35 @@ class _PadChannelsLast(torch.autograd.Function):
 
 
 class _SampleNative(torch.autograd.Function):
-    """x [N, H, W, C] (channels last) sampled bilinearly at pos [N, Ho·Wo, G, 1, 2]: [N, Ho, Wo, C].
+    """x [N, H, W, C] (channels last) sampled bilinearly where a 1x1 `sampling` and offset [N, 2·G, Ho, Wo]
+    put each pixel: [N, Ho, Wo, C].
 
     One tap of the compiled column kernel, so torchvision's sampling rule and its one-sided gradient at
     whole pixels.
     """
 
     @staticmethod
-    def forward(ctx, x, pos, out_hw):  # type: ignore[override]
+    def forward(ctx, x, offset, sampling):  # type: ignore[override]
         n, _, _, c = x.shape
-        out = torch.empty(n, *out_hw, c, dtype=x.dtype, device=x.device)
+        out = torch.empty(n, *sampling.out_hw, c, dtype=x.dtype, device=x.device)
         with _sampling_scope():
-            native.columns_forward(x, pos, None, out)
-        ctx.save_for_backward(x, pos)
+            native.columns_forward(x, offset, None, out, sampling)
+        ctx.save_for_backward(x, offset)
+        ctx.sampling = sampling
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, pos = ctx.saved_tensors
-        need_x, need_pos = ctx.needs_input_grad[:2]
-        grad_x = torch.zeros_like(x) if need_x else None
-        grad_pos = torch.empty_like(pos) if need_pos else None
-        if need_x or need_pos:
+        x, offset = ctx.saved_tensors
+        need_x, need_offset = ctx.needs_input_grad[:2]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_offset = torch.empty_like(offset) if need_offset else None
+        if need_x or need_offset:
             with _sampling_scope():
-                native.columns_backward(x, pos, None, grad_out.to(x.dtype).contiguous(), grad_x, grad_pos, None)
-        return grad_x, grad_pos, None
+                native.columns_backward(x, offset, None, grad_out.to(x.dtype).contiguous(), ctx.sampling,
+                                        grad_x, grad_offset, None)
+        return grad_x, grad_offset, None
 
 
 def expand_shared_offset(offset: Tensor, taps: int) -> Tensor:

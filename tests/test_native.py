@@ -64,13 +64,57 @@ def test_failed_build_warns_once_and_falls_back(fresh_library, monkeypatch, comp
 def test_rejects_what_the_kernel_cannot_take():
     if not native.available():
         pytest.skip(native.status())
+    sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (4, 4))
     x = torch.zeros(1, 4, 4, 2, dtype=torch.float16)
-    pos = torch.zeros(1, 16, 1, 9, 2, dtype=torch.float16)
+    offset = torch.zeros(1, 18, 4, 4, dtype=torch.float16)
     with pytest.raises(TypeError, match="float32/float64"):
-        native.columns_forward(x, pos, None, torch.empty(1, 16, 9, 2, dtype=torch.float16))
+        native.columns_forward(x, offset, None, torch.empty(1, 16, 9, 2, dtype=torch.float16), sampling)
+    with pytest.raises(TypeError, match="float32"):  # every tensor in x's dtype
+        native.columns_forward(x.float(), offset, None, torch.empty(1, 16, 9, 2), sampling)
     x = torch.zeros(1, 2, 4, 4).permute(0, 2, 3, 1)  # not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        native.columns_forward(x, pos.float(), None, torch.empty(1, 16, 9, 2))
+        native.columns_forward(x, offset.float(), None, torch.empty(1, 16, 9, 2), sampling)
+    x = torch.zeros(1, 4, 4, 2)
+    with pytest.raises(ValueError, match="offset"):  # 3x3 taps need 18 channels per group
+        native.columns_forward(x, torch.zeros(1, 16, 4, 4), None, torch.empty(1, 16, 9, 2), sampling)
+    with pytest.raises(ValueError, match="mask"):
+        native.columns_forward(x, offset.float(), torch.ones(1, 8, 4, 4), torch.empty(1, 16, 9, 2), sampling)
+
+
+def test_reads_and_writes_offsets_in_any_layout():
+    """The kernel takes the offset and mask where the predictor left them: a channels-last or a sliced
+    offset gives the same values and gradients as a contiguous one, without a copy."""
+    if not native.available():
+        pytest.skip(native.status())
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 9, 9, generator=gen, dtype=torch.float64)
+    weight = torch.randn(4, 5, 3, 3, generator=gen, dtype=torch.float64)
+    wide = torch.randn(2, 40, 9, 9, generator=gen, dtype=torch.float64) * 2
+    mask_wide = torch.rand(2, 20, 9, 9, generator=gen, dtype=torch.float64)
+    pick_offset, pick_mask = (slice(None), slice(3, 21)), (slice(None), slice(5, 14))
+    # each layout: the leaves (input, offset source, mask source) and how to view offset and mask in them
+    layouts = {
+        "contiguous": (wide[pick_offset].contiguous(), mask_wide[pick_mask].contiguous(), lambda t, _: t),
+        "channels_last": (wide[pick_offset].contiguous(memory_format=torch.channels_last),
+                          mask_wide[pick_mask].contiguous(memory_format=torch.channels_last), lambda t, _: t),
+        "sliced": (wide, mask_wide, lambda t, pick: t[pick]),  # views into wider tensors
+    }
+    results = {}
+    for name, (offset_source, mask_source, view) in layouts.items():
+        leaves = [t.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                  for t in (x, offset_source, mask_source)]
+        offset, mask = view(leaves[1], pick_offset), view(leaves[2], pick_mask)
+        assert offset.stride() == view(offset_source, pick_offset).stride()
+        out = deform_conv2d(leaves[0], offset, weight, padding=1, mask=mask)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out))
+        results[name] = [out.detach(), leaves[0].grad, view(leaves[1].grad, pick_offset),
+                         view(leaves[2].grad, pick_mask)]
+    assert layouts["channels_last"][0].stride()[1] == 1 and layouts["sliced"][0][pick_offset].stride()[1] == 81
+    reference = tv_deform_conv2d(x, wide[pick_offset], weight, padding=(1, 1), mask=mask_wide[pick_mask])
+    torch.testing.assert_close(results["contiguous"][0], reference)
+    for name in ("channels_last", "sliced"):
+        for got, want in zip(results[name], results["contiguous"], strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
@@ -81,3 +125,16 @@ def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
     x, offset, weight = _parity_case()
     torch.testing.assert_close(deform_conv2d(x, offset, weight, padding=1),
                                tv_deform_conv2d(x, offset, weight, padding=(1, 1)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 17, 16), (2, 16, 32, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_to_channels_last_is_a_transpose(shape, dtype):
+    if not native.available():
+        pytest.skip(native.status())
+    x = torch.randn(*shape, dtype=dtype)
+    out = native.to_channels_last(x)
+    assert out.is_contiguous() and out.shape == (shape[0], shape[2], shape[3], shape[1])
+    torch.testing.assert_close(out, x.permute(0, 2, 3, 1), rtol=0, atol=0)
+    already = x.contiguous(memory_format=torch.channels_last)
+    assert native.to_channels_last(already).data_ptr() == already.data_ptr()  # no copy
