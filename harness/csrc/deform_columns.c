@@ -48,6 +48,9 @@ static void tile_index(const int64_t *stride, const geometry_t *geo, int64_t row
     }
 }
 
+/* What one sample's backward computes; each combination gets its own inlined loop. */
+enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4 };
+
 #define T float
 #define FLOOR floorf
 #define NAME(base) base##_f32
@@ -86,20 +89,35 @@ static void NAME(tile_positions)(const T *offset, const geometry_t *geo, int64_t
     const int64_t L = geo->ho * geo->wo, K = geo->kh * geo->kw, GK = geo->groups * K, s1 = geo->offset[1];
     T by[TILE], bx[TILE];
     tile_index(geo->offset, geo, row0, count, where);
+    int64_t oy = (row0 % L) / geo->wo, ox = (row0 % L) % geo->wo;
     for (int64_t i = 0; i < count; ++i) {
-        const int64_t p = (row0 + i) % L;
-        by[i] = (T)((p / geo->wo) * geo->sh - geo->ph);
-        bx[i] = (T)((p % geo->wo) * geo->sw - geo->pw);
+        by[i] = (T)(oy * geo->sh - geo->ph);
+        bx[i] = (T)(ox * geo->sw - geo->pw);
+        if (++ox == geo->wo) {
+            ox = 0;
+            if (++oy == geo->ho) oy = 0;
+        }
     }
+    /* an NCHW offset holds one image's pixels at consecutive addresses: contiguous loads then */
+    const int dense = geo->offset[3] == 1 && geo->offset[2] == geo->wo && row0 / L == (row0 + count - 1) / L;
     for (int64_t g = 0; g < geo->groups; ++g)
         for (int64_t ki = 0; ki < geo->kh; ++ki)
             for (int64_t kj = 0; kj < geo->kw; ++kj) {
                 const int64_t ch = g * K + ki * geo->kw + kj;
                 const T ty = (T)(ki * geo->dh), tx = (T)(kj * geo->dw);
-                const T *dy = offset + 2 * ch * s1, *dx = dy + s1;
-                for (int64_t i = 0; i < count; ++i) {
-                    pos[2 * (i * GK + ch)] = (by[i] + ty) + dy[where[i]];
-                    pos[2 * (i * GK + ch) + 1] = (bx[i] + tx) + dx[where[i]];
+                T *restrict py = pos + 2 * ch;
+                if (dense) {
+                    const T *restrict dy = offset + where[0] + 2 * ch * s1, *restrict dx = dy + s1;
+                    for (int64_t i = 0; i < count; ++i) {
+                        py[2 * i * GK] = (by[i] + ty) + dy[i];
+                        py[2 * i * GK + 1] = (bx[i] + tx) + dx[i];
+                    }
+                } else {
+                    const T *dy = offset + 2 * ch * s1, *dx = dy + s1;
+                    for (int64_t i = 0; i < count; ++i) {
+                        py[2 * i * GK] = (by[i] + ty) + dy[where[i]];
+                        py[2 * i * GK + 1] = (bx[i] + tx) + dx[where[i]];
+                    }
                 }
             }
 }
@@ -175,6 +193,11 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
                         }
                         const T *restrict s0 = src[0], *restrict s1 = src[1], *restrict s2 = src[2],
                                 *restrict s3 = src[3];
+                        if (cg == 3) {  /* RGB input layers: unrolled, no loop or vector remainder */
+                            for (int c = 0; c < 3; ++c)
+                                o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
+                            continue;
+                        }
 #pragma omp simd
                         for (int64_t c = 0; c < cg; ++c)
                             o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
@@ -187,63 +210,59 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
     return failed;
 }
 
-/* One sample's backward over its channel vector, in one loop: scatter d into the four corners of
- * grad_x (g0..g3, weights v0..v3 = scale * bilinear weight, 0 for a corner outside the image, whose
- * pointer is then a scratch row) and sum (dL/dy, dL/dx, dL/dvalue) before the mask's scale from the
- * corners' values (s0..s3 times m0..m3, 0 outside). Inlined with constant flags, so each caller gets
- * a loop without the parts it skips. */
-static inline __attribute__((always_inline)) void NAME(scatter_and_dot)(
+/* One sample's backward over its channel vector. s0..s3: the corners' values (a zero row for a
+ * corner outside the image); g0..g3: where their gradients go (a scratch row outside), weights
+ * v0..v3 (scale times the bilinear weight, 0 outside). sums: dL/dy, dL/dx (GRAD_POS) and dL/dvalue
+ * (GRAD_VALUE, for the mask), before the mask's scale.
+ * At 32 or more channels one vector loop does it all. Below that, a vector loop per corner and a
+ * scalar reduction measured faster (1.2-1.3x at 3 and 16 channels): the horizontal sums of a vector
+ * reduction then cost more than the few products they save. */
+static inline __attribute__((always_inline)) void NAME(sample_backward)(
     const T *restrict s0, const T *restrict s1, const T *restrict s2, const T *restrict s3,
     T *restrict g0, T *restrict g1, T *restrict g2, T *restrict g3, const T *restrict d,
-    const T m0, const T m1, const T m2, const T m3, const T v0, const T v1, const T v2, const T v3,
-    const T lh, const T lw, int64_t cg, const int want_grad_x, const int want_sums, T *sums)
+    const T v0, const T v1, const T v2, const T v3, const T lh, const T lw, int64_t cg, const int what,
+    T *sums)
 {
     const T hh = (T)1 - lh, hw = (T)1 - lw;
+    const T w0 = hh * hw, w1 = hh * lw, w2 = lh * hw, w3 = lh * lw;
     T sy = 0, sx = 0, sv = 0;
+    if (cg >= 32) {
 #pragma omp simd reduction(+:sy, sx, sv)
-    for (int64_t c = 0; c < cg; ++c) {
-        const T dc = d[c];
-        if (want_grad_x) {
-            g0[c] += v0 * dc;
-            g1[c] += v1 * dc;
-            g2[c] += v2 * dc;
-            g3[c] += v3 * dc;
+        for (int64_t c = 0; c < cg; ++c) {
+            const T dc = d[c];
+            if (what & GRAD_X) {
+                g0[c] += v0 * dc;
+                g1[c] += v1 * dc;
+                g2[c] += v2 * dc;
+                g3[c] += v3 * dc;
+            }
+            const T a = s0[c], b = s1[c], e = s2[c], f = s3[c];
+            if (what & GRAD_POS) {
+                sy += dc * (hw * (e - a) + lw * (f - b));
+                sx += dc * (hh * (b - a) + lh * (f - e));
+            }
+            if (what & GRAD_VALUE) sv += dc * (w0 * a + w1 * b + w2 * e + w3 * f);
         }
-        if (want_sums) {
-            const T a = m0 * s0[c], b = m1 * s1[c], e = m2 * s2[c], f = m3 * s3[c];
-            sy += dc * (hw * (e - a) + lw * (f - b));
-            sx += dc * (hh * (b - a) + lh * (f - e));
-            sv += dc * (hh * hw * a + hh * lw * b + lh * hw * e + lh * lw * f);
-        }
-    }
-    sums[0] = sy; sums[1] = sx; sums[2] = sv;
-}
-
-/* scatter_and_dot for fewer than 32 channels per group, where one vector loop per corner and a scalar
- * reduction measured faster (1.2-1.3x at 3 and 16 channels): the vector reduction's horizontal sums
- * then cost more than the few products they save. */
-static inline __attribute__((always_inline)) void NAME(few_channels_backward)(
-    const T *s0, const T *s1, const T *s2, const T *s3, T *const *gx, const T *restrict d,
-    const T m0, const T m1, const T m2, const T m3, const T v0, const T v1, const T v2, const T v3,
-    const T lh, const T lw, int64_t cg, const int want_sums, T *sums)
-{
-    if (gx) {
-        const T v[4] = {v0, v1, v2, v3}, inside[4] = {m0, m1, m2, m3};
-        for (int j = 0; j < 4; ++j) {
-            if (inside[j] == (T)0) continue;
-            T *restrict dst = gx[j];
+    } else {
+        if (what & GRAD_X) {
+            T *const g[4] = {g0, g1, g2, g3};
+            const T v[4] = {v0, v1, v2, v3};
+            for (int j = 0; j < 4; ++j) {
+                T *restrict dst = g[j];
 #pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) dst[c] += v[j] * d[c];
+                for (int64_t c = 0; c < cg; ++c) dst[c] += v[j] * d[c];
+            }
         }
-    }
-    if (!want_sums) return;
-    const T hh = (T)1 - lh, hw = (T)1 - lw;
-    T sy = 0, sx = 0, sv = 0;
-    for (int64_t c = 0; c < cg; ++c) {
-        const T a = m0 * s0[c], b = m1 * s1[c], e = m2 * s2[c], f = m3 * s3[c];
-        sy += d[c] * (hw * (e - a) + lw * (f - b));
-        sx += d[c] * (hh * (b - a) + lh * (f - e));
-        sv += d[c] * (hh * hw * a + hh * lw * b + lh * hw * e + lh * lw * f);
+        if (what & (GRAD_POS | GRAD_VALUE)) {
+            for (int64_t c = 0; c < cg; ++c) {
+                const T dc = d[c], a = s0[c], b = s1[c], e = s2[c], f = s3[c];
+                if (what & GRAD_POS) {
+                    sy += dc * (hw * (e - a) + lw * (f - b));
+                    sx += dc * (hh * (b - a) + lh * (f - e));
+                }
+                if (what & GRAD_VALUE) sv += dc * (w0 * a + w1 * b + w2 * e + w3 * f);
+            }
+        }
     }
     sums[0] = sy; sums[1] = sx; sums[2] = sv;
 }
@@ -258,18 +277,21 @@ int NAME(deform_columns_backward)(
 {
     const int64_t H = geo->h, W = geo->w, C = geo->c, G = geo->groups, K = geo->kh * geo->kw;
     const int64_t L = geo->ho * geo->wo, cg = C / G, GK = G * K;
-    const int want_sums = grad_offset || grad_mask;
+    const int what = (grad_x ? GRAD_X : 0) | (grad_offset ? GRAD_POS : 0) | (grad_mask ? GRAD_VALUE : 0);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        /* positions, mask, their gradients (2*GK + GK + 2*GK + GK values per pixel), 4 scratch rows */
-        T *pos = malloc(sizeof(T) * (TILE * 6 * GK + 4 * cg)), *scales = pos ? pos + TILE * 2 * GK : 0;
+        /* positions, mask, their gradients (2*GK + GK + 2*GK + GK values per pixel), 4 scratch rows, a
+         * zero row */
+        T *pos = malloc(sizeof(T) * (TILE * 6 * GK + 5 * cg)), *scales = pos ? pos + TILE * 2 * GK : 0;
         T *grad_pos = pos ? scales + TILE * GK : 0, *grad_scales = pos ? grad_pos + TILE * 2 * GK : 0;
-        T *scratch = pos ? grad_scales + TILE * GK : 0;
+        T *scratch = pos ? grad_scales + TILE * GK : 0, *zeros = pos ? scratch + 4 * cg : 0;
         int64_t where[TILE];
         if (!pos) {
 #pragma omp atomic write
             failed = 1;
+        } else {
+            memset(zeros, 0, sizeof(T) * cg);
         }
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -296,31 +318,29 @@ int NAME(deform_columns_backward)(
                                 continue;
                             }
                             const T scale = mask ? scales[at] : (T)1;
-                            /* a corner outside the image reads 0 through a valid pointer, and scatters into
-                             * its own scratch row with weight 0 */
-                            const T m0 = q.off[0] >= 0, m1 = q.off[1] >= 0, m2 = q.off[2] >= 0, m3 = q.off[3] >= 0;
                             const T *s[4];
                             T *gx[4];
                             T v[4];
                             for (int j = 0; j < 4; ++j) {
                                 const int valid = q.off[j] >= 0;
-                                s[j] = img + (valid ? q.off[j] : 0) + base;
+                                s[j] = valid ? img + q.off[j] + base : zeros;
                                 gx[j] = gimg && valid ? gimg + q.off[j] + base : scratch + j * cg;
                                 v[j] = valid ? scale * q.w[j] : (T)0;
                             }
                             T sums[3] = {0, 0, 0};
-                            if (cg < 32) {  /* see few_channels_backward */
-                                NAME(few_channels_backward)(s[0], s[1], s[2], s[3], gimg ? gx : 0, d, m0, m1, m2, m3,
-                                                            v[0], v[1], v[2], v[3], q.lh, q.lw, cg, want_sums, sums);
-                            } else if (gimg && want_sums)
-                                NAME(scatter_and_dot)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d,
-                                                      m0, m1, m2, m3, v[0], v[1], v[2], v[3], q.lh, q.lw, cg, 1, 1, sums);
-                            else if (want_sums)
-                                NAME(scatter_and_dot)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d,
-                                                      m0, m1, m2, m3, v[0], v[1], v[2], v[3], q.lh, q.lw, cg, 0, 1, sums);
-                            else if (gimg)
-                                NAME(scatter_and_dot)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d,
-                                                      m0, m1, m2, m3, v[0], v[1], v[2], v[3], q.lh, q.lw, cg, 1, 0, sums);
+#define SAMPLE_BACKWARD(flags) NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, \
+                                                     v[0], v[1], v[2], v[3], q.lh, q.lw, cg, flags, sums)
+                            switch (what) {  /* constant flags: one specialised loop each */
+                                case GRAD_X: SAMPLE_BACKWARD(GRAD_X); break;
+                                case GRAD_POS: SAMPLE_BACKWARD(GRAD_POS); break;
+                                case GRAD_X | GRAD_POS: SAMPLE_BACKWARD(GRAD_X | GRAD_POS); break;
+                                case GRAD_VALUE: SAMPLE_BACKWARD(GRAD_VALUE); break;
+                                case GRAD_X | GRAD_VALUE: SAMPLE_BACKWARD(GRAD_X | GRAD_VALUE); break;
+                                case GRAD_POS | GRAD_VALUE: SAMPLE_BACKWARD(GRAD_POS | GRAD_VALUE); break;
+                                case GRAD_X | GRAD_POS | GRAD_VALUE: SAMPLE_BACKWARD(GRAD_X | GRAD_POS | GRAD_VALUE); break;
+                                default: break;
+                            }
+#undef SAMPLE_BACKWARD
                             grad_pos[2 * at] = scale * sums[0];
                             grad_pos[2 * at + 1] = scale * sums[1];
                             grad_scales[at] = sums[2];
