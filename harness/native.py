@@ -95,7 +95,7 @@ def library() -> ctypes.CDLL | None:
         backward.argtypes = [pointer] * 7 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
         transpose = getattr(lib, f"to_channels_last_{suffix}")
-        transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+        transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
         transpose.restype = None
     _status = f"in use ({target})"
     return lib
@@ -208,14 +208,23 @@ def columns_backward(
              _ptr(grad_mask), ctypes.byref(geo), torch.get_num_threads()))
 
 
-def to_channels_last(x: Tensor) -> Tensor:
-    """x [N, C, H, W] as a contiguous [N, H, W, C] tensor (no copy when x is channels-last already)."""
+def to_channels_last(x: Tensor, pad_y: int = 0, pad_x: int = 0) -> Tensor:
+    """x [N, C, H, W] zero-padded by (pad_y, pad_x) on every side, as a contiguous [N, H', W', C] tensor
+    (x's own memory, no copy, when it is channels-last already and there is no padding)."""
     nhwc = x.permute(0, 2, 3, 1)
-    if nhwc.is_contiguous() or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64):
-        return nhwc.contiguous()
-    lib = library()
-    assert lib is not None
-    out = torch.empty(nhwc.shape, dtype=x.dtype)
+    if not (pad_y or pad_x) and nhwc.is_contiguous():
+        return nhwc
     n, c, h, w = x.shape
-    getattr(lib, f"to_channels_last_{_suffix(x)}")(_ptr(x), _ptr(out), n, c, h * w, torch.get_num_threads())
+    out = torch.empty(n, h + 2 * pad_y, w + 2 * pad_x, c, dtype=x.dtype, device=x.device)
+    lib = library() if x.device.type == "cpu" else None
+    if lib is not None and x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
+        getattr(lib, f"to_channels_last_{_suffix(x)}")(_ptr(x), _ptr(out), n, c, h, w, pad_y, pad_x,
+                                                      torch.get_num_threads())
+        return out
+    # other layouts (a channels-last x with padding: row by row, fast) and dtypes
+    out[:, :pad_y].zero_()
+    out[:, pad_y + h :].zero_()
+    out[:, pad_y : pad_y + h, :pad_x].zero_()
+    out[:, pad_y : pad_y + h, pad_x + w :].zero_()
+    out[:, pad_y : pad_y + h, pad_x : pad_x + w].copy_(nhwc)
     return out

@@ -470,17 +470,20 @@ def channels_last(input: Tensor) -> Tensor:
 
 
 class _ChannelsLast(torch.autograd.Function):
-    """input [N, C, H, W] as a contiguous [N, H, W, C] tensor, by the kernel library's blocked transpose;
-    the gradient goes back as a view."""
+    """input [N, C, H, W] zero-padded by (pad_y, pad_x) on every side, as a contiguous [N, H', W', C]
+    tensor: one copy, by the kernel library's blocked transpose (none for an unpadded channels-last
+    input); the gradient goes back as a view of the padded gradient's interior."""
 
     @staticmethod
-    def forward(ctx, input):  # type: ignore[override]
-        return native.to_channels_last(input)
+    def forward(ctx, input, pad_y=0, pad_x=0):  # type: ignore[override]
+        ctx.interior = (slice(pad_y, pad_y + input.shape[2]), slice(pad_x, pad_x + input.shape[3]))
+        return native.to_channels_last(input, pad_y, pad_x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        return grad.permute(0, 3, 1, 2)
+        rows, cols = ctx.interior
+        return grad[:, rows, cols].permute(0, 3, 1, 2), None, None
 
 
 def _as_image(rows: Tensor, out_hw: tuple[int, int]) -> Tensor:
@@ -644,8 +647,7 @@ def deform_conv2d_shared(
     extra_y, extra_x = reach_y - same_y, reach_x - same_x
     use_native = input.device.type == "cpu" and native.available()
     if use_native:  # channels-last, the compiled kernel's layout: oneDNN then writes `full` channels-last too
-        plane = (_PadChannelsLast.apply(input, extra_y, extra_x) if extra_y or extra_x
-                 else input.contiguous(memory_format=torch.channels_last))
+        plane = _ChannelsLast.apply(input, extra_y, extra_x).permute(0, 3, 1, 2)
     else:
         plane = F.pad(input, (extra_x, extra_x, extra_y, extra_y)) if extra_y or extra_x else input
     if offset_groups == 1:
@@ -703,34 +705,6 @@ def _sample_shared_native(full: Tensor, offset: Tensor, sampling: native.Samplin
     if bias is not None:  # in place, over contiguous channels: `out` is a fresh tensor
         out.add_(bias.to(out.dtype))
     return out.permute(0, 3, 1, 2)
-
-
-class _PadChannelsLast(torch.autograd.Function):
-    """input [N, C, H, W] zero-padded by (pad_y, pad_x) on every side, as a channels-last tensor.
-
-    One copy (F.pad then a layout change would be two, and two more for the gradient); backward
-    returns a view of the padded gradient's interior.
-    """
-
-    @staticmethod
-    def forward(ctx, input, pad_y, pad_x):  # type: ignore[override]
-        n, c, h, w = input.shape
-        out = input.new_empty(n, h + 2 * pad_y, w + 2 * pad_x, c)
-        if pad_y:
-            out[:, :pad_y].zero_()
-            out[:, pad_y + h :].zero_()
-        if pad_x:
-            out[:, pad_y : pad_y + h, :pad_x].zero_()
-            out[:, pad_y : pad_y + h, pad_x + w :].zero_()
-        out[:, pad_y : pad_y + h, pad_x : pad_x + w].copy_(input.permute(0, 2, 3, 1))
-        ctx.interior = (slice(pad_y, pad_y + h), slice(pad_x, pad_x + w))
-        return out.permute(0, 3, 1, 2)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
-        rows, cols = ctx.interior
-        return grad[:, :, rows, cols], None, None
 
 
 class _SampleNative(torch.autograd.Function):

@@ -129,12 +129,15 @@ def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 33, 17, 16), (2, 16, 32, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_to_channels_last_is_a_transpose(shape, dtype):
+@pytest.mark.parametrize("pad", [(0, 0), (1, 1), (2, 0), (0, 3)])
+def test_to_channels_last_is_a_padded_transpose(shape, dtype, pad):
     if not native.available():
         pytest.skip(native.status())
     x = torch.randn(*shape, dtype=dtype)
-    out = native.to_channels_last(x)
-    assert out.is_contiguous() and out.shape == (shape[0], shape[2], shape[3], shape[1])
-    torch.testing.assert_close(out, x.permute(0, 2, 3, 1), rtol=0, atol=0)
+    want = torch.nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0])).permute(0, 2, 3, 1)
+    for source in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        out = native.to_channels_last(source, *pad)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
     already = x.contiguous(memory_format=torch.channels_last)
     assert native.to_channels_last(already).data_ptr() == already.data_ptr()  # no copy
