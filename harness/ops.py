@@ -452,10 +452,7 @@ def _deform_conv2d_native(
     x = _ChannelsLast.apply(input.to(dtype))
     if mask is not None:
         mask = mask.to(dtype)
-    out = _DeformColumnsNative.apply(x, offset, weight, mask, sampling, _gemm_dtype(input, weight))
-    if bias is not None:
-        out = out + bias.view(1, -1, 1, 1).to(out.dtype)
-    return out
+    return _DeformColumnsNative.apply(x, offset, weight, mask, bias, sampling, _gemm_dtype(input, weight))
 
 
 def channels_last(input: Tensor) -> Tensor:
@@ -491,12 +488,13 @@ def _as_image(rows: Tensor, out_hw: tuple[int, int]) -> Tensor:
     return rows.view(-1, *out_hw, rows.shape[1]).permute(0, 3, 1, 2)
 
 
-def _columns_times_weight(columns: Tensor, w: Tensor, out_hw: tuple[int, int]) -> Tensor:
-    """columns [M, K·C] @ w[O, K·C].T. In fp32/bf16 as a channels-last 1x1 convolution: oneDNN's
-    kernel runs 2.4-2.6x faster here than the BLAS matmul (which oneDNN cannot take in fp32)."""
+def _columns_times_weight(columns: Tensor, w: Tensor, out_hw: tuple[int, int], bias: Tensor | None = None) -> Tensor:
+    """columns [M, K·C] @ w[O, K·C].T + bias. In fp32/bf16 as a channels-last 1x1 convolution: oneDNN's
+    kernel runs 2.4-2.6x faster here than the BLAS matmul (which oneDNN cannot take in fp32), and adds
+    the bias as it writes the output."""
     if columns.dtype == torch.float64:
-        return torch.mm(columns, w.t())
-    out = F.conv2d(_as_image(columns, out_hw), w[:, :, None, None])
+        return torch.mm(columns, w.t()) if bias is None else torch.addmm(bias, columns, w.t())
+    out = F.conv2d(_as_image(columns, out_hw), w[:, :, None, None], bias)
     return out.permute(0, 2, 3, 1).reshape(columns.shape[0], w.shape[0])
 
 
@@ -539,24 +537,31 @@ class _DeformColumnsNative(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, offset, weight, mask, sampling, gemm):  # type: ignore[override]
+    def forward(ctx, x, offset, weight, mask, bias, sampling, gemm):  # type: ignore[override]
         n, _, _, c = x.shape
         out_channels, kh, kw = weight.shape[0], weight.shape[2], weight.shape[3]
         out_hw = sampling.out_hw
         length, taps = out_hw[0] * out_hw[1], kh * kw
-        out = torch.empty(n * length, out_channels, dtype=gemm, device=x.device)
+        chunks = _image_chunks(n, length * taps * c * x.element_size())
+        # one chunk: the product is the output; several: each is copied into its rows
+        out = torch.empty(n * length, out_channels, dtype=gemm, device=x.device) if len(chunks) > 1 else None
         with torch.autocast(x.device.type, enabled=False):
             w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
-            for part in _image_chunks(n, length * taps * c * x.element_size()):
+            b = None if bias is None else bias.to(gemm)
+            for part in chunks:
                 columns = torch.empty(part.stop - part.start, length, taps, c, dtype=x.dtype)
                 with _sampling_scope():
                     native.columns_forward(x[part], offset[part], None if mask is None else mask[part], columns,
                                            sampling)
-                rows = slice(part.start * length, part.stop * length)
-                out[rows] = _columns_times_weight(columns.view(-1, taps * c).to(gemm), w, out_hw)
+                product = _columns_times_weight(columns.view(-1, taps * c).to(gemm), w, out_hw, b)
+                if out is None:
+                    out = product
+                else:
+                    out[part.start * length : part.stop * length] = product
                 del columns
         ctx.save_for_backward(x, offset, weight, mask)
         ctx.config = (sampling, gemm)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out.view(n, *out_hw, out_channels).permute(0, 3, 1, 2)
 
     @staticmethod
@@ -568,7 +573,7 @@ class _DeformColumnsNative(torch.autograd.Function):
         n, _, _, c = x.shape
         out_channels, per_group, kh, kw = weight.shape
         length, taps = out_hw[0] * out_hw[1], kh * kw
-        need_x, need_offset, need_weight, need_mask = ctx.needs_input_grad[:4]
+        need_x, need_offset, need_weight, need_mask, need_bias = ctx.needs_input_grad[:5]
         need_mask = need_mask and mask is not None
         grad_x = torch.empty_like(x) if need_x else None  # the kernel zeroes each image as it starts it
         grad_offset = torch.empty_like(offset) if need_offset else None
@@ -604,7 +609,8 @@ class _DeformColumnsNative(torch.autograd.Function):
         grad_weight = None
         if need_weight:
             grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)
-        return grad_x, grad_offset, grad_weight, grad_mask, None, None
+        grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype) if need_bias else None
+        return grad_x, grad_offset, grad_weight, grad_mask, grad_bias, None, None
 
 
 def deform_conv2d_shared(

@@ -387,17 +387,18 @@ def test_offset_gradient_exactly_one_pixel_off_the_image_matches_torchvision(axi
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000])
-def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes, groups, cpu_kernel):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
+def test_chunked_columns_match_torchvision(monkeypatch, chunk_bytes, groups, dtype, tol, cpu_kernel):
     import harness.ops
 
     monkeypatch.setattr(harness.ops, "COLUMN_CHUNK_BYTES", chunk_bytes)  # 1 image, then a few, per chunk
-    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, n=5, c=8, o=4, groups=groups, offset_groups=2)
+    x, offset, weight, bias, mask, (s, p, d) = _case(dtype, n=5, c=8, o=4, groups=groups, offset_groups=2)
     tensors = [x, offset, weight, bias, mask]
     out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
     out_b, grads_b = _grads(lambda *t: tv_deform_conv2d(*t[:4], padding=(p, p), mask=t[4]), tensors)
-    torch.testing.assert_close(out_a, out_b, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out_a, out_b, atol=tol, rtol=0)
     for ga, gb in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(ga, gb, atol=1e-8, rtol=0)
+        torch.testing.assert_close(ga, gb, atol=tol * max(1.0, gb.abs().max().item() / 100), rtol=0)
 
 
 @pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", True)])
