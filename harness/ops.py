@@ -844,9 +844,12 @@ class DeformConv2d(nn.Module):
     def predict(self, input: Tensor) -> tuple[Tensor, Tensor | None]:
         """The offsets (in this layer's layout) and the mask (after the sigmoid) for `input`."""
         raw = self.offset_predictor(input)
-        offset = raw[:, : self.n_offset]
-        mask = torch.sigmoid(raw[:, self.n_offset :]) if self.modulated else None
-        return offset, mask
+        if not self.modulated:
+            return raw, None
+        # split, not two slices: its backward writes both gradients into one tensor in one pass (each
+        # slice's backward would zero a tensor of raw's size and copy into it)
+        offset, mask = raw.split([self.n_offset, self.n_mask], dim=1)
+        return offset, torch.sigmoid(mask)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.backend == "native" and self.groups == 1 and input.device.type == "cpu" and native.available():

@@ -122,6 +122,16 @@ static void NAME(tile_positions)(const T *offset, const geometry_t *geo, int64_t
             }
 }
 
+/* A tile's positions, and its mask values (scales[i][g][k]) when there is a mask. */
+static void NAME(load_pixels)(const T *offset, const T *mask, const geometry_t *geo, int64_t row0, int64_t count,
+                              int64_t *where, T *pos, T *scales) {
+    NAME(tile_positions)(offset, geo, row0, count, where, pos);
+    if (mask) {
+        tile_index(geo->mask, geo, row0, count, where);
+        NAME(load_tile)(mask, geo->mask, where, count, geo->groups * geo->kh * geo->kw, scales);
+    }
+}
+
 typedef struct {
     int64_t off[4];  /* element offset of each corner in one image of x, or -1 outside the image */
     T w[4];          /* bilinear weights of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) */
@@ -174,11 +184,7 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (failed ? 0 : tiles); ++t) {
             const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
-            NAME(tile_positions)(offset, geo, row0, count, where, pos);
-            if (mask) {
-                tile_index(geo->mask, geo, row0, count, where);
-                NAME(load_tile)(mask, geo->mask, where, count, GK, scales);
-            }
+            NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
             for (int64_t i = 0; i < count; ++i) {
                 const int64_t row = row0 + i;
                 const T *img = x + (row / L) * H * W * C;
@@ -302,11 +308,7 @@ int NAME(deform_columns_backward)(
             if (gimg) memset(gimg, 0, sizeof(T) * H * W * C);  /* here, not before: this image then stays in cache */
             for (int64_t p0 = 0; p0 < L; p0 += TILE) {
                 const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0;
-                NAME(tile_positions)(offset, geo, row0, count, where, pos);
-                if (mask) {
-                    tile_index(geo->mask, geo, row0, count, where);
-                    NAME(load_tile)(mask, geo->mask, where, count, GK, scales);
-                }
+                NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
                 for (int64_t i = 0; i < count; ++i) {
                     const int64_t row = row0 + i;
                     for (int64_t k = 0; k < K; ++k) {
