@@ -42,9 +42,16 @@ typedef struct {
  * pixels from `row` (= n*L + p). */
 static void tile_index(const int64_t *stride, const geometry_t *geo, int64_t row, int64_t count, int64_t *where) {
     const int64_t L = geo->ho * geo->wo;
+    int64_t n = row / L, oy = row % L / geo->wo, ox = row % L % geo->wo;  /* then counted, not divided */
     for (int64_t i = 0; i < count; ++i) {
-        const int64_t n = (row + i) / L, p = (row + i) % L;
-        where[i] = n * stride[0] + (p / geo->wo) * stride[2] + (p % geo->wo) * stride[3];
+        where[i] = n * stride[0] + oy * stride[2] + ox * stride[3];
+        if (++ox == geo->wo) {
+            ox = 0;
+            if (++oy == geo->ho) {
+                oy = 0;
+                ++n;
+            }
+        }
     }
 }
 
