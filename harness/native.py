@@ -148,7 +148,7 @@ def _geometry(
     n, h, w, c = x.shape
     taps = sampling.kernel[0] * sampling.kernel[1]
     groups = offset.shape[1] // (2 * taps)
-    if tuple(offset.shape) != (n, 2 * groups * taps, *sampling.out_hw) or c % groups:
+    if groups < 1 or tuple(offset.shape) != (n, 2 * groups * taps, *sampling.out_hw) or c % groups:
         raise ValueError(f"offset {tuple(offset.shape)} does not fit x {tuple(x.shape)} and {sampling}")
     if mask is not None and tuple(mask.shape) != (n, groups * taps, *sampling.out_hw):
         raise ValueError(f"mask {tuple(mask.shape)} does not fit offset {tuple(offset.shape)}")
@@ -163,7 +163,7 @@ def _geometry(
 def _check(*tensors: Tensor | None) -> None:
     for t in tensors:
         if t is not None and not t.is_contiguous():
-            raise ValueError("native DCN kernel needs contiguous x and columns")
+            raise ValueError("native DCN kernel needs x, the columns and grad_x contiguous")
 
 
 def _same_dtype(x: Tensor, *others: Tensor | None) -> None:

@@ -75,8 +75,9 @@ def test_rejects_what_the_kernel_cannot_take():
     with pytest.raises(ValueError, match="contiguous"):
         native.columns_forward(x, offset.float(), None, torch.empty(1, 16, 9, 2), sampling)
     x = torch.zeros(1, 4, 4, 2)
-    with pytest.raises(ValueError, match="offset"):  # 3x3 taps need 18 channels per group
-        native.columns_forward(x, torch.zeros(1, 16, 4, 4), None, torch.empty(1, 16, 9, 2), sampling)
+    for channels in (16, 0):  # 3x3 taps need 18 channels per group
+        with pytest.raises(ValueError, match="offset"):
+            native.columns_forward(x, torch.zeros(1, channels, 4, 4), None, torch.empty(1, 16, 9, 2), sampling)
     with pytest.raises(ValueError, match="mask"):
         native.columns_forward(x, offset.float(), torch.ones(1, 8, 4, 4), torch.empty(1, 16, 9, 2), sampling)
 
