@@ -163,34 +163,6 @@ def _pad_to_power_of_two(t: Tensor) -> Tensor:
 
 
 @lru_cache(maxsize=128)
-def _tap_grid(
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    padding: tuple[int, int],
-    dilation: tuple[int, int],
-    out_hw: tuple[int, int],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[Tensor, Tensor]:
-    """Undeformed sampling positions (y, x) of every tap at every output pixel, each [K, Ho, Wo].
-
-    Cached per geometry (read-only): on a GPU the few tiny kernels that build it cost more than the
-    layer's own sampling at small sizes.
-    """
-    kh, kw = kernel
-    ho, wo = out_hw
-    opts = {"dtype": dtype, "device": device}
-    with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
-        rows = torch.arange(ho, **opts) * stride[0] - padding[0]
-        cols = torch.arange(wo, **opts) * stride[1] - padding[1]
-        tap_rows = torch.arange(kh, **opts) * dilation[0]
-        tap_cols = torch.arange(kw, **opts) * dilation[1]
-        y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo)
-        x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo)
-        return y.reshape(kh * kw, ho, wo), x.reshape(kh * kw, ho, wo)
-
-
-@lru_cache(maxsize=128)
 def _normalised_tap_grid(
     kernel: tuple[int, int],
     stride: tuple[int, int],
@@ -201,14 +173,23 @@ def _normalised_tap_grid(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
-    """grid_sample's view of `_tap_grid` on a source of `source_hw`: the undeformed grid [K, Ho, Wo, 2]
-    as (x, y) in [-1, 1], and the scale (2/W, 2/H) that turns an offset (Δx, Δy) into that frame.
+    """The undeformed sampling positions of every tap at every output pixel, in grid_sample's frame on a
+    source of `source_hw`: the grid [K, Ho, Wo, 2] as (x, y) in [-1, 1], and the scale (2/W, 2/H) that
+    turns an offset (Δx, Δy) into that frame.
 
     With power-of-two sizes both are exact, so grid = base + scale·Δ is one rounding, and exact for
-    whole-pixel offsets.
+    whole-pixel offsets. Cached per geometry (read-only): on a GPU the few tiny kernels that build it
+    cost more than the layer's own sampling at small sizes.
     """
-    y, x = _tap_grid(kernel, stride, padding, dilation, out_hw, dtype, device)
-    with torch.inference_mode(False):
+    (kh, kw), (ho, wo) = kernel, out_hw
+    opts = {"dtype": dtype, "device": device}
+    with torch.inference_mode(False):  # a cached inference tensor could not be saved for backward later
+        rows = torch.arange(ho, **opts) * stride[0] - padding[0]
+        cols = torch.arange(wo, **opts) * stride[1] - padding[1]
+        tap_rows = torch.arange(kh, **opts) * dilation[0]
+        tap_cols = torch.arange(kw, **opts) * dilation[1]
+        y = (tap_rows.view(kh, 1, 1, 1) + rows.view(1, 1, ho, 1)).expand(kh, kw, ho, wo).reshape(kh * kw, ho, wo)
+        x = (tap_cols.view(1, kw, 1, 1) + cols.view(1, 1, 1, wo)).expand(kh, kw, ho, wo).reshape(kh * kw, ho, wo)
         base = torch.stack((_normalise(x, source_hw[1]), _normalise(y, source_hw[0])), dim=-1)
         scale = torch.tensor([2.0 / source_hw[1], 2.0 / source_hw[0]], dtype=dtype, device=device)
     return base, scale
