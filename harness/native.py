@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "deform_columns.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared"]
+# -fno-trapping-math lets GCC vectorise floor() (the kernel never reads floating-point exception flags)
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 
 _status = "not loaded yet"
 
@@ -152,6 +153,9 @@ def _geometry(
         raise ValueError(f"offset {tuple(offset.shape)} does not fit x {tuple(x.shape)} and {sampling}")
     if mask is not None and tuple(mask.shape) != (n, groups * taps, *sampling.out_hw):
         raise ValueError(f"mask {tuple(mask.shape)} does not fit offset {tuple(offset.shape)}")
+    if h * w * c >= 2**31:
+        raise ValueError(f"native DCN kernel: one image of x {tuple(x.shape)} has 2^31 elements or more (its "
+                         "corner offsets are 32-bit); use HARNESS_NATIVE=0 for the PyTorch path")
     geo = Geometry(n, h, w, c, *sampling.out_hw, groups, *sampling.kernel, *sampling.stride,
                    *sampling.padding, *sampling.dilation)
     for name, t in (("offset", offset), ("mask", mask), ("grad_offset", grad_offset), ("grad_mask", grad_mask)):

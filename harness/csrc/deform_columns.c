@@ -139,29 +139,43 @@ static void NAME(load_pixels)(const T *offset, const T *mask, const geometry_t *
     }
 }
 
-typedef struct {
-    int64_t off[4];  /* element offset of each corner in one image of x, or -1 outside the image */
-    T w[4];          /* bilinear weights of the corners (y0,x0), (y0,x1), (y1,x0), (y1,x1) */
-    T lh, lw;        /* fractional parts of y and x */
-    int inside;      /* 0: the sample reads zero and has zero gradient */
-} NAME(corners_t);
-
-/* In the element type, like torchvision's kernel, so that fp32 results round the same way. */
-static inline NAME(corners_t) NAME(corners_of)(T y, T x, int64_t H, int64_t W, int64_t C) {
-    NAME(corners_t) r;
-    r.inside = !(y < (T)-1 || y >= (T)H || x < (T)-1 || x >= (T)W);
-    if (!r.inside) return r;
-    const T yf = FLOOR(y), xf = FLOOR(x);
-    const int64_t y0 = (int64_t)yf, x0 = (int64_t)xf, y1 = y0 + 1, x1 = x0 + 1;
-    r.lh = y - yf;
-    r.lw = x - xf;
-    const T hh = (T)1 - r.lh, hw = (T)1 - r.lw;
-    r.w[0] = hh * hw; r.w[1] = hh * r.lw; r.w[2] = r.lh * hw; r.w[3] = r.lh * r.lw;
-    r.off[0] = (y0 >= 0 && x0 >= 0) ? (y0 * W + x0) * C : -1;
-    r.off[1] = (y0 >= 0 && x1 <= W - 1) ? (y0 * W + x1) * C : -1;
-    r.off[2] = (y1 <= H - 1 && x0 >= 0) ? (y1 * W + x0) * C : -1;
-    r.off[3] = (y1 <= H - 1 && x1 <= W - 1) ? (y1 * W + x1) * C : -1;
-    return r;
+/* The corners of a tile's S samples, in one loop the compiler vectorises across samples (a scalar
+ * function per sample, with its branches, cost a third of the forward). off[4*s + j]: the element
+ * offset in its image of corner j = (y0,x0), (y0,x1), (y1,x0), (y1,x1) of sample s, or -1 for a
+ * corner outside the image (all four for a sample outside); w[4*s + j]: its bilinear weight times the
+ * sample's scale, 0 where off is -1; lh, lw: the fractional parts of y and x. Computed in the element
+ * type, like torchvision's kernel, so that fp32 results round the same way. Offsets are int32: the
+ * caller checks that an image has fewer than 2^31 elements. */
+static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, int64_t S, int64_t H, int64_t W,
+                               int64_t C, int32_t *restrict off, T *restrict w, T *restrict lh_out,
+                               T *restrict lw_out) {
+    const T Hf = (T)H, Wf = (T)W;
+    const int32_t wc = (int32_t)(W * C), c = (int32_t)C;
+#pragma omp simd
+    for (int64_t s = 0; s < S; ++s) {
+        const T y = pos[2 * s], x = pos[2 * s + 1];
+        /* every condition a 0/1 factor of type T: with mixed int and float masks GCC does not vectorise */
+        const T in = (y >= (T)-1 ? (T)1 : (T)0) * (y < Hf ? (T)1 : (T)0) * (x >= (T)-1 ? (T)1 : (T)0) * (x < Wf ? (T)1 : (T)0);
+        const T yc = in != (T)0 ? y : (T)0, xc = in != (T)0 ? x : (T)0;  /* finite: the conversions below */
+        const T yf = FLOOR(yc), xf = FLOOR(xc);
+        const T lh = yc - yf, lw = xc - xf, hh = (T)1 - lh, hw = (T)1 - lw;
+        /* inside, y0 >= -1 and x0 >= -1, so y1 and x1 need only their upper bound */
+        const T top = in * (yf >= (T)0 ? (T)1 : (T)0), bottom = in * (yf + (T)1 <= Hf - (T)1 ? (T)1 : (T)0);
+        const T left = xf >= (T)0 ? (T)1 : (T)0, right = xf + (T)1 <= Wf - (T)1 ? (T)1 : (T)0, sc = scales[s];
+        const int32_t at = (int32_t)yf * wc + (int32_t)xf * c;
+        const T k0 = top * left, k1 = top * right, k2 = bottom * left, k3 = bottom * right;
+        const T v0 = sc * (k0 * (hh * hw)), v1 = sc * (k1 * (hh * lw)), v2 = sc * (k2 * (lh * hw)), v3 = sc * (k3 * (lh * lw));
+        off[4 * s + 0] = k0 != (T)0 ? at : -1;
+        off[4 * s + 1] = k1 != (T)0 ? at + c : -1;
+        off[4 * s + 2] = k2 != (T)0 ? at + wc : -1;
+        off[4 * s + 3] = k3 != (T)0 ? at + wc + c : -1;
+        w[4 * s + 0] = v0;
+        w[4 * s + 1] = v1;
+        w[4 * s + 2] = v2;
+        w[4 * s + 3] = v3;
+        lh_out[s] = lh;
+        lw_out[s] = lw;
+    }
 }
 
 static inline __attribute__((always_inline)) void NAME(sample_forward)(const T *const *src, const T *w, T *restrict o,
@@ -181,17 +195,25 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        T *pos = malloc(sizeof(T) * TILE * 3 * GK), *scales = pos ? pos + TILE * 2 * GK : 0;
+        const int64_t S = TILE * GK;
+        T *pos = malloc(sizeof(T) * (TILE * 3 * GK + 6 * S + cg) + sizeof(int32_t) * 4 * S);
+        T *scales = pos ? pos + TILE * 2 * GK : 0, *wt = pos ? scales + S : 0, *zeros = pos ? wt + 4 * S : 0;
+        T *lhb = pos ? zeros + cg : 0, *lwb = pos ? lhb + S : 0;
+        int32_t *off = pos ? (int32_t *)(lwb + S) : 0;
         int64_t where[TILE];
         if (!pos) {
 #pragma omp atomic write
             failed = 1;
+        } else {
+            memset(zeros, 0, sizeof(T) * cg);
+            if (!mask) for (int64_t s = 0; s < S; ++s) scales[s] = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (failed ? 0 : tiles); ++t) {
-            const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
+            const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0, ns = count * GK;
             NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
+            NAME(tile_corners)(pos, scales, ns, H, W, C, off, wt, lhb, lwb);
             for (int64_t i = 0; i < count; ++i) {
                 const int64_t row = row0 + i;
                 const T *img = x + (row / L) * H * W * C;
@@ -199,19 +221,13 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
                     for (int64_t g = 0; g < G; ++g) {
                         const int64_t at = i * GK + g * K + k;
                         T *restrict o = cols + (row * K + k) * C + g * cg;
-                        const NAME(corners_t) q = NAME(corners_of)(pos[2 * at], pos[2 * at + 1], H, W, C);
-                        if (!q.inside) {
-                            memset(o, 0, sizeof(T) * cg);
-                            continue;
-                        }
-                        const T scale = mask ? scales[at] : (T)1;
                         T w[4];
                         const T *src[4];
                         for (int j = 0; j < 4; ++j) {
-                            w[j] = q.off[j] >= 0 ? scale * q.w[j] : (T)0;
-                            src[j] = img + (q.off[j] >= 0 ? q.off[j] : 0) + g * cg;
+                            const int32_t q = off[4 * at + j];
+                            w[j] = wt[4 * at + j];
+                            src[j] = q >= 0 ? img + q + g * cg : zeros;
                         }
-                        /* 3 (RGB) and 16 channels: loops of constant length, fully unrolled */
                         if (cg == 3) NAME(sample_forward)(src, w, o, 3);
                         else if (cg == 16) NAME(sample_forward)(src, w, o, 16);
                         else NAME(sample_forward)(src, w, o, cg);
@@ -297,15 +313,20 @@ int NAME(deform_columns_backward)(
     {
         /* positions, mask, their gradients (2*GK + GK + 2*GK + GK values per pixel), 4 scratch rows, a
          * zero row */
-        T *pos = malloc(sizeof(T) * (TILE * 6 * GK + 5 * cg)), *scales = pos ? pos + TILE * 2 * GK : 0;
+        const int64_t S = TILE * GK;
+        T *pos = malloc(sizeof(T) * (TILE * 6 * GK + 5 * cg + 6 * S) + sizeof(int32_t) * 4 * S);
+        T *scales = pos ? pos + TILE * 2 * GK : 0;
         T *grad_pos = pos ? scales + TILE * GK : 0, *grad_scales = pos ? grad_pos + TILE * 2 * GK : 0;
         T *scratch = pos ? grad_scales + TILE * GK : 0, *zeros = pos ? scratch + 4 * cg : 0;
+        T *wt = pos ? zeros + cg : 0, *lhb = pos ? wt + 4 * S : 0, *lwb = pos ? lhb + S : 0;
+        int32_t *off = pos ? (int32_t *)(lwb + S) : 0;
         int64_t where[TILE];
         if (!pos) {
 #pragma omp atomic write
             failed = 1;
         } else {
             memset(zeros, 0, sizeof(T) * cg);
+            if (!mask) for (int64_t s = 0; s < S; ++s) scales[s] = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -314,33 +335,29 @@ int NAME(deform_columns_backward)(
             T *gimg = grad_x ? grad_x + n * H * W * C : 0;
             if (gimg) memset(gimg, 0, sizeof(T) * H * W * C);  /* here, not before: this image then stays in cache */
             for (int64_t p0 = 0; p0 < L; p0 += TILE) {
-                const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0;
+                const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0, ns = count * GK;
                 NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
+                NAME(tile_corners)(pos, scales, ns, H, W, C, off, wt, lhb, lwb);
                 for (int64_t i = 0; i < count; ++i) {
                     const int64_t row = row0 + i;
                     for (int64_t k = 0; k < K; ++k) {
                         for (int64_t g = 0; g < G; ++g) {
                             const int64_t at = i * GK + g * K + k, base = g * cg;
                             const T *restrict d = dcols + (row * K + k) * C + base;
-                            const NAME(corners_t) q = NAME(corners_of)(pos[2 * at], pos[2 * at + 1], H, W, C);
-                            if (!q.inside) {
-                                grad_pos[2 * at] = grad_pos[2 * at + 1] = grad_scales[at] = 0;
-                                continue;
-                            }
-                            const T scale = mask ? scales[at] : (T)1;
+                            const T scale = scales[at];
                             const T *s[4];
                             T *gx[4];
                             T v[4];
                             for (int j = 0; j < 4; ++j) {
-                                const int valid = q.off[j] >= 0;
-                                s[j] = valid ? img + q.off[j] + base : zeros;
-                                gx[j] = gimg && valid ? gimg + q.off[j] + base : scratch + j * cg;
-                                v[j] = valid ? scale * q.w[j] : (T)0;
+                                const int32_t q = off[4 * at + j];
+                                s[j] = q >= 0 ? img + q + base : zeros;
+                                gx[j] = gimg && q >= 0 ? gimg + q + base : scratch + j * cg;
+                                v[j] = wt[4 * at + j];
                             }
                             T sums[3] = {0, 0, 0};
 /* 3 (RGB) and 16 channels get loops of constant length: fully unrolled, no vector remainder */
 #define SAMPLE_BACKWARD_CG(flags, channels) NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], \
-                                                     d, v[0], v[1], v[2], v[3], q.lh, q.lw, channels, flags, sums)
+                                                     d, v[0], v[1], v[2], v[3], lhb[at], lwb[at], channels, flags, sums)
 #define SAMPLE_BACKWARD(flags) (cg == 3 ? SAMPLE_BACKWARD_CG(flags, 3) : cg == 16 ? SAMPLE_BACKWARD_CG(flags, 16) \
                                                                               : SAMPLE_BACKWARD_CG(flags, cg))
                             switch (what) {  /* constant flags: one specialised loop each */
