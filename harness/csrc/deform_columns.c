@@ -32,15 +32,16 @@ typedef struct {
     int64_t offset[4], mask[4], grad_offset[4], grad_mask[4];  /* strides of dims N, channel, y, x */
 } geometry_t;
 
-/* Offsets, masks and their gradients move through a per-thread tile of TILE output pixels, pixel-major
- * ([pixel][channel]), copied channel by channel. Reading them in place instead, one pixel at a time,
+/* Offsets, masks and their gradients move through a per-thread tile of TILE output pixels,
+ * channel-major ([channel][pixel]: contiguous, vector loops on both sides of each copy). Reading them in place instead, one pixel at a time,
  * walks 2*G*K planes at once: their stride, a multiple of 4 KiB at the usual sizes, maps every plane
  * to the same L1 set, and measured slower than the copy it saved. */
 #define TILE 64
 
 /* Element index in a strided [N, channels, Ho, Wo] tensor of channel 0 at each of `count` output
- * pixels from `row` (= n*L + p). */
-static void tile_index(const int64_t *stride, const geometry_t *geo, int64_t row, int64_t count, int64_t *where) {
+ * pixels from `row` (= n*L + p); returns whether they are consecutive addresses (an NCHW tensor, all
+ * in one image), so that a tile's copies can be contiguous loops. */
+static int tile_index(const int64_t *stride, const geometry_t *geo, int64_t row, int64_t count, int64_t *where) {
     const int64_t L = geo->ho * geo->wo;
     int64_t n = row / L, oy = row % L / geo->wo, ox = row % L % geo->wo;  /* then counted, not divided */
     for (int64_t i = 0; i < count; ++i) {
@@ -53,6 +54,7 @@ static void tile_index(const int64_t *stride, const geometry_t *geo, int64_t row
             }
         }
     }
+    return stride[3] == 1 && stride[2] == geo->wo && row / L == (row + count - 1) / L;
 }
 
 /* What one sample's backward computes; each combination gets its own inlined loop. */
@@ -75,27 +77,33 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4 };
 
 #else  /* the kernels, included once per element type T */
 
-/* tile[i][ch] = src[n, ch, oy, ox] at each pixel i of a tile (channel by channel, see TILE). */
-static void NAME(load_tile)(const T *src, const int64_t *stride, const int64_t *where, int64_t count,
-                            int64_t channels, T *tile) {
-    for (int64_t ch = 0; ch < channels; ++ch)
-        for (int64_t i = 0; i < count; ++i) tile[i * channels + ch] = src[where[i] + ch * stride[1]];
+/* tile[ch][i] = src[n, ch, oy, ox] at each pixel i of a tile (see TILE); dense: tile_index's answer. */
+static void NAME(load_tile)(const T *src, const int64_t *stride, const int64_t *where, int dense, int64_t count,
+                            int64_t channels, T *restrict tile) {
+    for (int64_t ch = 0; ch < channels; ++ch, tile += count) {
+        const T *restrict from = src + ch * stride[1];
+        if (dense) memcpy(tile, from + where[0], sizeof(T) * count);
+        else for (int64_t i = 0; i < count; ++i) tile[i] = from[where[i]];
+    }
 }
 
-static void NAME(store_tile)(T *dst, const int64_t *stride, const int64_t *where, int64_t count,
-                             int64_t channels, const T *tile) {
-    for (int64_t ch = 0; ch < channels; ++ch)
-        for (int64_t i = 0; i < count; ++i) dst[where[i] + ch * stride[1]] = tile[i * channels + ch];
+static void NAME(store_tile)(T *dst, const int64_t *stride, const int64_t *where, int dense, int64_t count,
+                             int64_t channels, const T *restrict tile) {
+    for (int64_t ch = 0; ch < channels; ++ch, tile += count) {
+        T *restrict to = dst + ch * stride[1];
+        if (dense) memcpy(to + where[0], tile, sizeof(T) * count);
+        else for (int64_t i = 0; i < count; ++i) to[where[i]] = tile[i];
+    }
 }
 
-/* pos[i][g][k] = (y, x) of tap k of offset group g at output pixel row0 + i: its undeformed position
- * plus its offset. The undeformed parts are whole numbers, exact in T, so this is the one rounding of
+/* pos[2*ch][i], pos[2*ch + 1][i] = y, x of sample ch = g*K + k (tap k of offset group g) at output
+ * pixel row0 + i, the offset's own channel order: its undeformed position plus its offset. The undeformed parts are whole numbers, exact in T, so this is the one rounding of
  * (T)(oy*sh - ph + i*dh) + dy. */
 static void NAME(tile_positions)(const T *offset, const geometry_t *geo, int64_t row0, int64_t count,
                                  int64_t *where, T *pos) {
-    const int64_t L = geo->ho * geo->wo, K = geo->kh * geo->kw, GK = geo->groups * K, s1 = geo->offset[1];
+    const int64_t L = geo->ho * geo->wo, K = geo->kh * geo->kw, s1 = geo->offset[1];
     T by[TILE], bx[TILE];
-    tile_index(geo->offset, geo, row0, count, where);
+    const int dense = tile_index(geo->offset, geo, row0, count, where);
     int64_t oy = (row0 % L) / geo->wo, ox = (row0 % L) % geo->wo;
     for (int64_t i = 0; i < count; ++i) {
         by[i] = (T)(oy * geo->sh - geo->ph);
@@ -105,55 +113,57 @@ static void NAME(tile_positions)(const T *offset, const geometry_t *geo, int64_t
             if (++oy == geo->ho) oy = 0;
         }
     }
-    /* an NCHW offset holds one image's pixels at consecutive addresses: contiguous loads then */
-    const int dense = geo->offset[3] == 1 && geo->offset[2] == geo->wo && row0 / L == (row0 + count - 1) / L;
     for (int64_t g = 0; g < geo->groups; ++g)
         for (int64_t ki = 0; ki < geo->kh; ++ki)
             for (int64_t kj = 0; kj < geo->kw; ++kj) {
                 const int64_t ch = g * K + ki * geo->kw + kj;
                 const T ty = (T)(ki * geo->dh), tx = (T)(kj * geo->dw);
-                T *restrict py = pos + 2 * ch;
+                T *restrict py = pos + 2 * ch * count, *restrict px = py + count;
                 if (dense) {
                     const T *restrict dy = offset + where[0] + 2 * ch * s1, *restrict dx = dy + s1;
                     for (int64_t i = 0; i < count; ++i) {
-                        py[2 * i * GK] = (by[i] + ty) + dy[i];
-                        py[2 * i * GK + 1] = (bx[i] + tx) + dx[i];
+                        py[i] = (by[i] + ty) + dy[i];
+                        px[i] = (bx[i] + tx) + dx[i];
                     }
                 } else {
                     const T *dy = offset + 2 * ch * s1, *dx = dy + s1;
                     for (int64_t i = 0; i < count; ++i) {
-                        py[2 * i * GK] = (by[i] + ty) + dy[where[i]];
-                        py[2 * i * GK + 1] = (bx[i] + tx) + dx[where[i]];
+                        py[i] = (by[i] + ty) + dy[where[i]];
+                        px[i] = (bx[i] + tx) + dx[where[i]];
                     }
                 }
             }
 }
 
-/* A tile's positions, and its mask values (scales[i][g][k]) when there is a mask. */
+/* A tile's positions, and its mask values (scales[ch][i]) when there is a mask. */
 static void NAME(load_pixels)(const T *offset, const T *mask, const geometry_t *geo, int64_t row0, int64_t count,
                               int64_t *where, T *pos, T *scales) {
     NAME(tile_positions)(offset, geo, row0, count, where, pos);
     if (mask) {
-        tile_index(geo->mask, geo, row0, count, where);
-        NAME(load_tile)(mask, geo->mask, where, count, geo->groups * geo->kh * geo->kw, scales);
+        const int dense = tile_index(geo->mask, geo, row0, count, where);
+        NAME(load_tile)(mask, geo->mask, where, dense, count, geo->groups * geo->kh * geo->kw, scales);
     }
 }
 
-/* The corners of a tile's S samples, in one loop the compiler vectorises across samples (a scalar
- * function per sample, with its branches, cost a third of the forward). off[4*s + j]: the element
+/* The corners of a tile's samples (`samples` channels of `count` pixels, positions as tile_positions
+ * writes them), in loops the compiler vectorises across pixels (a scalar function per sample, with its
+ * branches, cost a third of the forward). Sample s = ch*count + i. off[4*s + j]: the element
  * offset in its image of corner j = (y0,x0), (y0,x1), (y1,x0), (y1,x1) of sample s, or -1 for a
  * corner outside the image (all four for a sample outside); w[4*s + j]: its bilinear weight times the
  * sample's scale, 0 where off is -1; lh, lw: the fractional parts of y and x. Computed in the element
  * type, like torchvision's kernel, so that fp32 results round the same way. Offsets are int32: the
  * caller checks that an image has fewer than 2^31 elements. */
-static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, int64_t S, int64_t H, int64_t W,
+static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, int64_t samples, int64_t count,
+                               int64_t H, int64_t W,
                                int64_t C, int32_t *restrict off, T *restrict w, T *restrict lh_out,
                                T *restrict lw_out) {
     const T Hf = (T)H, Wf = (T)W;
     const int32_t wc = (int32_t)(W * C), c = (int32_t)C;
+    for (int64_t ch = 0; ch < samples; ++ch)
 #pragma omp simd
-    for (int64_t s = 0; s < S; ++s) {
-        const T y = pos[2 * s], x = pos[2 * s + 1];
+    for (int64_t i = 0; i < count; ++i) {
+        const int64_t s = ch * count + i;
+        const T y = pos[2 * ch * count + i], x = pos[(2 * ch + 1) * count + i];
         /* every condition a 0/1 factor of type T: with mixed int and float masks GCC does not vectorise */
         const T in = (y >= (T)-1 ? (T)1 : (T)0) * (y < Hf ? (T)1 : (T)0) * (x >= (T)-1 ? (T)1 : (T)0) * (x < Wf ? (T)1 : (T)0);
         const T yc = in != (T)0 ? y : (T)0, xc = in != (T)0 ? x : (T)0;  /* finite: the conversions below */
@@ -211,15 +221,15 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (failed ? 0 : tiles); ++t) {
-            const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0, ns = count * GK;
+            const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
             NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-            NAME(tile_corners)(pos, scales, ns, H, W, C, off, wt, lhb, lwb);
+            NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, lhb, lwb);
             for (int64_t i = 0; i < count; ++i) {
                 const int64_t row = row0 + i;
                 const T *img = x + (row / L) * H * W * C;
                 for (int64_t k = 0; k < K; ++k) {
                     for (int64_t g = 0; g < G; ++g) {
-                        const int64_t at = i * GK + g * K + k;
+                        const int64_t at = (g * K + k) * count + i;
                         T *restrict o = cols + (row * K + k) * C + g * cg;
                         T w[4];
                         const T *src[4];
@@ -335,14 +345,14 @@ int NAME(deform_columns_backward)(
             T *gimg = grad_x ? grad_x + n * H * W * C : 0;
             if (gimg) memset(gimg, 0, sizeof(T) * H * W * C);  /* here, not before: this image then stays in cache */
             for (int64_t p0 = 0; p0 < L; p0 += TILE) {
-                const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0, ns = count * GK;
+                const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0;
                 NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-                NAME(tile_corners)(pos, scales, ns, H, W, C, off, wt, lhb, lwb);
+                NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, lhb, lwb);
                 for (int64_t i = 0; i < count; ++i) {
                     const int64_t row = row0 + i;
                     for (int64_t k = 0; k < K; ++k) {
                         for (int64_t g = 0; g < G; ++g) {
-                            const int64_t at = i * GK + g * K + k, base = g * cg;
+                            const int64_t at = (g * K + k) * count + i, base = g * cg;
                             const T *restrict d = dcols + (row * K + k) * C + base;
                             const T scale = scales[at];
                             const T *s[4];
@@ -372,19 +382,20 @@ int NAME(deform_columns_backward)(
                             }
 #undef SAMPLE_BACKWARD
 #undef SAMPLE_BACKWARD_CG
-                            grad_pos[2 * at] = scale * sums[0];
-                            grad_pos[2 * at + 1] = scale * sums[1];
+                            const int64_t ch = g * K + k;
+                            grad_pos[2 * ch * count + i] = scale * sums[0];
+                            grad_pos[(2 * ch + 1) * count + i] = scale * sums[1];
                             grad_scales[at] = sums[2];
                         }
                     }
                 }
                 if (grad_offset) {
-                    tile_index(geo->grad_offset, geo, row0, count, where);
-                    NAME(store_tile)(grad_offset, geo->grad_offset, where, count, 2 * GK, grad_pos);
+                    const int dense = tile_index(geo->grad_offset, geo, row0, count, where);
+                    NAME(store_tile)(grad_offset, geo->grad_offset, where, dense, count, 2 * GK, grad_pos);
                 }
                 if (grad_mask) {
-                    tile_index(geo->grad_mask, geo, row0, count, where);
-                    NAME(store_tile)(grad_mask, geo->grad_mask, where, count, GK, grad_scales);
+                    const int dense = tile_index(geo->grad_mask, geo, row0, count, where);
+                    NAME(store_tile)(grad_mask, geo->grad_mask, where, dense, count, GK, grad_scales);
                 }
             }
         }
