@@ -95,9 +95,10 @@ def library() -> ctypes.CDLL | None:
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
         backward.argtypes = [pointer] * 7 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
-        transpose = getattr(lib, f"to_channels_last_{suffix}")
-        transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
-        transpose.restype = None
+        for name in ("to_channels_last", "from_channels_last"):
+            transpose = getattr(lib, f"{name}_{suffix}")
+            transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+            transpose.restype = None
     _status = f"in use ({target})"
     return lib
 
@@ -231,4 +232,18 @@ def to_channels_last(x: Tensor, pad_y: int = 0, pad_x: int = 0) -> Tensor:
     out[:, pad_y : pad_y + h, :pad_x].zero_()
     out[:, pad_y : pad_y + h, pad_x + w :].zero_()
     out[:, pad_y : pad_y + h, pad_x : pad_x + w].copy_(nhwc)
+    return out
+
+
+def from_channels_last(x: Tensor, pad_y: int = 0, pad_x: int = 0) -> Tensor:
+    """The interior of x [N, H + 2·pad_y, W + 2·pad_x, C] (contiguous, channels last) as a contiguous
+    NCHW [N, C, H, W] tensor: `to_channels_last` reversed, for a gradient going back to an NCHW input."""
+    n, hp, wp, c = x.shape
+    h, w = hp - 2 * pad_y, wp - 2 * pad_x
+    lib = library() if x.device.type == "cpu" else None
+    if lib is None or not x.is_contiguous() or x.dtype not in (torch.float32, torch.float64):
+        return x[:, pad_y : pad_y + h, pad_x : pad_x + w].permute(0, 3, 1, 2).contiguous()
+    out = torch.empty(n, c, h, w, dtype=x.dtype, device=x.device)
+    getattr(lib, f"from_channels_last_{_suffix(x)}")(_ptr(x), _ptr(out), n, c, h, w, pad_y, pad_x,
+                                                    torch.get_num_threads())
     return out

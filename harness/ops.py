@@ -450,18 +450,23 @@ def channels_last(input: Tensor) -> Tensor:
 class _ChannelsLast(torch.autograd.Function):
     """input [N, C, H, W] zero-padded by (pad_y, pad_x) on every side, as a contiguous [N, H', W', C]
     tensor: one copy, by the kernel library's blocked transpose (none for an unpadded channels-last
-    input); the gradient goes back as a view of the padded gradient's interior."""
+    input). The gradient goes back in the input's own layout, as conv2d's does: a view of the padded
+    gradient's interior for a channels-last input, a blocked transpose back for a contiguous NCHW one
+    (left channels-last, its accumulation into an NCHW leaf's .grad took 3x conv2d's)."""
 
     @staticmethod
     def forward(ctx, input, pad_y=0, pad_x=0):  # type: ignore[override]
-        ctx.interior = (slice(pad_y, pad_y + input.shape[2]), slice(pad_x, pad_x + input.shape[3]))
+        ctx.pad = (pad_y, pad_x)
+        ctx.nchw = input.is_contiguous() and not input.is_contiguous(memory_format=torch.channels_last)
         return native.to_channels_last(input, pad_y, pad_x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        rows, cols = ctx.interior
-        return grad[:, rows, cols].permute(0, 3, 1, 2), None, None
+        (pad_y, pad_x), (_, hp, wp, _) = ctx.pad, grad.shape
+        if ctx.nchw:
+            return native.from_channels_last(grad.contiguous(), pad_y, pad_x), None, None
+        return grad[:, pad_y : hp - pad_y, pad_x : wp - pad_x].permute(0, 3, 1, 2), None, None
 
 
 def _as_image(rows: Tensor, out_hw: tuple[int, int]) -> Tensor:

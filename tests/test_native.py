@@ -142,3 +142,6 @@ def test_to_channels_last_is_a_padded_transpose(shape, dtype, pad):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
     already = x.contiguous(memory_format=torch.channels_last)
     assert native.to_channels_last(already).data_ptr() == already.data_ptr()  # no copy
+    back = native.from_channels_last(native.to_channels_last(x, *pad), *pad)
+    assert back.is_contiguous()
+    torch.testing.assert_close(back, x, rtol=0, atol=0)

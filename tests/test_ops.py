@@ -416,6 +416,23 @@ def test_channels_last_layer_matches_contiguous(layout, modulated, cpu_kernel):
     assert layer.weight.grad is not None
 
 
+
+@pytest.mark.parametrize("layout", ["shared", "per_tap"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_input_gradient_keeps_the_inputs_layout(layout, memory_format, cpu_kernel):
+    """On the compiled path, as conv2d's does: a gradient in the other layout makes every op after it
+    transpose. (The PyTorch path leaves layouts to grid_sample; its values are checked all the same.)"""
+    torch.manual_seed(0)
+    layer = DeformConv2d(16, 8, 3, padding=1, offset_channels=layout)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.offset_predictor.weight, std=0.3)
+    x = torch.randn(2, 16, 9, 11, requires_grad=True)
+    expected = torch.autograd.grad(layer(x).square().sum(), x)[0]
+    y = x.detach().contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.autograd.grad(layer(y).square().sum(), y)[0]
+    assert grad.is_contiguous(memory_format=memory_format) or cpu_kernel != "native"
+    torch.testing.assert_close(grad, expected, atol=1e-5, rtol=0)
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 

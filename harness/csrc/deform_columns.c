@@ -438,4 +438,21 @@ void NAME(to_channels_last)(const T *src, T *dst, int64_t N, int64_t C, int64_t 
     }
 }
 
+/* dst [N, C, H, W] = the interior of src [N, H + 2*py, W + 2*px, C] (src's padding dropped): the reverse
+ * of to_channels_last, for a gradient going back to an NCHW input, in the same 16 x 16 blocks. */
+void NAME(from_channels_last)(const T *src, T *dst, int64_t N, int64_t C, int64_t H, int64_t W, int64_t py,
+                              int64_t px, int threads) {
+    const int64_t B = 16, cb = (C + B - 1) / B, xb = (W + B - 1) / B, Wp = W + 2 * px, Hp = H + 2 * py;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < N * H * cb * xb; ++block) {
+        const int64_t n = block / (H * cb * xb), y = block / (cb * xb) % H;
+        const int64_t c0 = block / xb % cb * B, x0 = block % xb * B;
+        const int64_t c1 = c0 + B < C ? c0 + B : C, x1 = x0 + B < W ? x0 + B : W;
+        const T *in = src + ((n * Hp + y + py) * Wp + px) * C;
+        T *out = dst + (n * C * H + y) * W;
+        for (int64_t c = c0; c < c1; ++c)
+            for (int64_t x = x0; x < x1; ++x) out[c * H * W + x] = in[x * C + c];
+    }
+}
+
 #endif
