@@ -573,8 +573,9 @@ class _DeformColumnsNative(torch.autograd.Function):
                 rows = slice(part.start * length, part.stop * length)
                 mk = None if mask is None else mask[part]
                 columns = torch.empty(m, length, taps, c, dtype=x.dtype)
-                with _sampling_scope():
-                    native.columns_forward(x[part], offset[part], mk, columns, sampling)
+                if need_weight:  # the weight's gradient is the only reader of the columns' values
+                    with _sampling_scope():
+                        native.columns_forward(x[part], offset[part], mk, columns, sampling)
                 columns = columns.view(-1, taps * c).to(gemm)
                 grad_w_part, grad_columns = _columns_times_weight_backward(
                     columns, w, go[rows], out_hw, need_weight, need_x or need_offset or need_mask

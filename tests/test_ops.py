@@ -85,6 +85,20 @@ def test_gradients_of_any_subset_of_inputs(wanted, c, cpu_kernel):
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
+
+def test_frozen_weight_with_many_outputs(cpu_kernel):
+    """A frozen weight's backward samples no columns; at 64 or more outputs the column gradient is
+    oneDNN's backward-data, which takes the (then unsampled) columns only for their shape."""
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, c=5, o=64, mask=True)
+    results = []
+    for fn in (deform_conv2d, tv_deform_conv2d):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, offset, mask)]
+        out = fn(leaves[0], leaves[1], weight, bias, (s, s), (p, p), (d, d), leaves[2])
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        results.append([t.grad for t in leaves])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
+
 @pytest.fixture(params=["native", "pytorch", "pytorch-kept"])
 def cpu_kernel(request, monkeypatch):
     """Run a test through the compiled kernel (harness.native), through the pure-PyTorch path, and
