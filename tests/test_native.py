@@ -80,6 +80,13 @@ def test_rejects_what_the_kernel_cannot_take():
             native.columns_forward(x, torch.zeros(1, channels, 4, 4), None, torch.empty(1, 16, 9, 2), sampling)
     with pytest.raises(ValueError, match="mask"):
         native.columns_forward(x, offset.float(), torch.ones(1, 8, 4, 4), torch.empty(1, 16, 9, 2), sampling)
+    # corner offsets are 32-bit: an image of 2^31 elements (here a 0-stride view, no memory) is refused
+    huge = torch.zeros(1, 1, 1, 2).expand(1, 2**15, 2**15, 2)
+    big = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (2**15, 2**15))
+    with pytest.raises(ValueError, match="2\\^31"):  # (checked where the kernel's geometry is built)
+        native._geometry(huge, torch.zeros(1, 18, 1, 1).expand(1, 18, 2**15, 2**15), None, big)
+    native._geometry(huge[:, :, : 2**15 - 1], torch.zeros(1, 18, 1, 1).expand(1, 18, 2**15, 2**15 - 1), None,
+                     native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (2**15, 2**15 - 1)))  # just under: taken
 
 
 def test_reads_and_writes_offsets_in_any_layout():
