@@ -188,6 +188,40 @@ static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, 
     }
 }
 
+/* A thread's tile buffers, in one malloc: positions (2S), mask values (S, all 1 without a mask),
+ * corner weights (4S), fractional parts (2S), a zero row, and for backward the positions' and mask's
+ * gradients (3S) and 4 scratch rows; then the corner offsets (4S int32). S = TILE * G*K samples.
+ * base is NULL when the allocation failed. */
+typedef struct {
+    T *base, *pos, *scales, *wt, *lh, *lw, *zeros, *grad_pos, *grad_scales, *scratch;
+    int32_t *off;
+} NAME(tile_t);
+
+static NAME(tile_t) NAME(tile_alloc)(int64_t GK, int64_t cg, int grads, int ones) {
+    const int64_t S = TILE * GK;
+    NAME(tile_t) b = {0};
+    T *p = malloc(sizeof(T) * (9 * S + cg + (grads ? 3 * S + 4 * cg : 0)) + sizeof(int32_t) * 4 * S);
+    if (!p) return b;
+    b.base = b.pos = p;
+    b.scales = p + 2 * S;
+    b.wt = b.scales + S;
+    b.lh = b.wt + 4 * S;
+    b.lw = b.lh + S;
+    b.zeros = b.lw + S;
+    T *next = b.zeros + cg;
+    if (grads) {
+        b.grad_pos = next;
+        b.grad_scales = b.grad_pos + 2 * S;
+        b.scratch = b.grad_scales + S;
+        next = b.scratch + 4 * cg;
+    }
+    b.off = (int32_t *)next;
+    memset(b.zeros, 0, sizeof(T) * cg);
+    if (ones)
+        for (int64_t s = 0; s < S; ++s) b.scales[s] = 1;
+    return b;
+}
+
 static inline __attribute__((always_inline)) void NAME(sample_forward)(const T *const *src, const T *w, T *restrict o,
                                                                        int64_t cg) {
     const T *restrict s0 = src[0], *restrict s1 = src[1], *restrict s2 = src[2], *restrict s3 = src[3];
@@ -205,25 +239,20 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        const int64_t S = TILE * GK;
-        T *pos = malloc(sizeof(T) * (TILE * 3 * GK + 6 * S + cg) + sizeof(int32_t) * 4 * S);
-        T *scales = pos ? pos + TILE * 2 * GK : 0, *wt = pos ? scales + S : 0, *zeros = pos ? wt + 4 * S : 0;
-        T *lhb = pos ? zeros + cg : 0, *lwb = pos ? lhb + S : 0;
-        int32_t *off = pos ? (int32_t *)(lwb + S) : 0;
+        const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 0, !mask);
+        T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *zeros = tb.zeros;
+        const int32_t *off = tb.off;
         int64_t where[TILE];
-        if (!pos) {
+        if (!tb.base) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            memset(zeros, 0, sizeof(T) * cg);
-            if (!mask) for (int64_t s = 0; s < S; ++s) scales[s] = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < (failed ? 0 : tiles); ++t) {
             const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
             NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-            NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, lhb, lwb);
+            NAME(tile_corners)(pos, scales, GK, count, H, W, C, tb.off, wt, tb.lh, tb.lw);
             for (int64_t i = 0; i < count; ++i) {
                 const int64_t row = row0 + i;
                 const T *img = x + (row / L) * H * W * C;
@@ -245,7 +274,7 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
                 }
             }
         }
-        free(pos);
+        free(tb.base);
     }
     return failed;
 }
@@ -321,22 +350,14 @@ int NAME(deform_columns_backward)(
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        /* positions, mask, their gradients (2*GK + GK + 2*GK + GK values per pixel), 4 scratch rows, a
-         * zero row */
-        const int64_t S = TILE * GK;
-        T *pos = malloc(sizeof(T) * (TILE * 6 * GK + 5 * cg + 6 * S) + sizeof(int32_t) * 4 * S);
-        T *scales = pos ? pos + TILE * 2 * GK : 0;
-        T *grad_pos = pos ? scales + TILE * GK : 0, *grad_scales = pos ? grad_pos + TILE * 2 * GK : 0;
-        T *scratch = pos ? grad_scales + TILE * GK : 0, *zeros = pos ? scratch + 4 * cg : 0;
-        T *wt = pos ? zeros + cg : 0, *lhb = pos ? wt + 4 * S : 0, *lwb = pos ? lhb + S : 0;
-        int32_t *off = pos ? (int32_t *)(lwb + S) : 0;
+        const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 1, !mask);
+        T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *lhb = tb.lh, *lwb = tb.lw, *zeros = tb.zeros;
+        T *grad_pos = tb.grad_pos, *grad_scales = tb.grad_scales, *scratch = tb.scratch;
+        const int32_t *off = tb.off;
         int64_t where[TILE];
-        if (!pos) {
+        if (!tb.base) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            memset(zeros, 0, sizeof(T) * cg);
-            if (!mask) for (int64_t s = 0; s < S; ++s) scales[s] = 1;
         }
 #pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
@@ -347,7 +368,7 @@ int NAME(deform_columns_backward)(
             for (int64_t p0 = 0; p0 < L; p0 += TILE) {
                 const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0;
                 NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-                NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, lhb, lwb);
+                NAME(tile_corners)(pos, scales, GK, count, H, W, C, tb.off, wt, lhb, lwb);
                 for (int64_t i = 0; i < count; ++i) {
                     const int64_t row = row0 + i;
                     for (int64_t k = 0; k < K; ++k) {
@@ -399,7 +420,7 @@ int NAME(deform_columns_backward)(
                 }
             }
         }
-        free(pos);
+        free(tb.base);
     }
     return failed;
 }
