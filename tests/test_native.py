@@ -89,6 +89,20 @@ def test_rejects_what_the_kernel_cannot_take():
                      native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (2**15, 2**15 - 1)))  # just under: taken
 
 
+def test_a_tile_buffer_that_cannot_be_allocated_is_a_memory_error():
+    """Each thread allocates its tile buffer (TILE pixels x taps); if any fails, none works and the
+    call raises MemoryError. 2^40 taps ask for petabytes; the tensors are 0-stride views."""
+    if not native.available():
+        pytest.skip(native.status())
+    taps = 2**40
+    x = torch.zeros(1, 1, 1, 1)
+    offset = torch.zeros(1, 1, 1, 1).expand(1, 2 * taps, 1, 1)
+    sampling = native.Sampling((2**20, 2**20), (1, 1), (0, 0), (1, 1), (1, 1))
+    with pytest.raises(MemoryError, match="tile"):
+        native.columns_forward(x, offset, None, torch.empty(0), sampling)
+    with pytest.raises(MemoryError, match="tile"):
+        native.columns_backward(x, offset, None, torch.empty(0), sampling, torch.empty_like(x), None, None)
+
 def test_reads_and_writes_offsets_in_any_layout():
     """The kernel takes the offset and mask where the predictor left them: a channels-last or a sliced
     offset gives the same values and gradients as a contiguous one, without a copy."""

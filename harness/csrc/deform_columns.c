@@ -57,6 +57,20 @@ static int tile_index(const int64_t *stride, const geometry_t *geo, int64_t row,
     return stride[3] == 1 && stride[2] == geo->wo && row / L == (row + count - 1) / L;
 }
 
+/* Called by every thread of a parallel region with its own buffer: whether all of them got theirs
+ * (a barrier). The same answer on every thread, so a work-shared loop can be skipped as a whole. */
+static int all_allocated(const void *mine, int *failed) {
+    if (!mine) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+#pragma omp barrier
+    int any;
+#pragma omp atomic read
+    any = *failed;
+    return !any;
+}
+
 /* What one sample's backward computes; each combination gets its own inlined loop. */
 enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4 };
 
@@ -243,13 +257,9 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
         T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *zeros = tb.zeros;
         const int32_t *off = tb.off;
         int64_t where[TILE];
-        if (!tb.base) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        const int64_t work = all_allocated(tb.base, &failed) ? tiles : 0;
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < (failed ? 0 : tiles); ++t) {
+        for (int64_t t = 0; t < work; ++t) {
             const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
             NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
             NAME(tile_corners)(pos, scales, GK, count, H, W, C, tb.off, wt, tb.lh, tb.lw);
@@ -355,13 +365,9 @@ int NAME(deform_columns_backward)(
         T *grad_pos = tb.grad_pos, *grad_scales = tb.grad_scales, *scratch = tb.scratch;
         const int32_t *off = tb.off;
         int64_t where[TILE];
-        if (!tb.base) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
+        const int64_t work = all_allocated(tb.base, &failed) ? geo->n : 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t n = 0; n < (failed ? 0 : geo->n); ++n) {
+        for (int64_t n = 0; n < work; ++n) {
             const T *img = x + n * H * W * C;
             T *gimg = grad_x ? grad_x + n * H * W * C : 0;
             if (gimg) memset(gimg, 0, sizeof(T) * H * W * C);  /* here, not before: this image then stays in cache */
