@@ -33,9 +33,9 @@ typedef struct {
 } geometry_t;
 
 /* Offsets, masks and their gradients move through a per-thread tile of TILE output pixels,
- * channel-major ([channel][pixel]: contiguous, vector loops on both sides of each copy). Reading them in place instead, one pixel at a time,
- * walks 2*G*K planes at once: their stride, a multiple of 4 KiB at the usual sizes, maps every plane
- * to the same L1 set, and measured slower than the copy it saved. */
+ * channel-major ([channel][pixel]: contiguous vector loops on both sides of each copy). Reading them
+ * in place instead, one pixel at a time, walks 2*G*K planes at once: their stride, a multiple of 4 KiB
+ * at the usual sizes, maps every plane to the same L1 set, and measured slower than the copy it saved. */
 #define TILE 64
 
 /* Element index in a strided [N, channels, Ho, Wo] tensor of channel 0 at each of `count` output
@@ -111,7 +111,8 @@ static void NAME(store_tile)(T *dst, const int64_t *stride, const int64_t *where
 }
 
 /* pos[2*ch][i], pos[2*ch + 1][i] = y, x of sample ch = g*K + k (tap k of offset group g) at output
- * pixel row0 + i, the offset's own channel order: its undeformed position plus its offset. The undeformed parts are whole numbers, exact in T, so this is the one rounding of
+ * pixel row0 + i, in the offset's own channel order: its undeformed position plus its offset. The
+ * undeformed parts are whole numbers, exact in T, so this is the one rounding of
  * (T)(oy*sh - ph + i*dh) + dy. */
 static void NAME(tile_positions)(const T *offset, const geometry_t *geo, int64_t row0, int64_t count,
                                  int64_t *where, T *pos) {
@@ -168,9 +169,8 @@ static void NAME(load_pixels)(const T *offset, const T *mask, const geometry_t *
  * type, like torchvision's kernel, so that fp32 results round the same way. Offsets are int32: the
  * caller checks that an image has fewer than 2^31 elements. */
 static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, int64_t samples, int64_t count,
-                               int64_t H, int64_t W,
-                               int64_t C, int32_t *restrict off, T *restrict w, T *restrict lh_out,
-                               T *restrict lw_out) {
+                               int64_t H, int64_t W, int64_t C, int32_t *restrict off, T *restrict w,
+                               T *restrict lh_out, T *restrict lw_out) {
     const T Hf = (T)H, Wf = (T)W;
     const int32_t wc = (int32_t)(W * C), c = (int32_t)C;
     for (int64_t ch = 0; ch < samples; ++ch)
@@ -179,7 +179,8 @@ static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, 
         const int64_t s = ch * count + i;
         const T y = pos[2 * ch * count + i], x = pos[(2 * ch + 1) * count + i];
         /* every condition a 0/1 factor of type T: with mixed int and float masks GCC does not vectorise */
-        const T in = (y >= (T)-1 ? (T)1 : (T)0) * (y < Hf ? (T)1 : (T)0) * (x >= (T)-1 ? (T)1 : (T)0) * (x < Wf ? (T)1 : (T)0);
+        const T in = (y >= (T)-1 ? (T)1 : (T)0) * (y < Hf ? (T)1 : (T)0)
+                   * (x >= (T)-1 ? (T)1 : (T)0) * (x < Wf ? (T)1 : (T)0);
         const T yc = in != (T)0 ? y : (T)0, xc = in != (T)0 ? x : (T)0;  /* finite: the conversions below */
         const T yf = FLOOR(yc), xf = FLOOR(xc);
         const T lh = yc - yf, lw = xc - xf, hh = (T)1 - lh, hw = (T)1 - lw;
@@ -188,15 +189,14 @@ static void NAME(tile_corners)(const T *restrict pos, const T *restrict scales, 
         const T left = xf >= (T)0 ? (T)1 : (T)0, right = xf + (T)1 <= Wf - (T)1 ? (T)1 : (T)0, sc = scales[s];
         const int32_t at = (int32_t)yf * wc + (int32_t)xf * c;
         const T k0 = top * left, k1 = top * right, k2 = bottom * left, k3 = bottom * right;
-        const T v0 = sc * (k0 * (hh * hw)), v1 = sc * (k1 * (hh * lw)), v2 = sc * (k2 * (lh * hw)), v3 = sc * (k3 * (lh * lw));
         off[4 * s + 0] = k0 != (T)0 ? at : -1;
         off[4 * s + 1] = k1 != (T)0 ? at + c : -1;
         off[4 * s + 2] = k2 != (T)0 ? at + wc : -1;
         off[4 * s + 3] = k3 != (T)0 ? at + wc + c : -1;
-        w[4 * s + 0] = v0;
-        w[4 * s + 1] = v1;
-        w[4 * s + 2] = v2;
-        w[4 * s + 3] = v3;
+        w[4 * s + 0] = sc * (k0 * (hh * hw));
+        w[4 * s + 1] = sc * (k1 * (hh * lw));
+        w[4 * s + 2] = sc * (k2 * (lh * hw));
+        w[4 * s + 3] = sc * (k3 * (lh * lw));
         lh_out[s] = lh;
         lw_out[s] = lw;
     }
@@ -255,14 +255,14 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
     {
         const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 0, !mask);
         T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *zeros = tb.zeros;
-        const int32_t *off = tb.off;
+        int32_t *off = tb.off;
         int64_t where[TILE];
         const int64_t work = all_allocated(tb.base, &failed) ? tiles : 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < work; ++t) {
             const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
             NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-            NAME(tile_corners)(pos, scales, GK, count, H, W, C, tb.off, wt, tb.lh, tb.lw);
+            NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, tb.lh, tb.lw);
             for (int64_t i = 0; i < count; ++i) {
                 const int64_t row = row0 + i;
                 const T *img = x + (row / L) * H * W * C;
@@ -277,6 +277,7 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
                             w[j] = wt[4 * at + j];
                             src[j] = q >= 0 ? img + q + g * cg : zeros;
                         }
+                        /* 3 (RGB) and 16 channels: loops of constant length, fully unrolled */
                         if (cg == 3) NAME(sample_forward)(src, w, o, 3);
                         else if (cg == 16) NAME(sample_forward)(src, w, o, 16);
                         else NAME(sample_forward)(src, w, o, cg);
@@ -363,7 +364,7 @@ int NAME(deform_columns_backward)(
         const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 1, !mask);
         T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *lhb = tb.lh, *lwb = tb.lw, *zeros = tb.zeros;
         T *grad_pos = tb.grad_pos, *grad_scales = tb.grad_scales, *scratch = tb.scratch;
-        const int32_t *off = tb.off;
+        int32_t *off = tb.off;
         int64_t where[TILE];
         const int64_t work = all_allocated(tb.base, &failed) ? geo->n : 0;
 #pragma omp for schedule(dynamic, 1)
@@ -374,7 +375,7 @@ int NAME(deform_columns_backward)(
             for (int64_t p0 = 0; p0 < L; p0 += TILE) {
                 const int64_t row0 = n * L + p0, count = p0 + TILE <= L ? TILE : L - p0;
                 NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-                NAME(tile_corners)(pos, scales, GK, count, H, W, C, tb.off, wt, lhb, lwb);
+                NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, lhb, lwb);
                 for (int64_t i = 0; i < count; ++i) {
                     const int64_t row = row0 + i;
                     for (int64_t k = 0; k < K; ++k) {
