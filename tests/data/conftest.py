@@ -61,8 +61,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.cut_after is not None and self.server.cut_times > 0:
             self.server.cut_times -= 1
             body = body[: self.server.cut_after]
-        self.wfile.write(body)
+        # logged before the write: once the client has every byte the test may read the log at once
         entry["sent"] = len(body)
+        self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
         pass
