@@ -93,7 +93,7 @@ def library() -> ctypes.CDLL | None:
         forward = getattr(lib, f"deform_columns_forward_{suffix}")
         forward.argtypes = [pointer] * 4 + [geometry, ctypes.c_int]
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
-        backward.argtypes = [pointer] * 7 + [geometry, ctypes.c_int]
+        backward.argtypes = [pointer] * 8 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
         for name in ("to_channels_last", "from_channels_last"):
             transpose = getattr(lib, f"{name}_{suffix}")
@@ -196,20 +196,23 @@ def columns_forward(x: Tensor, offset: Tensor, mask: Tensor | None, cols: Tensor
 
 def columns_backward(
     x: Tensor, offset: Tensor, mask: Tensor | None, grad_cols: Tensor, sampling: Sampling,
-    grad_x: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None,
+    grad_x: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None, cols: Tensor | None = None,
 ) -> None:
-    """Scatter grad_cols into grad_x and write grad_offset / grad_mask (any strides); every one given
-    is overwritten (grad_x need not be zeroed), None skips one."""
+    """Scatter grad_cols into grad_x and write grad_offset / grad_mask (any strides), and cols (as many
+    elements as grad_cols) with what `columns_forward` would write; every one given is overwritten (grad_x need not be
+    zeroed), None skips one."""
     lib = library()
     assert lib is not None
-    _check(x, grad_cols, grad_x)
-    _same_dtype(x, offset, mask, grad_cols, grad_x, grad_offset, grad_mask)
+    _check(x, grad_cols, grad_x, cols)
+    _same_dtype(x, offset, mask, grad_cols, grad_x, grad_offset, grad_mask, cols)
+    if cols is not None and cols.numel() != grad_cols.numel():
+        raise ValueError(f"cols {tuple(cols.shape)} must have as many elements as grad_cols {tuple(grad_cols.shape)}")
     geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
     for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
         if grad is not None and (like is None or grad.shape != like.shape):
             raise ValueError(f"{name} must have the shape of its input")
     fn = getattr(lib, f"deform_columns_backward_{_suffix(x)}")
-    _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(grad_cols), _ptr(grad_x), _ptr(grad_offset),
+    _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(grad_cols), _ptr(cols), _ptr(grad_x), _ptr(grad_offset),
              _ptr(grad_mask), ctypes.byref(geo), torch.get_num_threads()))
 
 

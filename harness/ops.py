@@ -565,17 +565,13 @@ class _DeformColumnsNative(torch.autograd.Function):
                 rows = slice(part.start * length, part.stop * length)
                 mk = None if mask is None else mask[part]
                 columns = torch.empty(m, length, taps, c, dtype=x.dtype)
-                if need_weight:  # the weight's gradient is the only reader of the columns' values
-                    with _sampling_scope():
-                        native.columns_forward(x[part], offset[part], mk, columns, sampling)
-                columns = columns.view(-1, taps * c).to(gemm)
-                grad_w_part, grad_columns = _columns_times_weight_backward(
-                    columns, w, go[rows], out_hw, need_weight, need_x or need_offset or need_mask
-                )
-                del columns
-                if grad_w_part is not None:
-                    grad_w += grad_w_part
-                if grad_columns is not None:
+                flat = columns.view(-1, taps * c)
+                if need_x or need_offset or need_mask:
+                    # The column gradient first (the columns' shape is all it needs): then the backward
+                    # kernel, which reads every sample's corners anyway, also writes the columns that the
+                    # weight's gradient needs, instead of a second forward pass computing them again.
+                    like = flat if gemm == x.dtype else torch.empty(flat.shape, dtype=gemm)
+                    _, grad_columns = _columns_times_weight_backward(like, w, go[rows], out_hw, False, True)
                     grad_columns = grad_columns.to(x.dtype).contiguous()
                     with _sampling_scope():
                         native.columns_backward(
@@ -583,8 +579,16 @@ class _DeformColumnsNative(torch.autograd.Function):
                             None if grad_x is None else grad_x[part],
                             None if grad_offset is None else grad_offset[part],
                             None if grad_mask is None else grad_mask[part],
+                            columns if need_weight else None,
                         )
-                    del grad_columns
+                    del grad_columns, like
+                elif need_weight:
+                    with _sampling_scope():
+                        native.columns_forward(x[part], offset[part], mk, columns, sampling)
+                if need_weight:
+                    grad_w_part, _ = _columns_times_weight_backward(flat.to(gemm), w, go[rows], out_hw, True, False)
+                    grad_w += grad_w_part
+                del columns, flat
         grad_weight = None
         if need_weight:
             grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)

@@ -139,6 +139,36 @@ def test_reads_and_writes_offsets_in_any_layout():
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("channels,groups", [(3, 1), (16, 1), (40, 1), (6, 2)])
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("with_input_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_writes_the_forwards_columns(channels, groups, modulated, with_input_grad, dtype):
+    """The backward pass can also write the columns (for the weight's gradient, instead of a second
+    forward pass): the same values as the forward, and the same gradients as without them, on every
+    loop the kernel has (3 channels without the input's gradient, 16, 32 or more, several groups)."""
+    if not native.available():
+        pytest.skip(native.status())
+    gen = torch.Generator().manual_seed(channels)
+    sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (9, 11))
+    x = torch.randn(3, 9, 11, channels, generator=gen, dtype=dtype)
+    offset = torch.randn(3, 18 * groups, 9, 11, generator=gen, dtype=dtype) * 4  # many samples leave the image
+    mask = torch.rand(3, 9 * groups, 9, 11, generator=gen, dtype=dtype) if modulated else None
+    columns = torch.empty(3, 99, 9, channels, dtype=dtype)
+    native.columns_forward(x, offset, mask, columns, sampling)
+    grad_columns = torch.randn(3 * 99, 9 * channels, generator=gen, dtype=dtype)
+    results = []
+    for cols in (None, torch.full_like(columns, float("nan"))):
+        grads = [torch.empty_like(x) if with_input_grad else None, torch.empty_like(offset),
+                 None if mask is None else torch.empty_like(mask)]
+        native.columns_backward(x, offset, mask, grad_columns, sampling, *grads, cols)
+        results.append((cols, grads))
+    torch.testing.assert_close(results[1][0], columns, rtol=0, atol=0)
+    for without, with_columns in zip(results[0][1], results[1][1], strict=True):
+        if without is not None:
+            torch.testing.assert_close(with_columns, without, rtol=0, atol=0)
+
+
 def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
