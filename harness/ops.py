@@ -560,35 +560,37 @@ class _DeformColumnsNative(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             go = grad_out.permute(0, 2, 3, 1).reshape(n * length, out_channels).to(gemm)
             w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
-            for part in _image_chunks(n, 2 * length * taps * c * x.element_size()):
+            # one column-sized buffer per chunk, as in forward: the backward kernel writes the columns over
+            # their gradient once it has read it
+            for part in _image_chunks(n, length * taps * c * x.element_size()):
                 m = part.stop - part.start
                 rows = slice(part.start * length, part.stop * length)
                 mk = None if mask is None else mask[part]
-                columns = torch.empty(m, length, taps, c, dtype=x.dtype)
-                flat = columns.view(-1, taps * c)
+                shape = (m * length, taps * c)
                 if need_x or need_offset or need_mask:
                     # The column gradient first (the columns' shape is all it needs): then the backward
                     # kernel, which reads every sample's corners anyway, also writes the columns that the
                     # weight's gradient needs, instead of a second forward pass computing them again.
-                    like = flat if gemm == x.dtype else torch.empty(flat.shape, dtype=gemm)
-                    _, grad_columns = _columns_times_weight_backward(like, w, go[rows], out_hw, False, True)
-                    grad_columns = grad_columns.to(x.dtype).contiguous()
+                    like = torch.empty(shape, dtype=gemm)  # never written: its pages are never touched
+                    _, columns = _columns_times_weight_backward(like, w, go[rows], out_hw, False, True)
+                    del like
+                    columns = columns.to(x.dtype).contiguous()
                     with _sampling_scope():
                         native.columns_backward(
-                            x[part], offset[part], mk, grad_columns, sampling,
+                            x[part], offset[part], mk, columns, sampling,
                             None if grad_x is None else grad_x[part],
                             None if grad_offset is None else grad_offset[part],
                             None if grad_mask is None else grad_mask[part],
                             columns if need_weight else None,
                         )
-                    del grad_columns, like
                 elif need_weight:
+                    columns = torch.empty(shape, dtype=x.dtype)
                     with _sampling_scope():
                         native.columns_forward(x[part], offset[part], mk, columns, sampling)
                 if need_weight:
-                    grad_w_part, _ = _columns_times_weight_backward(flat.to(gemm), w, go[rows], out_hw, True, False)
+                    grad_w_part, _ = _columns_times_weight_backward(columns.to(gemm), w, go[rows], out_hw, True, False)
                     grad_w += grad_w_part
-                del columns, flat
+                columns = None
         grad_weight = None
         if need_weight:
             grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)

@@ -145,8 +145,9 @@ def test_reads_and_writes_offsets_in_any_layout():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_writes_the_forwards_columns(channels, groups, modulated, with_input_grad, dtype):
     """The backward pass can also write the columns (for the weight's gradient, instead of a second
-    forward pass): the same values as the forward, and the same gradients as without them, on every
-    loop the kernel has (3 channels without the input's gradient, 16, 32 or more, several groups)."""
+    forward pass), into their own buffer or over their gradient: the same values as the forward, and
+    the same gradients as without them, on every loop the kernel has (3 channels, 16 and 32 in blocks
+    of 16, 40, several groups)."""
     if not native.available():
         pytest.skip(native.status())
     gen = torch.Generator().manual_seed(channels)
@@ -158,15 +159,19 @@ def test_backward_writes_the_forwards_columns(channels, groups, modulated, with_
     native.columns_forward(x, offset, mask, columns, sampling)
     grad_columns = torch.randn(3 * 99, 9 * channels, generator=gen, dtype=dtype)
     results = []
-    for cols in (None, torch.full_like(columns, float("nan"))):
+    # no columns, columns into their own buffer, columns over their gradient (in place)
+    for cols in ("none", "separate", "in_place"):
+        grad_in = grad_columns.clone()
+        cols = {"none": None, "separate": torch.full_like(columns, float("nan")), "in_place": grad_in}[cols]
         grads = [torch.empty_like(x) if with_input_grad else None, torch.empty_like(offset),
                  None if mask is None else torch.empty_like(mask)]
-        native.columns_backward(x, offset, mask, grad_columns, sampling, *grads, cols)
+        native.columns_backward(x, offset, mask, grad_in, sampling, *grads, cols)
         results.append((cols, grads))
-    torch.testing.assert_close(results[1][0], columns, rtol=0, atol=0)
-    for without, with_columns in zip(results[0][1], results[1][1], strict=True):
-        if without is not None:
-            torch.testing.assert_close(with_columns, without, rtol=0, atol=0)
+    for cols, grads in results[1:]:
+        torch.testing.assert_close(cols.view_as(columns), columns, rtol=0, atol=0)
+        for without, with_columns in zip(results[0][1], grads, strict=True):
+            if without is not None:
+                torch.testing.assert_close(with_columns, without, rtol=0, atol=0)
 
 
 def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):

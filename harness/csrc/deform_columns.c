@@ -300,14 +300,15 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
 /* One sample's backward over its channel vector. s0..s3: the corners' values (a zero row for a
  * corner outside the image); g0..g3: where their gradients go (a scratch row outside), weights
  * v0..v3 (scale times the bilinear weight, 0 outside). sums: dL/dy, dL/dx (GRAD_POS) and dL/dvalue
- * (GRAD_VALUE, for the mask), before the mask's scale.
+ * (GRAD_VALUE, for the mask), before the mask's scale. col (COLUMNS): where the sample's column
+ * values go; it may be d itself (each channel's d is read before its column value is written).
  * Multiples of 16 channels go to sample_backward_blocks below. Otherwise, at 32 or more channels one
  * vector loop does it all; below that, a vector loop per corner and a scalar reduction measured faster
  * (1.2-1.3x at 3 channels): the horizontal sums of a vector reduction then cost more than the few
  * products they save. */
 static inline __attribute__((always_inline)) void NAME(sample_backward)(
     const T *restrict s0, const T *restrict s1, const T *restrict s2, const T *restrict s3,
-    T *restrict g0, T *restrict g1, T *restrict g2, T *restrict g3, const T *restrict d, T *restrict col,
+    T *restrict g0, T *restrict g1, T *restrict g2, T *restrict g3, const T *d, T *col,
     const T v0, const T v1, const T v2, const T v3, const T lh, const T lw, int64_t cg, const int what,
     T *sums)
 {
@@ -342,10 +343,6 @@ static inline __attribute__((always_inline)) void NAME(sample_backward)(
                 for (int64_t c = 0; c < cg; ++c) dst[c] += v[j] * d[c];
             }
         }
-        if (what & COLUMNS) {
-#pragma omp simd
-            for (int64_t c = 0; c < cg; ++c) col[c] = v0 * s0[c] + v1 * s1[c] + v2 * s2[c] + v3 * s3[c];
-        }
         if (what & (GRAD_POS | GRAD_VALUE)) {
             for (int64_t c = 0; c < cg; ++c) {
                 const T dc = d[c], a = s0[c], b = s1[c], e = s2[c], f = s3[c];
@@ -355,6 +352,10 @@ static inline __attribute__((always_inline)) void NAME(sample_backward)(
                 }
                 if (what & GRAD_VALUE) sv += dc * (w0 * a + w1 * b + w2 * e + w3 * f);
             }
+        }
+        if (what & COLUMNS) {  /* last: col may be d */
+#pragma omp simd
+            for (int64_t c = 0; c < cg; ++c) col[c] = v0 * s0[c] + v1 * s1[c] + v2 * s2[c] + v3 * s3[c];
         }
     }
     sums[0] = sy; sums[1] = sx; sums[2] = sv;
@@ -389,7 +390,7 @@ static inline __attribute__((always_inline)) void NAME(sum16_pair)(const NAME(ve
 
 static inline __attribute__((always_inline)) void NAME(sample_backward_blocks)(
     const T *restrict s0, const T *restrict s1, const T *restrict s2, const T *restrict s3,
-    T *restrict g0, T *restrict g1, T *restrict g2, T *restrict g3, const T *restrict d, T *restrict col,
+    T *restrict g0, T *restrict g1, T *restrict g2, T *restrict g3, const T *d, T *col,
     const T v0, const T v1, const T v2, const T v3, const T lh, const T lw, int64_t cg, const int what, T *sums)
 {
     const T hh = (T)1 - lh, hw = (T)1 - lw;
@@ -472,9 +473,10 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
 }
 
 /* grad_x [N, H, W, C] is overwritten (or NULL); grad_offset and grad_mask (offset's and mask's shapes,
- * strides in geo) are overwritten (or NULL); so is cols (dcols' shape), with the columns that the
- * forward writes: the backward reads every sample's corners anyway, and a separate forward pass for
- * the weight's gradient would compute them all again. Each thread takes whole images, so every
+ * strides in geo) are overwritten (or NULL); so is cols (dcols' shape, or dcols itself), with the
+ * columns that the forward writes: the backward reads every sample's corners anyway, and a separate
+ * forward pass for the weight's gradient would compute them all again. In place over dcols, a chunk of
+ * the batch needs one column-sized buffer instead of two. Each thread takes whole images, so every
  * scatter stays in its own. Returns 0, or 1 when a thread's tile buffer could not be allocated
  * (nothing is written then). */
 int NAME(deform_columns_backward)(
