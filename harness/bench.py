@@ -131,9 +131,10 @@ def _make_case(
         def run() -> None:  # in the op's chunks: chunk-sized matmuls stay in cache
             for part in _image_chunks(shape.n, per_image):
                 _columns_times_weight(columns[part.start * out * out : part.stop * out * out], weight, (out, out))
-            for part in _image_chunks(shape.n, 2 * per_image):
+            for part in _image_chunks(shape.n, per_image):  # the column gradient, then the weight's
                 rows = slice(part.start * out * out, part.stop * out * out)
-                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), True, True)
+                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), False, True)
+                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), True, False)
     elif impl == "shared_expanded":
         off = shared_offset()
 
