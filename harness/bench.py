@@ -273,6 +273,7 @@ class ModelRow:
     images_per_s: float
     ms_per_step: float
     relative_to_standard: float
+    steps: int  # timed steps behind the median (the same for every placement: they are interleaved)
 
 
 def bench_model(
@@ -281,7 +282,8 @@ def bench_model(
     warmup: int = 2, reps: int = 5, threads: int = 2, progress: Callable[[str], None] | None = None,
     device: str = "cpu", amp: str = "none", channels_last: bool = False,
 ) -> list[ModelRow]:
-    """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement."""
+    """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement,
+    the placements' steps interleaved (see below), medians over the same number of steps each."""
     from harness.models import DeformOptions, create_model
 
     _check_device(device)
@@ -294,8 +296,7 @@ def bench_model(
     targets = (torch.rand(batch, 80, device=device) < 0.05).float()
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     device_type = torch.device(device).type
-    rows: list[ModelRow] = []
-    base_ips = None
+    steps: list[Callable[[], None]] = []
     for placement in placements:
         if progress:
             progress(placement)
@@ -320,10 +321,24 @@ def bench_model(
             if device_type == "cuda":
                 torch.cuda.synchronize()
 
-        ms = median_ms(step, warmup, reps, min_time_s=1.0)
+        for _ in range(warmup):
+            step()
+        steps.append(step)
+    # One step of each placement in turn, round after round: a machine whose speed drifts (a shared VM)
+    # then slows every placement alike, and the ratios stay put. Timed one placement after another,
+    # ratios on this machine moved by up to 0.06 between runs minutes apart.
+    times: list[list[float]] = [[] for _ in steps]
+    start = time.perf_counter()
+    while len(times[0]) < reps or (time.perf_counter() - start < len(steps) and len(times[0]) < 10 * reps):
+        for step, timed in zip(steps, times, strict=True):
+            t0 = time.perf_counter()
+            step()
+            timed.append((time.perf_counter() - t0) * 1000)
+    rows: list[ModelRow] = []
+    for placement, timed in zip(placements, times, strict=True):
+        ms = statistics.median(timed)
         ips = batch / (ms / 1000)
-        base_ips = ips if base_ips is None else base_ips
-        rows.append(ModelRow(placement, ips, ms, ips / base_ips))
+        rows.append(ModelRow(placement, ips, ms, ips / (rows[0].images_per_s if rows else ips), len(timed)))
     return rows
 
 

@@ -28,6 +28,27 @@ def test_bench_model_relative_to_first():
     rows = bench_model(["none", "first:1"], image_size=32, batch=2, arch="small3", warmup=0, reps=1)
     assert rows[0].relative_to_standard == pytest.approx(1.0)
     assert rows[1].images_per_s > 0
+    assert rows[1].relative_to_standard == pytest.approx(rows[1].images_per_s / rows[0].images_per_s)
+
+
+def test_bench_model_interleaves_the_placements(monkeypatch):
+    """Each timed round runs one step of every placement, so all get the same number of steps and a
+    drifting machine slows them alike: the order of the models' steps alternates."""
+    from harness import models
+
+    order = []
+    real = models.create_model
+
+    def tracked(arch, *, deform_layers, **kwargs):
+        model = real(arch, deform_layers=deform_layers, **kwargs)
+        model.register_forward_pre_hook(lambda *_: order.append(deform_layers))
+        return model
+
+    monkeypatch.setattr(models, "create_model", tracked)
+    rows = bench_model(["none", "first:1"], image_size=32, batch=2, arch="small3", warmup=1, reps=3)
+    assert rows[0].steps == rows[1].steps >= 3
+    timed = order[2:]  # after one warm-up step each
+    assert timed[:6] == ["none", "first:1"] * 3
 
 
 def test_cli_bench_ops_json(capsys):

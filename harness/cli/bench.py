@@ -81,13 +81,14 @@ def model(
     offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
     modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
-    reps: Annotated[int, typer.Option(help="timed steps (median reported)")] = 5,
+    reps: Annotated[int, typer.Option(help="timed steps per placement, at least (median reported)")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
     device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
     amp: Annotated[str, typer.Option(help="none, bf16 or fp16")] = "none",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="NHWC activations and weights")] = False,
 ) -> None:
-    """Training-step images/s of the network for each deformable placement."""
+    """Training-step images/s of the network for each deformable placement (steps interleaved across
+    placements, so that a machine whose speed drifts slows them alike)."""
     placements = placement or ["none", "first:2", "all"]
     with console.status("benchmarking") as status:
         rows = bench_model(
@@ -98,10 +99,11 @@ def model(
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
         return
     table = Table(title=f"{arch} ×{width} training step, {image_size} px, batch {batch}, {offset_channels}")
-    for col in ("placement", "images/s", "ms/step", "vs standard"):
+    for col in ("placement", "images/s", "ms/step", "vs standard", "steps"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r.placement, f"{r.images_per_s:.1f}", f"{r.ms_per_step:.1f}", f"{r.relative_to_standard:.2f}×")
+        table.add_row(r.placement, f"{r.images_per_s:.1f}", f"{r.ms_per_step:.1f}", f"{r.relative_to_standard:.2f}×",
+                      str(r.steps))
     console.print(table)
     console.print(f"machine: {machine_description()}")
 
