@@ -459,8 +459,8 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
                 T *col = (what & COLUMNS) ? t->cols + at_cols : 0;
                 T sums[3] = {0, 0, 0};
                 if (cg % 16 == 0)
-                    NAME(sample_backward_blocks)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, col, v[0], v[1],
-                                            v[2], v[3], t->lh[at], t->lw[at], cg, what, sums);
+                    NAME(sample_backward_blocks)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, col, v[0],
+                                                 v[1], v[2], v[3], t->lh[at], t->lw[at], cg, what, sums);
                 else
                     NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, col, v[0], v[1],
                                           v[2], v[3], t->lh[at], t->lw[at], cg, what, sums);
