@@ -199,14 +199,16 @@ def columns_backward(
     grad_x: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None, cols: Tensor | None = None,
 ) -> None:
     """Scatter grad_cols into grad_x and write grad_offset / grad_mask (any strides), and cols (as many
-    elements as grad_cols) with what `columns_forward` would write; every one given is overwritten (grad_x need not be
-    zeroed), None skips one."""
+    elements as grad_cols, or grad_cols itself: each value is read before its column overwrites it)
+    with what `columns_forward` would write. Every one given is overwritten (grad_x need not be
+    zeroed); None skips one."""
     lib = library()
     assert lib is not None
     _check(x, grad_cols, grad_x, cols)
     _same_dtype(x, offset, mask, grad_cols, grad_x, grad_offset, grad_mask, cols)
     if cols is not None and cols.numel() != grad_cols.numel():
-        raise ValueError(f"cols {tuple(cols.shape)} must have as many elements as grad_cols {tuple(grad_cols.shape)}")
+        raise ValueError(f"cols {tuple(cols.shape)} must have as many elements as grad_cols "
+                         f"{tuple(grad_cols.shape)}")
     geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
     for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
         if grad is not None and (like is None or grad.shape != like.shape):
