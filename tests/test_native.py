@@ -80,6 +80,9 @@ def test_rejects_what_the_kernel_cannot_take():
             native.columns_forward(x, torch.zeros(1, channels, 4, 4), None, torch.empty(1, 16, 9, 2), sampling)
     with pytest.raises(ValueError, match="mask"):
         native.columns_forward(x, offset.float(), torch.ones(1, 8, 4, 4), torch.empty(1, 16, 9, 2), sampling)
+    with pytest.raises(ValueError, match="as many elements"):  # the backward's columns: grad_cols' size
+        native.columns_backward(x, offset.float(), None, torch.zeros(16, 18), sampling, None,
+                                torch.empty(1, 18, 4, 4), None, torch.empty(16, 17))
     # corner offsets are 32-bit: an image of 2^31 elements (here a 0-stride view, no memory) is refused
     huge = torch.zeros(1, 1, 1, 2).expand(1, 2**15, 2**15, 2)
     big = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (2**15, 2**15))
