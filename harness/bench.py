@@ -328,8 +328,9 @@ def bench_model(
     # then slows every placement alike, and the ratios stay put. Timed one placement after another,
     # ratios on this machine moved by up to 0.06 between runs minutes apart.
     times: list[list[float]] = [[] for _ in steps]
+    min_time_s = 1.0 * len(steps)  # at least 1 s per placement, as each got when they were timed in turn
     start = time.perf_counter()
-    while len(times[0]) < reps or (time.perf_counter() - start < len(steps) and len(times[0]) < 10 * reps):
+    while len(times[0]) < reps or (time.perf_counter() - start < min_time_s and len(times[0]) < 10 * reps):
         for step, timed in zip(steps, times, strict=True):
             t0 = time.perf_counter()
             step()
