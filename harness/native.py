@@ -3,6 +3,9 @@
 grid_sample's CPU kernel samples one channel at a time and scatters its input gradient one element
 at a time; that was about 70 % of a per-tap layer's time. harness/csrc/deform_columns.c does the same
 arithmetic with the channels innermost, so every gather, scatter and dot product is a vector loop.
+In fp32 it also fuses the whole layer (`conv_forward`, `conv_backward`): each thread samples a tile of
+64 output pixels into a buffer that stays in cache and multiplies it there with register-blocked
+AVX-512 loops, so the 9x-larger columns never go through memory.
 It is plain C with OpenMP (no Python or torch headers), compiled with the system's C compiler the
 first time it is needed, like torch.compile does, and cached under ~/.cache/harness (or
 $HARNESS_CACHE_DIR) by source, compiler and CPU. Without a compiler, or with HARNESS_NATIVE=0, the
@@ -95,6 +98,12 @@ def library() -> ctypes.CDLL | None:
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
         backward.argtypes = [pointer] * 8 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
+        if suffix == "f32":
+            conv_forward = lib.deform_conv_forward_f32
+            conv_forward.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
+            conv_backward = lib.deform_conv_backward_f32
+            conv_backward.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
+            conv_forward.restype = conv_backward.restype = ctypes.c_int
         for name in ("to_channels_last", "from_channels_last"):
             transpose = getattr(lib, f"{name}_{suffix}")
             transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
@@ -216,6 +225,69 @@ def columns_backward(
     fn = getattr(lib, f"deform_columns_backward_{_suffix(x)}")
     _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(grad_cols), _ptr(cols), _ptr(grad_x), _ptr(grad_offset),
              _ptr(grad_mask), ctypes.byref(geo), torch.get_num_threads()))
+
+
+def padded_columns(taps: int, channels: int) -> int:
+    """The fused kernel's column row length: K·C rounded up to a whole number of 16-float vectors."""
+    return -(-taps * channels // 16) * 16
+
+
+def fuses(x: Tensor, out_channels: int) -> bool:
+    """Whether `conv_forward`/`conv_backward` take this case: fp32, outputs a multiple of 16."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0 and available()
+
+
+def conv_forward(
+    x: Tensor, offset: Tensor, mask: Tensor | None, weight_t: Tensor, bias: Tensor | None, sampling: Sampling
+) -> Tensor:
+    """The deformable convolution in one pass, columns sampled and multiplied tile by tile in cache:
+    out [N·Ho·Wo, O] (channels-last rows) from x [N, H, W, C], weight_t [KCp, O] (row k·C + c for tap k,
+    channel c; rows from K·C on zero, KCp = `padded_columns`) and bias [O] or None. fp32, O % 16 == 0."""
+    lib = library()
+    assert lib is not None
+    n, _, _, c = x.shape
+    kcp, out_channels = weight_t.shape
+    taps = sampling.kernel[0] * sampling.kernel[1]
+    _check(x, weight_t, bias)
+    _same_dtype(x, offset, mask, weight_t, bias)
+    if x.dtype != torch.float32 or out_channels % 16 or kcp != padded_columns(taps, c):
+        raise ValueError(f"fused DCN kernel takes fp32 x and weight_t [{padded_columns(taps, c)}, 16·j], "
+                         f"given {x.dtype} and {tuple(weight_t.shape)}")
+    if bias is not None and bias.shape != (out_channels,):
+        raise ValueError(f"bias {tuple(bias.shape)} does not fit {out_channels} outputs")
+    geo = _geometry(x, offset, mask, sampling)
+    out = torch.empty(n * sampling.out_hw[0] * sampling.out_hw[1], out_channels, dtype=x.dtype)
+    _done(lib.deform_conv_forward_f32(_ptr(x), _ptr(offset), _ptr(mask), _ptr(weight_t), _ptr(bias), _ptr(out),
+                                      out_channels, ctypes.byref(geo), torch.get_num_threads()))
+    return out
+
+
+def conv_backward(
+    x: Tensor, offset: Tensor, mask: Tensor | None, weight: Tensor, grad_out: Tensor, sampling: Sampling,
+    grad_x: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None, need_weight: bool,
+) -> Tensor | None:
+    """`conv_forward`'s backward: grad_out [N·Ho·Wo, O] rows, weight [O, KCp] (`conv_forward`'s weight_t
+    transposed). Overwrites grad_x, grad_offset and grad_mask (None skips one, as in `columns_backward`)
+    and returns the weight's gradient [KCp, O] when need_weight, else None."""
+    lib = library()
+    assert lib is not None
+    out_channels, kcp = weight.shape
+    threads = torch.get_num_threads()
+    _check(x, weight, grad_out, grad_x)
+    _same_dtype(x, offset, mask, weight, grad_out, grad_x, grad_offset, grad_mask)
+    rows = x.shape[0] * sampling.out_hw[0] * sampling.out_hw[1]
+    if x.dtype != torch.float32 or out_channels % 16 or grad_out.shape != (rows, out_channels):
+        raise ValueError(f"fused DCN backward takes fp32 and grad_out [{rows}, {out_channels}], "
+                         f"given {x.dtype} and {tuple(grad_out.shape)}")
+    geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
+    for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
+        if grad is not None and (like is None or grad.shape != like.shape):
+            raise ValueError(f"{name} must have the shape of its input")
+    per_thread = torch.zeros(threads, kcp, out_channels, dtype=x.dtype) if need_weight else None
+    _done(lib.deform_conv_backward_f32(_ptr(x), _ptr(offset), _ptr(mask), _ptr(weight), _ptr(grad_out),
+                                       _ptr(grad_x), _ptr(grad_offset), _ptr(grad_mask), _ptr(per_thread),
+                                       out_channels, ctypes.byref(geo), threads))
+    return None if per_thread is None else per_thread.sum(0)
 
 
 def to_channels_last(x: Tensor, pad_y: int = 0, pad_x: int = 0) -> Tensor:

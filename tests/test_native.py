@@ -177,6 +177,84 @@ def test_backward_writes_the_forwards_columns(channels, groups, modulated, with_
                 torch.testing.assert_close(with_columns, without, rtol=0, atol=0)
 
 
+def _close_in_fp32(got, want, name):
+    """got (fp32) equals want (fp64) to fp32's precision at want's largest magnitude."""
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * max(1.0, want.abs().max().item()), msg=name)
+
+
+@pytest.mark.parametrize("channels,groups,out_channels", [(3, 1, 16), (16, 1, 16), (32, 1, 32), (40, 1, 48),
+                                                       (6, 2, 16)])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_fused_convolution_is_the_columns_times_the_weight(channels, groups, out_channels, modulated):
+    """conv_forward/conv_backward (sampling and products tile by tile) give what the columns kernel and
+    plain matmuls give: the output, the input's, offset's, mask's and weight's gradients (the weight's
+    from every thread's slice). 143 pixels per image: tiles of 64 with a tail, crossing images in
+    forward; 27 or 54 column values padded to 32 or 64."""
+    if not native.available():
+        pytest.skip(native.status())
+    gen = torch.Generator().manual_seed(channels)
+    sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (13, 11))
+    taps, rows = 9, 3 * 143
+    x = torch.randn(3, 13, 11, channels, generator=gen)
+    offset = torch.randn(3, 18 * groups, 13, 11, generator=gen) * 4  # many samples leave the image
+    mask = torch.rand(3, 9 * groups, 13, 11, generator=gen) if modulated else None
+    weight = torch.randn(out_channels, taps * channels, generator=gen)  # [O, K·C], tap-major
+    bias = torch.randn(out_channels, generator=gen)
+    grad_out = torch.randn(rows, out_channels, generator=gen)
+    kcp = native.padded_columns(taps, channels)
+    padded = torch.zeros(out_channels, kcp)
+    padded[:, : taps * channels] = weight
+
+    columns = torch.empty(3, 143, taps, channels, dtype=torch.float64)
+    native.columns_forward(x.double(), offset.double(), None if mask is None else mask.double(), columns, sampling)
+    columns = columns.view(rows, -1)
+    grad_columns = grad_out.double() @ weight.double()
+    want = [torch.empty(x.shape, dtype=torch.float64), torch.empty(offset.shape, dtype=torch.float64),
+            None if mask is None else torch.empty(mask.shape, dtype=torch.float64)]
+    native.columns_backward(x.double(), offset.double(), None if mask is None else mask.double(), grad_columns,
+                            sampling, *want)
+
+    out = native.conv_forward(x, offset, mask, padded.t().contiguous(), bias, sampling)
+    _close_in_fp32(out, columns @ weight.double().t() + bias.double(), "output")
+    got = [torch.full_like(x, float("nan")), torch.full_like(offset, float("nan")),
+           None if mask is None else torch.full_like(mask, float("nan"))]
+    grad_weight = native.conv_backward(x, offset, mask, padded, grad_out, sampling, *got, need_weight=True)
+    assert grad_weight.shape == (kcp, out_channels)
+    _close_in_fp32(grad_weight[: taps * channels], columns.t() @ grad_out.double(), "weight")
+    for name, g, w in zip(("x", "offset", "mask"), got, want, strict=True):
+        if w is not None:
+            _close_in_fp32(g, w, name)
+    # the weight's gradient alone (a frozen everything else): only the columns are sampled
+    alone = native.conv_backward(x, offset, mask, padded, grad_out, sampling, None, None, None, need_weight=True)
+    _close_in_fp32(alone, grad_weight.double(), "weight alone")
+    assert native.conv_backward(x, offset, mask, padded, grad_out, sampling, None, None, None, False) is None
+
+
+def test_fused_convolution_rejects_what_it_cannot_take():
+    if not native.available():
+        pytest.skip(native.status())
+    sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (4, 4))
+    x, offset = torch.zeros(1, 4, 4, 3), torch.zeros(1, 18, 4, 4)
+    assert native.padded_columns(9, 3) == 32 and native.padded_columns(9, 16) == 144
+    with pytest.raises(ValueError, match="weight_t"):  # 27 rows: not padded to 32
+        native.conv_forward(x, offset, None, torch.zeros(27, 16), None, sampling)
+    with pytest.raises(ValueError, match="weight_t"):  # 20 outputs: not a multiple of 16
+        native.conv_forward(x, offset, None, torch.zeros(32, 20), None, sampling)
+    with pytest.raises(ValueError, match="bias"):
+        native.conv_forward(x, offset, None, torch.zeros(32, 16), torch.zeros(8), sampling)
+    with pytest.raises(TypeError, match="float32"):  # every tensor in x's dtype
+        native.conv_forward(x, offset, None, torch.zeros(32, 16, dtype=torch.float64), None, sampling)
+    with pytest.raises(ValueError, match="fp32"):
+        native.conv_forward(x.double(), offset.double(), None, torch.zeros(32, 16, dtype=torch.float64), None,
+                            sampling)
+    with pytest.raises(ValueError, match="grad_out"):
+        native.conv_backward(x, offset, None, torch.zeros(16, 32), torch.zeros(15, 16), sampling, None, None, None,
+                             True)
+    with pytest.raises(ValueError, match="grad_offset"):
+        native.conv_backward(x, offset, None, torch.zeros(16, 32), torch.zeros(16, 16), sampling, None,
+                             torch.zeros(1, 18, 4, 3), None, True)
+
+
 def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(native.shutil, "which", lambda name: None)

@@ -36,7 +36,8 @@ def _grads(fn, tensors):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
     out = fn(*leaves)
     g = torch.Generator().manual_seed(1)
-    upstream = torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)
+    # drawn in fp64 whatever the output's dtype, so that an fp32 run and its fp64 reference get the same
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     (out * upstream).sum().backward()
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
@@ -135,6 +136,101 @@ def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel)
         if gb is None:
             continue
         torch.testing.assert_close(ga, gb, atol=tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
+
+
+# The fused kernel (fp32, outputs a multiple of 16): columns sampled and multiplied tile by tile.
+# Every geometry above with 16 or 48 outputs, and the channel counts with their own loops.
+FUSED_CASES = [dict(case, o=16 if i % 2 else 48) for i, case in enumerate(CASES) if "groups" not in case] + [
+    dict(c=3, o=16, h=13, w=11), dict(c=16, o=32, h=13, w=11, mask=True), dict(c=32, o=16, offset_groups=2),
+    dict(c=40, o=16, s=2, mask=True), dict(n=3, c=16, o=16, h=17, w=19, scale=8.0),
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_fused_path_matches_torchvision(case, monkeypatch):
+    """fp32 with outputs a multiple of 16 runs the fused kernel (tiles of 64 pixels that cross image
+    borders in forward, tails, zero-padded column rows for 3·9 = 27 values); every value and gradient
+    matches torchvision's fp64 kernel to fp32 precision."""
+    from harness import native
+
+    if not native.available():
+        pytest.skip(native.status())
+    calls = _count_calls(monkeypatch, native, "conv_forward", "conv_backward")
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, **case)
+    tensors = [x, offset, weight, bias, mask]
+
+    def ours(x, off, w, b, m):
+        return deform_conv2d(x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
+
+    def theirs(x, off, w, b, m):
+        return tv_deform_conv2d(x, off, w, b, stride=(s, s), padding=(p, p), dilation=(d, d), mask=m)
+
+    out_a, grads_a = _grads(ours, tensors)
+    out_b, grads_b = _grads(theirs, [None if t is None else t.double() for t in tensors])
+    assert calls == {"conv_forward": 1, "conv_backward": 1}
+    torch.testing.assert_close(out_a.double(), out_b, atol=1e-4 * max(1.0, out_b.abs().max().item() / 10), rtol=0)
+    for name, ga, gb in zip(("input", "offset", "weight", "bias", "mask"), grads_a, grads_b, strict=True):
+        if gb is not None:
+            torch.testing.assert_close(ga.double(), gb, atol=1e-4 * max(1.0, gb.abs().max().item() / 10), rtol=0,
+                                       msg=name)
+
+
+def _count_calls(monkeypatch, module, *names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(module, name)
+
+        def counted(*args, name=name, original=original, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("c", [3, 16, 40])
+@pytest.mark.parametrize("wanted", ["x", "offset", "mask", "x+offset", "weight", "offset+weight"])
+def test_fused_gradients_of_any_subset_of_inputs(wanted, c):
+    """The fused backward computes only what is asked for (a first layer: no input gradient; a frozen
+    weight: no column products), and each gradient matches torchvision's."""
+    from harness import native
+
+    if not native.available():
+        pytest.skip(native.status())
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, c=c, o=16, h=12, w=13, mask=True)
+    names = ("x", "offset", "weight", "mask")
+    results = []
+    for fn, dtype in ((deform_conv2d, torch.float32), (tv_deform_conv2d, torch.float64)):
+        leaves = {name: t.detach().to(dtype).requires_grad_(name in wanted.split("+"))
+                  for name, t in zip(names, (x, offset, weight, mask), strict=True)}
+        out = fn(leaves["x"], leaves["offset"], leaves["weight"], bias.to(dtype), (s, s), (p, p), (d, d),
+                 leaves["mask"])
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        results.append({name: t.grad for name, t in leaves.items()})
+    ours, theirs = results
+    for name in names:
+        assert (ours[name] is None) == (name not in wanted.split("+")), name
+        if theirs[name] is not None:
+            torch.testing.assert_close(ours[name].double(), theirs[name], rtol=0,
+                                       atol=1e-4 * max(1.0, theirs[name].abs().max().item() / 10), msg=name)
+
+
+@pytest.mark.parametrize("dtype,out_channels,amp,fused", [
+    (torch.float32, 16, False, True), (torch.float32, 48, False, True), (torch.float64, 16, False, False),
+    (torch.float32, 20, False, False), (torch.float32, 16, True, False),
+])
+def test_fused_path_only_where_it_applies(dtype, out_channels, amp, fused, monkeypatch):
+    """fp32 products with outputs a multiple of 16 fuse; fp64, other output counts and autocast's bf16
+    products keep the columns path."""
+    from harness import native
+
+    if not native.available():
+        pytest.skip(native.status())
+    calls = _count_calls(monkeypatch, native, "conv_forward", "columns_forward")
+    x, offset, weight, bias, mask, (s, p, d) = _case(dtype, c=4, o=out_channels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+    assert calls == {"conv_forward": int(fused), "columns_forward": int(not fused)}
 
 
 SHARED_GEOMETRIES = [

@@ -21,6 +21,7 @@
  */
 #ifndef T
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,7 +87,9 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 #define INDEX int32_t
 #define FLOOR floorf
 #define NAME(base) base##_f32
+#define FUSED 1  /* the fused convolution: fp32 only (16 floats are one AVX-512 register) */
 #include __FILE__
+#undef FUSED
 #undef T
 #undef INDEX
 #undef FLOOR
@@ -262,6 +265,34 @@ static inline __attribute__((always_inline)) void NAME(sample_forward)(const T *
     for (int64_t c = 0; c < cg; ++c) o[c] = w[0] * s0[c] + w[1] * s1[c] + w[2] * s2[c] + w[3] * s3[c];
 }
 
+/* The columns of a tile's `count` output pixels from row0 (corners in tb, from tile_corners), as rows
+ * of ld elements from dst: row i holds K*C values, tap-major. */
+static void NAME(forward_tile)(const T *x, const geometry_t *geo, const NAME(tile_t) *tb, int64_t row0, int64_t count,
+                               T *dst, int64_t ld) {
+    const int64_t H = geo->h, W = geo->w, C = geo->c, G = geo->groups, K = geo->kh * geo->kw;
+    const int64_t L = geo->ho * geo->wo, cg = C / G;
+    for (int64_t i = 0; i < count; ++i) {
+        const T *img = x + (row0 + i) / L * H * W * C;
+        for (int64_t k = 0; k < K; ++k) {
+            for (int64_t g = 0; g < G; ++g) {
+                const int64_t at = (g * K + k) * count + i;
+                T *restrict o = dst + i * ld + k * C + g * cg;
+                T w[4];
+                const T *src[4];
+                for (int j = 0; j < 4; ++j) {
+                    const int32_t q = tb->off[4 * at + j];
+                    w[j] = tb->wt[4 * at + j];
+                    src[j] = q >= 0 ? img + q + g * cg : tb->zeros;
+                }
+                /* 3 (RGB) and 16 channels: loops of constant length, fully unrolled */
+                if (cg == 3) NAME(sample_forward)(src, w, o, 3);
+                else if (cg == 16) NAME(sample_forward)(src, w, o, 16);
+                else NAME(sample_forward)(src, w, o, cg);
+            }
+        }
+    }
+}
+
 /* Returns 0, or 1 when a thread's tile buffer could not be allocated (nothing is written then). */
 int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *cols, const geometry_t *geo,
                                  int threads)
@@ -273,36 +304,14 @@ int NAME(deform_columns_forward)(const T *x, const T *offset, const T *mask, T *
 #pragma omp parallel num_threads(threads)
     {
         const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 0, !mask);
-        T *pos = tb.pos, *scales = tb.scales, *wt = tb.wt, *zeros = tb.zeros;
-        int32_t *off = tb.off;
         int64_t where[TILE];
         const int64_t work = all_allocated(tb.base, &failed) ? tiles : 0;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < work; ++t) {
             const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
-            NAME(load_pixels)(offset, mask, geo, row0, count, where, pos, scales);
-            NAME(tile_corners)(pos, scales, GK, count, H, W, C, off, wt, tb.lh, tb.lw);
-            for (int64_t i = 0; i < count; ++i) {
-                const int64_t row = row0 + i;
-                const T *img = x + (row / L) * H * W * C;
-                for (int64_t k = 0; k < K; ++k) {
-                    for (int64_t g = 0; g < G; ++g) {
-                        const int64_t at = (g * K + k) * count + i;
-                        T *restrict o = cols + (row * K + k) * C + g * cg;
-                        T w[4];
-                        const T *src[4];
-                        for (int j = 0; j < 4; ++j) {
-                            const int32_t q = off[4 * at + j];
-                            w[j] = wt[4 * at + j];
-                            src[j] = q >= 0 ? img + q + g * cg : zeros;
-                        }
-                        /* 3 (RGB) and 16 channels: loops of constant length, fully unrolled */
-                        if (cg == 3) NAME(sample_forward)(src, w, o, 3);
-                        else if (cg == 16) NAME(sample_forward)(src, w, o, 16);
-                        else NAME(sample_forward)(src, w, o, cg);
-                    }
-                }
-            }
+            NAME(load_pixels)(offset, mask, geo, row0, count, where, tb.pos, tb.scales);
+            NAME(tile_corners)(tb.pos, tb.scales, GK, count, H, W, C, tb.off, tb.wt, tb.lh, tb.lw);
+            NAME(forward_tile)(x, geo, &tb, row0, count, cols + row0 * K * C, K * C);
         }
         free(tb.base);
     }
@@ -449,6 +458,7 @@ typedef struct {
     T *gimg, *scratch, *cols, *grad_pos, *grad_scales;
     const int32_t *off;
     int64_t row0, count, K, G, C;
+    int64_t first, ld;  /* dcols and cols hold rows first.. at ld elements each (K*C, or padded) */
 } NAME(tile_backward_t);
 
 /* The backward of every sample of a tile, in one loop with constant flags and (at 3 and 16 channels)
@@ -460,7 +470,7 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
         for (int64_t k = 0; k < K; ++k)
             for (int64_t g = 0; g < t->G; ++g) {
                 const int64_t at = (g * K + k) * count + i, ch = g * K + k, base = g * cg;
-                const int64_t at_cols = ((t->row0 + i) * K + k) * t->C + base;
+                const int64_t at_cols = (t->row0 - t->first + i) * t->ld + k * t->C + base;
                 const T *s[4];
                 T *gx[4];
                 for (int j = 0; j < 4; ++j) {
@@ -485,6 +495,34 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
             }
 }
 
+/* backward_tile with the flags `what` and the channel count made constants: one loop per combination,
+ * and for 3 (RGB) and 16 channels loops of constant length (fully unrolled, no vector remainder). */
+static void NAME(backward_tile_any)(const NAME(tile_backward_t) *given, const int what, const int64_t cg) {
+    const NAME(tile_backward_t) tile = *given;  /* constant over the tile, to the compiler too */
+#define TILE_BACKWARD(flags) (cg == 3 ? NAME(backward_tile)(&tile, flags, 3) : cg == 16 \
+                              ? NAME(backward_tile)(&tile, flags, 16) : cg == 32 \
+                              ? NAME(backward_tile)(&tile, flags, 32) : NAME(backward_tile)(&tile, flags, cg))
+    switch (what) {
+        case GRAD_X: TILE_BACKWARD(GRAD_X); break;
+        case GRAD_POS: TILE_BACKWARD(GRAD_POS); break;
+        case GRAD_X | GRAD_POS: TILE_BACKWARD(GRAD_X | GRAD_POS); break;
+        case GRAD_VALUE: TILE_BACKWARD(GRAD_VALUE); break;
+        case GRAD_X | GRAD_VALUE: TILE_BACKWARD(GRAD_X | GRAD_VALUE); break;
+        case GRAD_POS | GRAD_VALUE: TILE_BACKWARD(GRAD_POS | GRAD_VALUE); break;
+        case GRAD_X | GRAD_POS | GRAD_VALUE: TILE_BACKWARD(GRAD_X | GRAD_POS | GRAD_VALUE); break;
+        case COLUMNS: TILE_BACKWARD(COLUMNS); break;
+        case GRAD_X | COLUMNS: TILE_BACKWARD(GRAD_X | COLUMNS); break;
+        case GRAD_POS | COLUMNS: TILE_BACKWARD(GRAD_POS | COLUMNS); break;
+        case GRAD_X | GRAD_POS | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_POS | COLUMNS); break;
+        case GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_VALUE | COLUMNS); break;
+        case GRAD_X | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_VALUE | COLUMNS); break;
+        case GRAD_POS | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_POS | GRAD_VALUE | COLUMNS); break;
+        case GRAD_X | GRAD_POS | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_POS | GRAD_VALUE | COLUMNS); break;
+        default: break;
+    }
+#undef TILE_BACKWARD
+}
+
 /* grad_x [N, H, W, C] is overwritten (or NULL); grad_offset and grad_mask (offset's and mask's shapes,
  * strides in geo) are overwritten (or NULL); so is cols (dcols' shape, or dcols itself), with the
  * columns that the forward writes: the backward reads every sample's corners anyway, and a separate
@@ -507,7 +545,8 @@ int NAME(deform_columns_backward)(
         int64_t where[TILE];
         NAME(tile_backward_t) t = {.dcols = dcols, .wt = tb.wt, .lh = tb.lh, .lw = tb.lw, .scales = tb.scales,
                                    .zeros = tb.zeros, .scratch = tb.scratch, .cols = cols, .grad_pos = tb.grad_pos,
-                                   .grad_scales = tb.grad_scales, .off = tb.off, .K = K, .G = G, .C = C};
+                                   .grad_scales = tb.grad_scales, .off = tb.off, .K = K, .G = G, .C = C,
+                                   .first = 0, .ld = K * C};
         const int64_t work = all_allocated(tb.base, &failed) ? geo->n : 0;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t n = 0; n < work; ++n) {
@@ -519,29 +558,7 @@ int NAME(deform_columns_backward)(
                 t.count = p0 + TILE <= L ? TILE : L - p0;
                 NAME(load_pixels)(offset, mask, geo, t.row0, t.count, where, tb.pos, tb.scales);
                 NAME(tile_corners)(tb.pos, tb.scales, GK, t.count, H, W, C, tb.off, tb.wt, tb.lh, tb.lw);
-                const NAME(tile_backward_t) tile = t;  /* constant over the tile, to the compiler too */
-/* 3 (RGB) and 16 channels get loops of constant length: fully unrolled, no vector remainder */
-#define TILE_BACKWARD(flags) (cg == 3 ? NAME(backward_tile)(&tile, flags, 3) : cg == 16 \
-                              ? NAME(backward_tile)(&tile, flags, 16) : NAME(backward_tile)(&tile, flags, cg))
-                switch (what) {
-                    case GRAD_X: TILE_BACKWARD(GRAD_X); break;
-                    case GRAD_POS: TILE_BACKWARD(GRAD_POS); break;
-                    case GRAD_X | GRAD_POS: TILE_BACKWARD(GRAD_X | GRAD_POS); break;
-                    case GRAD_VALUE: TILE_BACKWARD(GRAD_VALUE); break;
-                    case GRAD_X | GRAD_VALUE: TILE_BACKWARD(GRAD_X | GRAD_VALUE); break;
-                    case GRAD_POS | GRAD_VALUE: TILE_BACKWARD(GRAD_POS | GRAD_VALUE); break;
-                    case GRAD_X | GRAD_POS | GRAD_VALUE: TILE_BACKWARD(GRAD_X | GRAD_POS | GRAD_VALUE); break;
-                    case COLUMNS: TILE_BACKWARD(COLUMNS); break;
-                    case GRAD_X | COLUMNS: TILE_BACKWARD(GRAD_X | COLUMNS); break;
-                    case GRAD_POS | COLUMNS: TILE_BACKWARD(GRAD_POS | COLUMNS); break;
-                    case GRAD_X | GRAD_POS | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_POS | COLUMNS); break;
-                    case GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_VALUE | COLUMNS); break;
-                    case GRAD_X | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_VALUE | COLUMNS); break;
-                    case GRAD_POS | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_POS | GRAD_VALUE | COLUMNS); break;
-                    case GRAD_X | GRAD_POS | GRAD_VALUE | COLUMNS: TILE_BACKWARD(GRAD_X | GRAD_POS | GRAD_VALUE | COLUMNS); break;
-                    default: break;
-                }
-#undef TILE_BACKWARD
+                NAME(backward_tile_any)(&t, what, cg);
                 if (grad_offset) {
                     const int even = tile_index(geo->grad_offset, geo, t.row0, t.count, where);
                     NAME(store_tile)(grad_offset, geo->grad_offset, where, even, t.count, 2 * GK, tb.grad_pos);
@@ -556,6 +573,173 @@ int NAME(deform_columns_backward)(
     }
     return failed;
 }
+
+#ifdef FUSED
+/* The fused deformable convolution: each thread samples a tile of TILE output pixels into its own
+ * column buffer (TILE rows of KCp = K*C rounded up to 16 values, in L2) and multiplies it there, so the
+ * columns never go through memory. Split into a sampling kernel and oneDNN products over chunked
+ * columns, the three products cost 1.7x conv2d at 64 px with 32 channels: they read and write
+ * 9x the input's size. The products here are register-blocked loops over 16-float vectors (one
+ * AVX-512 register), about 265 GFLOP/s on one core of this machine. */
+
+/* c[r][j] = bias[j] (or 0) + sum over d of a[r][d] * b[d][j], for r < rows <= R and j < 16*V, rows at
+ * lda, ldb and ldc elements; R and V are constants after inlining, so the R*V accumulators live in
+ * registers. Rows past `rows` read row 0 and are not stored. */
+static inline __attribute__((always_inline)) void NAME(gemm_block)(
+    const T *a, int64_t lda, int64_t rows, const T *b, int64_t ldb, int64_t depth, T *c, int64_t ldc,
+    const T *bias, const int R, const int V)
+{
+    NAME(vec16) acc[16][2];
+    const T *ar[16];
+    for (int r = 0; r < R; ++r) {
+        ar[r] = a + (r < rows ? r : 0) * lda;
+        for (int v = 0; v < V; ++v) acc[r][v] = bias ? NAME(load16)(bias + 16 * v) : (NAME(vec16)){0};
+    }
+    for (int64_t d = 0; d < depth; ++d) {
+        NAME(vec16) bv[2];
+        for (int v = 0; v < V; ++v) bv[v] = NAME(load16)(b + d * ldb + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const T s = ar[r][d];
+            for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        if (r < rows)
+            for (int v = 0; v < V; ++v) NAME(store16)(c + r * ldc + 16 * v, &acc[r][v]);
+}
+
+/* c [m, n] = a [m, depth] @ b [depth, n] (+ bias [n]); n a multiple of 16, rows at lda, ldb, ldc. */
+static void NAME(gemm_nn)(const T *a, int64_t lda, int64_t m, const T *b, int64_t ldb, int64_t depth, T *c,
+                          int64_t ldc, int64_t n, const T *bias) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32)
+        for (int64_t i = 0; i < m; i += 8)
+            NAME(gemm_block)(a + i * lda, lda, m - i < 8 ? m - i : 8, b + j, ldb, depth, c + i * ldc + j, ldc,
+                             bias ? bias + j : 0, 8, 2);
+    if (j < n)
+        for (int64_t i = 0; i < m; i += 16)
+            NAME(gemm_block)(a + i * lda, lda, m - i < 16 ? m - i : 16, b + j, ldb, depth, c + i * ldc + j, ldc,
+                             bias ? bias + j : 0, 16, 1);
+}
+
+/* c[r][j] += sum over p < m of a[p][r] * b[p][j], for r < R and j < 16*V (c's rows at ldc). */
+static inline __attribute__((always_inline)) void NAME(gemm_tn_block)(
+    const T *a, int64_t lda, int64_t m, const T *b, int64_t ldb, T *c, int64_t ldc, const int R, const int V)
+{
+    NAME(vec16) acc[16][2];
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) acc[r][v] = NAME(load16)(c + r * ldc + 16 * v);
+    for (int64_t p = 0; p < m; ++p) {
+        NAME(vec16) bv[2];
+        for (int v = 0; v < V; ++v) bv[v] = NAME(load16)(b + p * ldb + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const T s = a[p * lda + r];
+            for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int v = 0; v < V; ++v) NAME(store16)(c + r * ldc + 16 * v, &acc[r][v]);
+}
+
+/* c [k, n] += a[:, :k].T @ b, a [m, lda] and b [m, n]; k a multiple of 16, n of 16. */
+static void NAME(gemm_tn)(const T *a, int64_t lda, int64_t m, int64_t k, const T *b, int64_t ldb, T *c,
+                          int64_t ldc, int64_t n) {
+    int64_t j = 0;
+    for (; j + 32 <= n; j += 32)
+        for (int64_t r = 0; r < k; r += 8) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 8, 2);
+    if (j < n)
+        for (int64_t r = 0; r < k; r += 16) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 16, 1);
+}
+
+/* out [N*L, O] (channels-last rows) = the deformable convolution of x [N, H, W, C] with
+ * weight_t [KCp, O] (row k*C + c: tap k, channel c; rows from K*C on zero) plus bias [O] (or NULL).
+ * O a multiple of 16. Returns 0, or 1 when a thread's buffers could not be allocated. */
+int NAME(deform_conv_forward)(const T *x, const T *offset, const T *mask, const T *weight_t, const T *bias,
+                              T *out, int64_t out_channels, const geometry_t *geo, int threads) {
+    const int64_t C = geo->c, G = geo->groups, K = geo->kh * geo->kw, GK = G * K, cg = C / G;
+    const int64_t kc = K * C, ld = (kc + 15) / 16 * 16, rows = geo->n * geo->ho * geo->wo;
+    const int64_t tiles = (rows + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 0, !mask);
+        T *cols = calloc(TILE * ld, sizeof(T));  /* zeros past K*C stay zero */
+        int64_t where[TILE];
+        const int64_t work = all_allocated(tb.base && cols ? cols : 0, &failed) ? tiles : 0;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < work; ++t) {
+            const int64_t row0 = t * TILE, count = row0 + TILE <= rows ? TILE : rows - row0;
+            NAME(load_pixels)(offset, mask, geo, row0, count, where, tb.pos, tb.scales);
+            NAME(tile_corners)(tb.pos, tb.scales, GK, count, geo->h, geo->w, C, tb.off, tb.wt, tb.lh, tb.lw);
+            NAME(forward_tile)(x, geo, &tb, row0, count, cols, ld);
+            NAME(gemm_nn)(cols, ld, count, weight_t, out_channels, kc, out + row0 * out_channels, out_channels,
+                          out_channels, bias);
+        }
+        free(cols);
+        free(tb.base);
+    }
+    return failed;
+}
+
+/* The fused convolution's backward. grad_out [N*L, O] rows (channels last); weight [O, KCp] (row o:
+ * tap-major K*C values, then zeros). grad_x, grad_offset, grad_mask as in deform_columns_backward
+ * (overwritten, or NULL); grad_weight [threads, KCp, O] (or NULL): each thread adds its images' weight
+ * gradient to its own slice, zeroed by the caller, who sums them. Per tile: the column gradient
+ * (grad_out's rows times the weights), the sampling backward, which writes the columns over it, and
+ * the weight gradient from those columns, all in the thread's buffer. */
+int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const T *weight, const T *grad_out,
+                               T *grad_x, T *grad_offset, T *grad_mask, T *grad_weight, int64_t out_channels,
+                               const geometry_t *geo, int threads) {
+    const int64_t H = geo->h, W = geo->w, C = geo->c, G = geo->groups, K = geo->kh * geo->kw;
+    const int64_t L = geo->ho * geo->wo, cg = C / G, GK = G * K, O = out_channels;
+    const int64_t kc = K * C, ld = (kc + 15) / 16 * 16;
+    const int grads = (grad_x ? GRAD_X : 0) | (grad_offset ? GRAD_POS : 0) | (grad_mask ? GRAD_VALUE : 0);
+    const int what = grads | (grad_weight ? COLUMNS : 0);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 1, !mask);
+        T *cols = calloc(TILE * ld, sizeof(T));
+        T *gw = grad_weight ? grad_weight + (int64_t)omp_get_thread_num() * ld * O : 0;
+        int64_t where[TILE];
+        NAME(tile_backward_t) t = {.dcols = cols, .wt = tb.wt, .lh = tb.lh, .lw = tb.lw, .scales = tb.scales,
+                                   .zeros = tb.zeros, .scratch = tb.scratch, .cols = cols, .grad_pos = tb.grad_pos,
+                                   .grad_scales = tb.grad_scales, .off = tb.off, .K = K, .G = G, .C = C, .ld = ld};
+        const int64_t work = all_allocated(tb.base && cols ? cols : 0, &failed) && what ? geo->n : 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t n = 0; n < work; ++n) {
+            t.img = x + n * H * W * C;
+            t.gimg = grad_x ? grad_x + n * H * W * C : 0;
+            if (t.gimg) memset(t.gimg, 0, sizeof(T) * H * W * C);
+            for (int64_t p0 = 0; p0 < L; p0 += TILE) {
+                t.row0 = t.first = n * L + p0;
+                t.count = p0 + TILE <= L ? TILE : L - p0;
+                const T *go = grad_out + t.row0 * O;
+                NAME(load_pixels)(offset, mask, geo, t.row0, t.count, where, tb.pos, tb.scales);
+                NAME(tile_corners)(tb.pos, tb.scales, GK, t.count, H, W, C, tb.off, tb.wt, tb.lh, tb.lw);
+                if (grads) {
+                    NAME(gemm_nn)(go, O, t.count, weight, ld, O, cols, ld, ld, 0);
+                    NAME(backward_tile_any)(&t, what, cg);
+                } else {  /* the weight's gradient alone: only the columns */
+                    NAME(forward_tile)(x, geo, &tb, t.row0, t.count, cols, ld);
+                }
+                if (gw) NAME(gemm_tn)(cols, ld, t.count, ld, go, O, gw, O, O);
+                if (grad_offset) {
+                    const int even = tile_index(geo->grad_offset, geo, t.row0, t.count, where);
+                    NAME(store_tile)(grad_offset, geo->grad_offset, where, even, t.count, 2 * GK, tb.grad_pos);
+                }
+                if (grad_mask) {
+                    const int even = tile_index(geo->grad_mask, geo, t.row0, t.count, where);
+                    NAME(store_tile)(grad_mask, geo->grad_mask, where, even, t.count, GK, tb.grad_scales);
+                }
+            }
+        }
+        free(cols);
+        free(tb.base);
+    }
+    return failed;
+}
+#endif
 
 /* dst [N, H + 2*py, W + 2*px, C] = src [N, C, H, W] zero-padded by (py, px) on every side, channels
  * last. torch's copy walks C planes at once, which at H*W a multiple of 1024 all map to the same cache
