@@ -581,7 +581,7 @@ class _DeformColumnsNative(torch.autograd.Function):
         grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype) if need_bias else None
         if ctx.fused:
             with torch.autocast(x.device.type, enabled=False), _sampling_scope():
-                go = grad_out.permute(0, 2, 3, 1).reshape(n * length, out_channels).float().contiguous()
+                go = native.to_channels_last(grad_out.float()).view(n * length, out_channels)
                 w = _fused_weight(weight.permute(0, 2, 3, 1).reshape(out_channels, taps * c), 1)
                 grad_w = native.conv_backward(x, offset, mask, w, go, sampling, grad_x, grad_offset, grad_mask,
                                               need_weight)
