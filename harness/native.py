@@ -98,7 +98,7 @@ def library() -> ctypes.CDLL | None:
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
         backward.argtypes = [pointer] * 8 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
-        if suffix == "f32":
+        if suffix == "f32" and hasattr(lib, "deform_conv_forward_f32"):  # built for AVX-512 only
             conv_forward = lib.deform_conv_forward_f32
             conv_forward.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
             conv_backward = lib.deform_conv_backward_f32
@@ -232,9 +232,18 @@ def padded_columns(taps: int, channels: int) -> int:
     return -(-taps * channels // 16) * 16
 
 
+def fused_available() -> bool:
+    """Whether the library has the fused convolution: it is built where 16 floats are one vector
+    register (AVX-512); GCC's code for 16-float vectors on narrower registers is many times slower
+    than the columns path."""
+    lib = library()
+    return lib is not None and hasattr(lib, "deform_conv_forward_f32")
+
+
 def fuses(x: Tensor, out_channels: int) -> bool:
-    """Whether `conv_forward`/`conv_backward` take this case: fp32, outputs a multiple of 16."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0 and available()
+    """Whether `conv_forward`/`conv_backward` take this case: fp32, outputs a multiple of 16, and a
+    library with the fused kernel."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0 and fused_available()
 
 
 def conv_forward(
@@ -244,7 +253,8 @@ def conv_forward(
     out [N·Ho·Wo, O] (channels-last rows) from x [N, H, W, C], weight_t [KCp, O] (row k·C + c for tap k,
     channel c; rows from K·C on zero, KCp = `padded_columns`) and bias [O] or None. fp32, O % 16 == 0."""
     lib = library()
-    assert lib is not None
+    if not fused_available():
+        raise RuntimeError(f"the native DCN library has no fused kernel on this CPU ({status()})")
     n, _, _, c = x.shape
     kcp, out_channels = weight_t.shape
     taps = sampling.kernel[0] * sampling.kernel[1]
@@ -270,7 +280,8 @@ def conv_backward(
     transposed). Overwrites grad_x, grad_offset and grad_mask (None skips one, as in `columns_backward`)
     and returns the weight's gradient [KCp, O] when need_weight, else None."""
     lib = library()
-    assert lib is not None
+    if not fused_available():
+        raise RuntimeError(f"the native DCN library has no fused kernel on this CPU ({status()})")
     out_channels, kcp = weight.shape
     threads = torch.get_num_threads()
     _check(x, weight, grad_out, grad_x)

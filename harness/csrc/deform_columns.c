@@ -83,13 +83,21 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 #define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (NAME(index16)){__VA_ARGS__})
 #endif
 
+/* REGISTER16: 16 elements of T are one vector register, so that code in 16-lane GCC vector types
+ * compiles to plain register arithmetic: fp32 with AVX-512. Elsewhere GCC splits such vectors, badly
+ * (fp32 on AVX2: the fused kernel 35x and the backward 5x slower than without them; fp64 on AVX-512:
+ * the backward 2x slower), so those builds keep the plain loops and have no fused kernel. */
 #define T float
 #define INDEX int32_t
 #define FLOOR floorf
 #define NAME(base) base##_f32
-#define FUSED 1  /* the fused convolution: fp32 only (16 floats are one AVX-512 register) */
+#ifdef __AVX512F__
+#define REGISTER16 1
+#else
+#define REGISTER16 0
+#endif
 #include __FILE__
-#undef FUSED
+#undef REGISTER16
 #undef T
 #undef INDEX
 #undef FLOOR
@@ -98,7 +106,9 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 #define INDEX int64_t
 #define FLOOR floor
 #define NAME(base) base##_f64
+#define REGISTER16 0
 #include __FILE__
+#undef REGISTER16
 #undef T
 #undef INDEX
 #undef FLOOR
@@ -382,8 +392,9 @@ static inline __attribute__((always_inline)) void NAME(sample_backward)(
     sums[0] = sy; sums[1] = sx; sums[2] = sv;
 }
 
-/* sample_backward for a multiple of 16 channels, in blocks of 16 in GCC vector types (AVX-512 registers
- * for fp32 with -march=native): whole-vector scatter and column store, the sums kept as vectors and
+#if REGISTER16
+/* sample_backward for a multiple of 16 channels, in blocks of 16 in GCC vector types (REGISTER16: AVX-512
+ * registers): whole-vector scatter and column store, the sums kept as vectors and
  * reduced once per sample by halving shuffles. Against sample_backward's loops: 16 channels 1.1x,
  * 32 channels 1.1-1.25x faster (the backward kernel alone, with and without the input's gradient). */
 typedef T NAME(vec16) __attribute__((vector_size(16 * sizeof(T))));
@@ -451,6 +462,7 @@ static inline __attribute__((always_inline)) void NAME(sample_backward_blocks)(
     if (what & GRAD_VALUE) NAME(sum16_pair)(&tv, &tv, &sv, &unused);
     sums[0] = sy; sums[1] = sx; sums[2] = sv;
 }
+#endif
 
 /* What a tile's samples read and write in backward_tile. */
 typedef struct {
@@ -481,10 +493,12 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
                 const T *v = t->wt + 4 * at, *d = t->dcols + at_cols;
                 T *col = (what & COLUMNS) ? t->cols + at_cols : 0;
                 T sums[3] = {0, 0, 0};
+#if REGISTER16
                 if (cg % 16 == 0)
                     NAME(sample_backward_blocks)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, col, v[0],
                                                  v[1], v[2], v[3], t->lh[at], t->lw[at], cg, what, sums);
                 else
+#endif
                     NAME(sample_backward)(s[0], s[1], s[2], s[3], gx[0], gx[1], gx[2], gx[3], d, col, v[0], v[1],
                                           v[2], v[3], t->lh[at], t->lw[at], cg, what, sums);
                 if (what & GRAD_POS) {
@@ -574,7 +588,7 @@ int NAME(deform_columns_backward)(
     return failed;
 }
 
-#ifdef FUSED
+#if REGISTER16
 /* The fused deformable convolution: each thread samples a tile of TILE output pixels into its own
  * column buffer (TILE rows of KCp = K*C rounded up to 16 values, in L2) and multiplies it there, so the
  * columns never go through memory. Split into a sampling kernel and oneDNN products over chunked
@@ -616,10 +630,11 @@ static void NAME(gemm_nn)(const T *a, int64_t lda, int64_t m, const T *b, int64_
         for (int64_t i = 0; i < m; i += 8)
             NAME(gemm_block)(a + i * lda, lda, m - i < 8 ? m - i : 8, b + j, ldb, depth, c + i * ldc + j, ldc,
                              bias ? bias + j : 0, 8, 2);
-    if (j < n)
-        for (int64_t i = 0; i < m; i += 16)
-            NAME(gemm_block)(a + i * lda, lda, m - i < 16 ? m - i : 16, b + j, ldb, depth, c + i * ldc + j, ldc,
-                             bias ? bias + j : 0, 16, 1);
+    if (j < n)  /* 16 columns left: 8 rows too (16 rows measured 177 against 229 GFLOP/s, their 16 row
+                 * pointers do not fit in registers) */
+        for (int64_t i = 0; i < m; i += 8)
+            NAME(gemm_block)(a + i * lda, lda, m - i < 8 ? m - i : 8, b + j, ldb, depth, c + i * ldc + j, ldc,
+                             bias ? bias + j : 0, 8, 1);
 }
 
 /* c[r][j] += sum over p < m of a[p][r] * b[p][j], for r < R and j < 16*V (c's rows at ldc). */
@@ -741,6 +756,7 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
 }
 #endif
 
+#if REGISTER16
 /* dst[j * dst_stride + i] = src[i * src_stride + j] for a 16 x 16 block, in vector registers: at each
  * scale b = 8, 4, 2, 1 rows r and r + b swap their off-diagonal b x b blocks (a two-vector shuffle
  * each), which transposes the whole block. 4-6x faster than the element loop, which GCC leaves scalar. */
@@ -770,6 +786,7 @@ static inline __attribute__((always_inline)) void NAME(transpose16)(const T *src
 #undef SHIFTED_1
     for (int i = 0; i < 16; ++i) NAME(store16)(dst + i * dst_stride, &r[i]);
 }
+#endif
 
 /* dst [N, H + 2*py, W + 2*px, C] = src [N, C, H, W] zero-padded by (py, px) on every side, channels
  * last. torch's copy walks C planes at once, which at H*W a multiple of 1024 all map to the same cache
@@ -799,10 +816,12 @@ void NAME(to_channels_last)(const T *src, T *dst, int64_t N, int64_t C, int64_t 
             const int64_t c1 = c0 + B < C ? c0 + B : C, x1 = x0 + B < W ? x0 + B : W;
             const T *in = src + (n * C * H + y) * W;
             T *out = dst + ((n * Hp + y + py) * Wp + px) * C;
+#if REGISTER16
             if (c1 - c0 == B && x1 - x0 == B) {
                 NAME(transpose16)(in + c0 * H * W + x0, H * W, out + x0 * C + c0, C);
                 continue;
             }
+#endif
             for (int64_t x = x0; x < x1; ++x)
                 for (int64_t c = c0; c < c1; ++c) out[x * C + c] = in[c * H * W + x];
         }
@@ -821,10 +840,12 @@ void NAME(from_channels_last)(const T *src, T *dst, int64_t N, int64_t C, int64_
         const int64_t c1 = c0 + B < C ? c0 + B : C, x1 = x0 + B < W ? x0 + B : W;
         const T *in = src + ((n * Hp + y + py) * Wp + px) * C;
         T *out = dst + (n * C * H + y) * W;
+#if REGISTER16
         if (c1 - c0 == B && x1 - x0 == B) {
             NAME(transpose16)(in + x0 * C + c0, C, out + c0 * H * W + x0, H * W);
             continue;
         }
+#endif
         for (int64_t c = c0; c < c1; ++c)
             for (int64_t x = x0; x < x1; ++x) out[c * H * W + x] = in[x * C + c];
     }
