@@ -5,7 +5,7 @@ at a time; that was about 70 % of a per-tap layer's time. harness/csrc/deform_co
 arithmetic with the channels innermost, so every gather, scatter and dot product is a vector loop.
 In fp32 it also fuses the whole layer (`conv_forward`, `conv_backward`): each thread samples a tile of
 64 output pixels into a buffer that stays in cache and multiplies it there with register-blocked
-AVX-512 loops, so the 9x-larger columns never go through memory.
+AVX-512 (or AVX2) loops, so the 9x-larger columns never go through memory.
 It is plain C with OpenMP (no Python or torch headers), compiled with the system's C compiler the
 first time it is needed, like torch.compile does, and cached under ~/.cache/harness (or
 $HARNESS_CACHE_DIR) by source, compiler and CPU. Without a compiler, or with HARNESS_NATIVE=0, the
@@ -98,7 +98,7 @@ def library() -> ctypes.CDLL | None:
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
         backward.argtypes = [pointer] * 8 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
-        if suffix == "f32" and hasattr(lib, "deform_conv_forward_f32"):  # built for AVX-512 only
+        if suffix == "f32" and hasattr(lib, "deform_conv_forward_f32"):  # built for AVX2 and AVX-512
             conv_forward = lib.deform_conv_forward_f32
             conv_forward.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
             conv_backward = lib.deform_conv_backward_f32
@@ -233,9 +233,8 @@ def padded_columns(taps: int, channels: int) -> int:
 
 
 def fused_available() -> bool:
-    """Whether the library has the fused convolution: it is built where 16 floats are one vector
-    register (AVX-512); GCC's code for 16-float vectors on narrower registers is many times slower
-    than the columns path."""
+    """Whether the library has the fused convolution: built in vectors of one register, 16 floats with
+    AVX-512 or 8 with AVX2 and FMA; not for other CPUs (there the columns path runs)."""
     lib = library()
     return lib is not None and hasattr(lib, "deform_conv_forward_f32")
 

@@ -191,7 +191,7 @@ def test_fused_convolution_is_the_columns_times_the_weight(channels, groups, out
     from every thread's slice). 143 pixels per image: tiles of 64 with a tail, crossing images in
     forward; 27 or 54 column values padded to 32 or 64."""
     if not native.fused_available():
-        pytest.skip(f"no fused kernel (AVX-512 only): {native.status()}")
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
     gen = torch.Generator().manual_seed(channels)
     sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (13, 11))
     taps, rows = 9, 3 * 143
@@ -232,7 +232,7 @@ def test_fused_convolution_is_the_columns_times_the_weight(channels, groups, out
 
 def test_fused_convolution_rejects_what_it_cannot_take():
     if not native.fused_available():
-        pytest.skip(f"no fused kernel (AVX-512 only): {native.status()}")
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
     sampling = native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (4, 4))
     x, offset = torch.zeros(1, 4, 4, 3), torch.zeros(1, 18, 4, 4)
     assert native.padded_columns(9, 3) == 32 and native.padded_columns(9, 16) == 144
@@ -256,18 +256,21 @@ def test_fused_convolution_rejects_what_it_cannot_take():
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 flags")
-def test_without_avx512_there_is_no_fused_kernel_and_the_columns_path_runs(fresh_library, monkeypatch):
-    """Built for a CPU without AVX-512 (here by -mno-avx512f), the library leaves out the fused kernel
-    and the 16-lane vector loops (GCC splits those vectors badly: 5-35x slower); deform_conv2d then
-    takes the columns path, with the same results."""
-    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, "-mno-avx512f"])
-    assert native.available() and not native.fused_available()
-    x, offset, weight = _parity_case()
+@pytest.mark.parametrize("flags,fused", [(["-mno-avx512f"], True), (["-mno-avx512f", "-mno-avx2"], False)])
+def test_narrower_vector_units_build_what_they_run_well(fresh_library, monkeypatch, flags, fused):
+    """Built for a CPU without AVX-512 (here by -mno-avx512f), the library keeps the fused kernel in
+    8-float vectors (AVX2) and leaves out the 16-lane loops, which GCC splits badly there (5-35x
+    slower); without AVX2 either, it has no fused kernel and deform_conv2d takes the columns path.
+    Either way the results are the same."""
+    monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, *flags])
+    assert native.available() and native.fused_available() == fused
+    x, offset, _ = _parity_case()
     weight = torch.randn(16, 5, 3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    assert not native.fuses(x, 16)
-    with pytest.raises(RuntimeError, match="no fused kernel"):
-        native.conv_forward(native.to_channels_last(x.detach()), offset.detach(), None, torch.zeros(48, 16), None,
-                            native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (8, 9)))
+    assert native.fuses(x, 16) == fused
+    if not fused:
+        with pytest.raises(RuntimeError, match="no fused kernel"):
+            native.conv_forward(native.to_channels_last(x.detach()), offset.detach(), None, torch.zeros(48, 16),
+                                None, native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (8, 9)))
     out = deform_conv2d(x, offset, weight, padding=1)
     out.square().sum().backward()
     reference = [t.detach().double().requires_grad_() for t in (x, offset, weight)]

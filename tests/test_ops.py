@@ -154,7 +154,7 @@ def test_fused_path_matches_torchvision(case, monkeypatch):
     from harness import native
 
     if not native.fused_available():
-        pytest.skip(f"no fused kernel (AVX-512 only): {native.status()}")
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
     calls = _count_calls(monkeypatch, native, "conv_forward", "conv_backward")
     x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, **case)
     tensors = [x, offset, weight, bias, mask]
@@ -196,7 +196,7 @@ def test_fused_gradients_of_any_subset_of_inputs(wanted, c):
     from harness import native
 
     if not native.fused_available():
-        pytest.skip(f"no fused kernel (AVX-512 only): {native.status()}")
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
     x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, c=c, o=16, h=12, w=13, mask=True)
     names = ("x", "offset", "weight", "mask")
     results = []

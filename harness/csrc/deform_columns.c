@@ -86,18 +86,27 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 /* REGISTER16: 16 elements of T are one vector register, so that code in 16-lane GCC vector types
  * compiles to plain register arithmetic: fp32 with AVX-512. Elsewhere GCC splits such vectors, badly
  * (fp32 on AVX2: the fused kernel 35x and the backward 5x slower than without them; fp64 on AVX-512:
- * the backward 2x slower), so those builds keep the plain loops and have no fused kernel. */
+ * the backward 2x slower), so those builds keep the plain loops.
+ * FUSED_LANES: the fused convolution's vector width in floats, one register (16 with AVX-512, 8 with
+ * AVX2 and FMA), or 0: no fused kernel (and fp64 has none). */
 #define T float
 #define INDEX int32_t
 #define FLOOR floorf
 #define NAME(base) base##_f32
 #ifdef __AVX512F__
 #define REGISTER16 1
+#define FUSED_LANES 16
 #else
 #define REGISTER16 0
+#if defined(__AVX2__) && defined(__FMA__)
+#define FUSED_LANES 8
+#else
+#define FUSED_LANES 0
+#endif
 #endif
 #include __FILE__
 #undef REGISTER16
+#undef FUSED_LANES
 #undef T
 #undef INDEX
 #undef FLOOR
@@ -107,8 +116,10 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 #define FLOOR floor
 #define NAME(base) base##_f64
 #define REGISTER16 0
+#define FUSED_LANES 0
 #include __FILE__
 #undef REGISTER16
+#undef FUSED_LANES
 #undef T
 #undef INDEX
 #undef FLOOR
@@ -588,30 +599,39 @@ int NAME(deform_columns_backward)(
     return failed;
 }
 
-#if REGISTER16
+#if FUSED_LANES
 /* The fused deformable convolution: each thread samples a tile of TILE output pixels into its own
  * column buffer (TILE rows of KCp = K*C rounded up to 16 values, in L2) and multiplies it there, so the
  * columns never go through memory. Split into a sampling kernel and oneDNN products over chunked
  * columns, the three products cost 1.7x conv2d at 64 px with 32 channels: they read and write
- * 9x the input's size. The products here are register-blocked loops over 16-float vectors (one
- * AVX-512 register), about 265 GFLOP/s on one core of this machine. */
+ * 9x the input's size. The products here are register-blocked loops over vectors of FUSED_LANES
+ * floats (one register: 16 with AVX-512, 8 with AVX2), about 265 GFLOP/s on one core of this machine. */
+typedef T NAME(vecf) __attribute__((vector_size(FUSED_LANES * sizeof(T))));
 
-/* c[r][j] = bias[j] (or 0) + sum over d of a[r][d] * b[d][j], for r < rows <= R and j < 16*V, rows at
- * lda, ldb and ldc elements; R and V are constants after inlining, so the R*V accumulators live in
+static inline __attribute__((always_inline)) NAME(vecf) NAME(loadf)(const T *p) {
+    NAME(vecf) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void NAME(storef)(T *p, const NAME(vecf) *v) { memcpy(p, v, sizeof *v); }
+
+/* c[r][j] = bias[j] (or 0) + sum over d of a[r][d] * b[d][j], for r < rows <= R and j < V vectors, rows
+ * at lda, ldb and ldc elements; R and V are constants after inlining, so the R*V accumulators live in
  * registers. Rows past `rows` read row 0 and are not stored. */
 static inline __attribute__((always_inline)) void NAME(gemm_block)(
     const T *a, int64_t lda, int64_t rows, const T *b, int64_t ldb, int64_t depth, T *c, int64_t ldc,
     const T *bias, const int R, const int V)
 {
-    NAME(vec16) acc[16][2];
+    NAME(vecf) acc[16][2];
     const T *ar[16];
     for (int r = 0; r < R; ++r) {
         ar[r] = a + (r < rows ? r : 0) * lda;
-        for (int v = 0; v < V; ++v) acc[r][v] = bias ? NAME(load16)(bias + 16 * v) : (NAME(vec16)){0};
+        for (int v = 0; v < V; ++v) acc[r][v] = bias ? NAME(loadf)(bias + FUSED_LANES * v) : (NAME(vecf)){0};
     }
     for (int64_t d = 0; d < depth; ++d) {
-        NAME(vec16) bv[2];
-        for (int v = 0; v < V; ++v) bv[v] = NAME(load16)(b + d * ldb + 16 * v);
+        NAME(vecf) bv[2];
+        for (int v = 0; v < V; ++v) bv[v] = NAME(loadf)(b + d * ldb + FUSED_LANES * v);
         for (int r = 0; r < R; ++r) {
             const T s = ar[r][d];
             for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
@@ -619,51 +639,68 @@ static inline __attribute__((always_inline)) void NAME(gemm_block)(
     }
     for (int r = 0; r < R; ++r)
         if (r < rows)
-            for (int v = 0; v < V; ++v) NAME(store16)(c + r * ldc + 16 * v, &acc[r][v]);
+            for (int v = 0; v < V; ++v) NAME(storef)(c + r * ldc + FUSED_LANES * v, &acc[r][v]);
+}
+
+/* The rows of one gemm_nn block, for `cols` (= V * FUSED_LANES) columns at j. */
+static inline __attribute__((always_inline)) void NAME(gemm_nn_columns)(
+    const T *a, int64_t lda, int64_t m, const T *b, int64_t ldb, int64_t depth, T *c, int64_t ldc, const T *bias,
+    int64_t j, const int R, const int V)
+{
+    for (int64_t i = 0; i < m; i += R)
+        NAME(gemm_block)(a + i * lda, lda, m - i < R ? m - i : R, b + j, ldb, depth, c + i * ldc + j, ldc,
+                         bias ? bias + j : 0, R, V);
 }
 
 /* c [m, n] = a [m, depth] @ b [depth, n] (+ bias [n]); n a multiple of 16, rows at lda, ldb, ldc. */
 static void NAME(gemm_nn)(const T *a, int64_t lda, int64_t m, const T *b, int64_t ldb, int64_t depth, T *c,
                           int64_t ldc, int64_t n, const T *bias) {
     int64_t j = 0;
-    for (; j + 32 <= n; j += 32)
-        for (int64_t i = 0; i < m; i += 8)
-            NAME(gemm_block)(a + i * lda, lda, m - i < 8 ? m - i : 8, b + j, ldb, depth, c + i * ldc + j, ldc,
-                             bias ? bias + j : 0, 8, 2);
-    if (j < n)  /* 16 columns left: 8 rows too (16 rows measured 177 against 229 GFLOP/s, their 16 row
-                 * pointers do not fit in registers) */
-        for (int64_t i = 0; i < m; i += 8)
-            NAME(gemm_block)(a + i * lda, lda, m - i < 8 ? m - i : 8, b + j, ldb, depth, c + i * ldc + j, ldc,
-                             bias ? bias + j : 0, 8, 1);
+#if FUSED_LANES == 16
+    for (; j + 32 <= n; j += 32) NAME(gemm_nn_columns)(a, lda, m, b, ldb, depth, c, ldc, bias, j, 8, 2);
+    /* 16 columns left: 8 rows too (16 rows measured 177 against 229 GFLOP/s: their 16 row pointers do
+     * not fit in registers) */
+    if (j < n) NAME(gemm_nn_columns)(a, lda, m, b, ldb, depth, c, ldc, bias, j, 8, 1);
+#else  /* 16 registers: 6 x 2 accumulators */
+    for (; j < n; j += 16) NAME(gemm_nn_columns)(a, lda, m, b, ldb, depth, c, ldc, bias, j, 6, 2);
+#endif
 }
 
-/* c[r][j] += sum over p < m of a[p][r] * b[p][j], for r < R and j < 16*V (c's rows at ldc). */
+/* c[r][j] += sum over p < m of a[p][r] * b[p][j], for r < R and j < V vectors (c's rows at ldc). */
 static inline __attribute__((always_inline)) void NAME(gemm_tn_block)(
     const T *a, int64_t lda, int64_t m, const T *b, int64_t ldb, T *c, int64_t ldc, const int R, const int V)
 {
-    NAME(vec16) acc[16][2];
+    NAME(vecf) acc[16][2];
     for (int r = 0; r < R; ++r)
-        for (int v = 0; v < V; ++v) acc[r][v] = NAME(load16)(c + r * ldc + 16 * v);
+        for (int v = 0; v < V; ++v) acc[r][v] = NAME(loadf)(c + r * ldc + FUSED_LANES * v);
     for (int64_t p = 0; p < m; ++p) {
-        NAME(vec16) bv[2];
-        for (int v = 0; v < V; ++v) bv[v] = NAME(load16)(b + p * ldb + 16 * v);
+        NAME(vecf) bv[2];
+        for (int v = 0; v < V; ++v) bv[v] = NAME(loadf)(b + p * ldb + FUSED_LANES * v);
         for (int r = 0; r < R; ++r) {
             const T s = a[p * lda + r];
             for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int v = 0; v < V; ++v) NAME(store16)(c + r * ldc + 16 * v, &acc[r][v]);
+        for (int v = 0; v < V; ++v) NAME(storef)(c + r * ldc + FUSED_LANES * v, &acc[r][v]);
 }
 
 /* c [k, n] += a[:, :k].T @ b, a [m, lda] and b [m, n]; k a multiple of 16, n of 16. */
 static void NAME(gemm_tn)(const T *a, int64_t lda, int64_t m, int64_t k, const T *b, int64_t ldb, T *c,
                           int64_t ldc, int64_t n) {
     int64_t j = 0;
+#if FUSED_LANES == 16
     for (; j + 32 <= n; j += 32)
         for (int64_t r = 0; r < k; r += 8) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 8, 2);
     if (j < n)
         for (int64_t r = 0; r < k; r += 16) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 16, 1);
+#else  /* 16 registers: 6 x 2 accumulators (4 x 2 measured 86 against 136 GFLOP/s), pairs of rows left */
+    for (; j < n; j += 16) {
+        int64_t r = 0;
+        for (; r + 6 <= k; r += 6) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 6, 2);
+        for (; r < k; r += 2) NAME(gemm_tn_block)(a + r, lda, m, b + j, ldb, c + r * ldc + j, ldc, 2, 2);
+    }
+#endif
 }
 
 /* out [N*L, O] (channels-last rows) = the deformable convolution of x [N, H, W, C] with
