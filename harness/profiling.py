@@ -138,7 +138,8 @@ def summarise(profiler: profile, top_n: int, trace_dir: str) -> ProfileSummary:
     """Top operators by self time, and the share of the window's time inside deformable sampling.
 
     The share is the time of the `harness.ops.SAMPLING_SCOPE` ranges (forward and backward sampling
-    of our DCN, with everything they call) plus torchvision's fused DCN kernels, over the total self
+    of our DCN, with everything they call: on the CPU in fp32 the whole layer, whose fused kernel also
+    does the products) plus torchvision's fused DCN kernels, over the total self
     time of every operator: device time on a GPU, CPU time otherwise.
     """
     try:

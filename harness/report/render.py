@@ -203,7 +203,8 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
         "runs are left out." + (f" ↑/↓: higher/lower is better. Green: best in the column{where}." if html else ""),
         "best = best epoch (max; min for loss), final = last epoch. F1, precision and recall are micro-averaged "
         "at threshold 0.5. s/epoch and img/s: training pass. FLOPs: forward, per image. DCN share: share of "
-        "profiled self time in deformable sampling.",
+        "profiled self time in deformable sampling (on the CPU in fp32 the whole deformable layer: its kernel "
+        "samples and multiplies in one pass).",
     ]
     if data.baseline is not None:
         marks = "Superscript p" if html else "paired t"
