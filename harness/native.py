@@ -174,6 +174,17 @@ def _geometry(
     return geo
 
 
+def _backward_geometry(
+    x: Tensor, offset: Tensor, mask: Tensor | None, sampling: Sampling, grad_offset: Tensor | None,
+    grad_mask: Tensor | None,
+) -> Geometry:
+    """`_geometry` with the gradients' strides, once each gradient is checked to have its input's shape."""
+    for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
+        if grad is not None and (like is None or grad.shape != like.shape):
+            raise ValueError(f"{name} must have the shape of its input")
+    return _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
+
+
 def _check(*tensors: Tensor | None) -> None:
     for t in tensors:
         if t is not None and not t.is_contiguous():
@@ -218,10 +229,7 @@ def columns_backward(
     if cols is not None and cols.numel() != grad_cols.numel():
         raise ValueError(f"cols {tuple(cols.shape)} must have as many elements as grad_cols "
                          f"{tuple(grad_cols.shape)}")
-    geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
-    for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
-        if grad is not None and (like is None or grad.shape != like.shape):
-            raise ValueError(f"{name} must have the shape of its input")
+    geo = _backward_geometry(x, offset, mask, sampling, grad_offset, grad_mask)
     fn = getattr(lib, f"deform_columns_backward_{_suffix(x)}")
     _done(fn(_ptr(x), _ptr(offset), _ptr(mask), _ptr(grad_cols), _ptr(cols), _ptr(grad_x), _ptr(grad_offset),
              _ptr(grad_mask), ctypes.byref(geo), torch.get_num_threads()))
@@ -289,10 +297,7 @@ def conv_backward(
     if x.dtype != torch.float32 or out_channels % 16 or grad_out.shape != (rows, out_channels):
         raise ValueError(f"fused DCN backward takes fp32 and grad_out [{rows}, {out_channels}], "
                          f"given {x.dtype} and {tuple(grad_out.shape)}")
-    geo = _geometry(x, offset, mask, sampling, grad_offset, grad_mask)
-    for name, grad, like in (("grad_offset", grad_offset, offset), ("grad_mask", grad_mask, mask)):
-        if grad is not None and (like is None or grad.shape != like.shape):
-            raise ValueError(f"{name} must have the shape of its input")
+    geo = _backward_geometry(x, offset, mask, sampling, grad_offset, grad_mask)
     per_thread = torch.zeros(threads, kcp, out_channels, dtype=x.dtype) if need_weight else None
     _done(lib.deform_conv_backward_f32(_ptr(x), _ptr(offset), _ptr(mask), _ptr(weight), _ptr(grad_out),
                                        _ptr(grad_x), _ptr(grad_offset), _ptr(grad_mask), _ptr(per_thread),

@@ -42,6 +42,19 @@ def _grads(fn, tensors):
     return out.detach(), [t.grad if t is not None else None for t in leaves]
 
 
+def _ours_and_theirs(s, p, d):
+    """Our deform_conv2d and torchvision's, each (x, offset, weight, bias, mask) at stride s, padding p,
+    dilation d."""
+
+    def ours(x, off, w, b, m):
+        return deform_conv2d(x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
+
+    def theirs(x, off, w, b, m):
+        return tv_deform_conv2d(x, off, w, b, stride=(s, s), padding=(p, p), dilation=(d, d), mask=m)
+
+    return ours, theirs
+
+
 CASES = [
     dict(s=s, p=p, d=d, mask=m)
     for s, p, d, m in itertools.product((1, 2), (0, 1, 2), (1, 2), (False, True))
@@ -70,20 +83,26 @@ CASES = [
 def test_gradients_of_any_subset_of_inputs(wanted, c, cpu_kernel):
     """Each set of inputs that need a gradient has its own loop in the compiled backward (e.g. a
     network's first layer: no input gradient); each matches torchvision's gradients."""
-    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float64, c=c, o=4, mask=True)
-    names = ("x", "offset", "weight", "mask")
+    ours, theirs = _subset_gradients(wanted, *_case(torch.float64, c=c, o=4, mask=True))
+    for name, grad in ours.items():
+        assert (grad is None) == (name not in wanted.split("+")), name
+        if theirs[name] is not None:
+            torch.testing.assert_close(grad, theirs[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def _subset_gradients(wanted, x, offset, weight, bias, mask, geometry, reference_dtype=None):
+    """({name: gradient} of our op, the same of torchvision's) for x, offset, weight and mask, with only
+    those in `wanted` ("x+offset", ...) requiring one; torchvision's side in reference_dtype if given."""
+    s, p, d = geometry
     results = []
-    for fn in (deform_conv2d, tv_deform_conv2d):
-        leaves = {name: t.detach().clone().requires_grad_(name in wanted.split("+"))
-                  for name, t in zip(names, (x, offset, weight, mask), strict=True)}
-        out = fn(leaves["x"], leaves["offset"], leaves["weight"], bias, (s, s), (p, p), (d, d), leaves["mask"])
+    for fn, dtype in ((deform_conv2d, x.dtype), (tv_deform_conv2d, reference_dtype or x.dtype)):
+        leaves = {name: t.detach().to(dtype, copy=True).requires_grad_(name in wanted.split("+"))
+                  for name, t in zip(("x", "offset", "weight", "mask"), (x, offset, weight, mask), strict=True)}
+        out = fn(leaves["x"], leaves["offset"], leaves["weight"], bias.to(dtype), (s, s), (p, p), (d, d),
+                 leaves["mask"])
         out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
         results.append({name: t.grad for name, t in leaves.items()})
-    ours, theirs = results
-    for name in names:
-        assert (ours[name] is None) == (name not in wanted.split("+")), name
-        if theirs[name] is not None:
-            torch.testing.assert_close(ours[name], theirs[name], rtol=1e-9, atol=1e-9, msg=name)
+    return results
 
 
 
@@ -122,12 +141,7 @@ def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel)
     x, offset, weight, bias, mask, (s, p, d) = _case(dtype, **case)
     tensors = [x, offset, weight, bias, mask]
 
-    def ours(x, off, w, b, m):
-        return deform_conv2d(x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
-
-    def theirs(x, off, w, b, m):
-        return tv_deform_conv2d(x, off, w, b, stride=(s, s), padding=(p, p), dilation=(d, d), mask=m)
-
+    ours, theirs = _ours_and_theirs(s, p, d)
     out_a, grads_a = _grads(ours, tensors)
     out_b, grads_b = _grads(theirs, tensors)
     assert out_a.shape == out_b.shape
@@ -159,12 +173,7 @@ def test_fused_path_matches_torchvision(case, monkeypatch):
     x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, **case)
     tensors = [x, offset, weight, bias, mask]
 
-    def ours(x, off, w, b, m):
-        return deform_conv2d(x, off, w, b, stride=s, padding=p, dilation=d, mask=m)
-
-    def theirs(x, off, w, b, m):
-        return tv_deform_conv2d(x, off, w, b, stride=(s, s), padding=(p, p), dilation=(d, d), mask=m)
-
+    ours, theirs = _ours_and_theirs(s, p, d)
     out_a, grads_a = _grads(ours, tensors)
     out_b, grads_b = _grads(theirs, [None if t is None else t.double() for t in tensors])
     assert calls == {"conv_forward": 1, "conv_backward": 1}
@@ -197,21 +206,12 @@ def test_fused_gradients_of_any_subset_of_inputs(wanted, c):
 
     if not native.fused_available():
         pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
-    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, c=c, o=16, h=12, w=13, mask=True)
-    names = ("x", "offset", "weight", "mask")
-    results = []
-    for fn, dtype in ((deform_conv2d, torch.float32), (tv_deform_conv2d, torch.float64)):
-        leaves = {name: t.detach().to(dtype).requires_grad_(name in wanted.split("+"))
-                  for name, t in zip(names, (x, offset, weight, mask), strict=True)}
-        out = fn(leaves["x"], leaves["offset"], leaves["weight"], bias.to(dtype), (s, s), (p, p), (d, d),
-                 leaves["mask"])
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
-        results.append({name: t.grad for name, t in leaves.items()})
-    ours, theirs = results
-    for name in names:
-        assert (ours[name] is None) == (name not in wanted.split("+")), name
+    case = _case(torch.float32, c=c, o=16, h=12, w=13, mask=True)
+    ours, theirs = _subset_gradients(wanted, *case, reference_dtype=torch.float64)
+    for name, grad in ours.items():
+        assert (grad is None) == (name not in wanted.split("+")), name
         if theirs[name] is not None:
-            torch.testing.assert_close(ours[name].double(), theirs[name], rtol=0,
+            torch.testing.assert_close(grad.double(), theirs[name], rtol=0,
                                        atol=1e-4 * max(1.0, theirs[name].abs().max().item() / 10), msg=name)
 
 

@@ -520,6 +520,21 @@ static inline __attribute__((always_inline)) void NAME(backward_tile)(const NAME
             }
 }
 
+/* A tile's offset and mask gradients (as backward_tile left them in tb) to grad_offset and grad_mask,
+ * each where given. */
+static void NAME(store_gradients)(T *grad_offset, T *grad_mask, const geometry_t *geo, const NAME(tile_t) *tb,
+                                  int64_t row0, int64_t count, int64_t *where) {
+    const int64_t GK = geo->groups * geo->kh * geo->kw;
+    if (grad_offset) {
+        const int even = tile_index(geo->grad_offset, geo, row0, count, where);
+        NAME(store_tile)(grad_offset, geo->grad_offset, where, even, count, 2 * GK, tb->grad_pos);
+    }
+    if (grad_mask) {
+        const int even = tile_index(geo->grad_mask, geo, row0, count, where);
+        NAME(store_tile)(grad_mask, geo->grad_mask, where, even, count, GK, tb->grad_scales);
+    }
+}
+
 /* backward_tile with the flags `what` and the channel count made constants: one loop per combination,
  * and for 3 (RGB) and 16 channels loops of constant length (fully unrolled, no vector remainder). */
 static void NAME(backward_tile_any)(const NAME(tile_backward_t) *given, const int what, const int64_t cg) {
@@ -584,14 +599,7 @@ int NAME(deform_columns_backward)(
                 NAME(load_pixels)(offset, mask, geo, t.row0, t.count, where, tb.pos, tb.scales);
                 NAME(tile_corners)(tb.pos, tb.scales, GK, t.count, H, W, C, tb.off, tb.wt, tb.lh, tb.lw);
                 NAME(backward_tile_any)(&t, what, cg);
-                if (grad_offset) {
-                    const int even = tile_index(geo->grad_offset, geo, t.row0, t.count, where);
-                    NAME(store_tile)(grad_offset, geo->grad_offset, where, even, t.count, 2 * GK, tb.grad_pos);
-                }
-                if (grad_mask) {
-                    const int even = tile_index(geo->grad_mask, geo, t.row0, t.count, where);
-                    NAME(store_tile)(grad_mask, geo->grad_mask, where, even, t.count, GK, tb.grad_scales);
-                }
+                NAME(store_gradients)(grad_offset, grad_mask, geo, &tb, t.row0, t.count, where);
             }
         }
         free(tb.base);
@@ -776,14 +784,7 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
                     NAME(forward_tile)(x, geo, &tb, t.row0, t.count, cols, ld);
                 }
                 if (gw) NAME(gemm_tn)(cols, ld, t.count, ld, go, O, gw, O, O);
-                if (grad_offset) {
-                    const int even = tile_index(geo->grad_offset, geo, t.row0, t.count, where);
-                    NAME(store_tile)(grad_offset, geo->grad_offset, where, even, t.count, 2 * GK, tb.grad_pos);
-                }
-                if (grad_mask) {
-                    const int even = tile_index(geo->grad_mask, geo, t.row0, t.count, where);
-                    NAME(store_tile)(grad_mask, geo->grad_mask, where, even, t.count, GK, tb.grad_scales);
-                }
+                NAME(store_gradients)(grad_offset, grad_mask, geo, &tb, t.row0, t.count, where);
             }
         }
         free(cols);
