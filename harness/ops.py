@@ -543,7 +543,8 @@ class _DeformColumnsNative(torch.autograd.Function):
         if ctx.fused:
             with torch.autocast(x.device.type, enabled=False), _sampling_scope():
                 w_t = _fused_weight(weight.permute(2, 3, 1, 0).reshape(taps * c, out_channels), 0)
-                out = native.conv_forward(x, offset, mask, w_t, None if bias is None else bias.float(), sampling)
+                b = None if bias is None else bias.float().contiguous()
+                out = native.conv_forward(x, offset, mask, w_t, b, sampling)
             return out.view(n, *out_hw, out_channels).permute(0, 3, 1, 2)
         chunks = _image_chunks(n, length * taps * c * x.element_size())
         # one chunk: the product is the output; several: each is copied into its rows

@@ -215,6 +215,16 @@ def test_fused_gradients_of_any_subset_of_inputs(wanted, c):
                                        atol=1e-4 * max(1.0, theirs[name].abs().max().item() / 10), msg=name)
 
 
+def test_fused_path_takes_a_strided_bias():
+    """A bias that is a view with strides (here every other element of a longer tensor) works too."""
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, c=4, o=16)
+    strided = torch.stack([bias, torch.full_like(bias, float("nan"))], 1).reshape(-1)[::2]
+    assert not strided.is_contiguous()
+    got = deform_conv2d(x, offset, weight, strided, stride=s, padding=p, dilation=d, mask=mask)
+    want = tv_deform_conv2d(x, offset, weight, bias, stride=(s, s), padding=(p, p), dilation=(d, d), mask=mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,out_channels,amp,fused", [
     (torch.float32, 16, False, True), (torch.float32, 48, False, True), (torch.float64, 16, False, False),
     (torch.float32, 20, False, False), (torch.float32, 16, True, False),
