@@ -104,6 +104,7 @@ def library() -> ctypes.CDLL | None:
             conv_backward = lib.deform_conv_backward_f32
             conv_backward.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
             conv_forward.restype = conv_backward.restype = ctypes.c_int
+        lib.fused_lanes_f32.restype = ctypes.c_int
         for name in ("to_channels_last", "from_channels_last"):
             transpose = getattr(lib, f"{name}_{suffix}")
             transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
@@ -113,9 +114,18 @@ def library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """Which kernel `deform_conv2d` uses on the CPU, and why."""
-    library()
-    return _status
+    """Which kernel `deform_conv2d` uses on the CPU, and why; with the fused fp32 layer's state."""
+    lib = library()
+    if lib is None:
+        return _status
+    lanes = lib.fused_lanes_f32()
+    if not lanes:
+        fused = "no: the CPU has neither AVX2 nor AVX-512; the columns path runs"
+    elif os.environ.get("HARNESS_FUSED", "1") == "0":
+        fused = "off (HARNESS_FUSED=0); the columns path runs"
+    else:
+        fused = f"on ({'AVX-512' if lanes == 16 else 'AVX2'}, {lanes}-float vectors)"
+    return f"{_status}; fused fp32 layer: {fused}"
 
 
 def available() -> bool:
@@ -241,10 +251,12 @@ def padded_columns(taps: int, channels: int) -> int:
 
 
 def fused_available() -> bool:
-    """Whether the library has the fused convolution: built in vectors of one register, 16 floats with
-    AVX-512 or 8 with AVX2 and FMA; not for other CPUs (there the columns path runs)."""
+    """Whether the fused convolution is there and on: built in vectors of one register, 16 floats with
+    AVX-512 or 8 with AVX2 and FMA, not for other CPUs; HARNESS_FUSED=0 turns it off (the columns path
+    then runs everywhere, e.g. to compare the two)."""
     lib = library()
-    return lib is not None and hasattr(lib, "deform_conv_forward_f32")
+    return (lib is not None and hasattr(lib, "deform_conv_forward_f32")
+            and os.environ.get("HARNESS_FUSED", "1") != "0")
 
 
 def fuses(x: Tensor, out_channels: int) -> bool:
@@ -261,7 +273,7 @@ def conv_forward(
     channel c; rows from K·C on zero, KCp = `padded_columns`) and bias [O] or None. fp32, O % 16 == 0."""
     lib = library()
     if not fused_available():
-        raise RuntimeError(f"the native DCN library has no fused kernel on this CPU ({status()})")
+        raise RuntimeError(f"no fused DCN kernel here: {status()}")
     n, _, _, c = x.shape
     kcp, out_channels = weight_t.shape
     taps = sampling.kernel[0] * sampling.kernel[1]
@@ -288,7 +300,7 @@ def conv_backward(
     and returns the weight's gradient [KCp, O] when need_weight, else None."""
     lib = library()
     if not fused_available():
-        raise RuntimeError(f"the native DCN library has no fused kernel on this CPU ({status()})")
+        raise RuntimeError(f"no fused DCN kernel here: {status()}")
     out_channels, kcp = weight.shape
     threads = torch.get_num_threads()
     _check(x, weight, grad_out, grad_x)

@@ -264,11 +264,12 @@ def test_narrower_vector_units_build_what_they_run_well(fresh_library, monkeypat
     Either way the results are the same."""
     monkeypatch.setattr(native, "FLAGS", [*native.FLAGS, *flags])
     assert native.available() and native.fused_available() == fused
+    assert ("fused fp32 layer: on (AVX2, 8-float vectors)" in native.status()) == fused
     x, offset, _ = _parity_case()
     weight = torch.randn(16, 5, 3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
     assert native.fuses(x, 16) == fused
     if not fused:
-        with pytest.raises(RuntimeError, match="no fused kernel"):
+        with pytest.raises(RuntimeError, match="no fused DCN kernel here: .*neither AVX2 nor AVX-512"):
             native.conv_forward(native.to_channels_last(x.detach()), offset.detach(), None, torch.zeros(48, 16),
                                 None, native.Sampling((3, 3), (1, 1), (1, 1), (1, 1), (8, 9)))
     out = deform_conv2d(x, offset, weight, padding=1)
@@ -277,6 +278,27 @@ def test_narrower_vector_units_build_what_they_run_well(fresh_library, monkeypat
     tv_deform_conv2d(*reference, padding=(1, 1)).square().sum().backward()
     for ours, theirs in zip((x, offset, weight), reference, strict=True):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, rtol=0, atol=1e-3)
+
+
+def test_fused_layer_can_be_turned_off(monkeypatch):
+    """HARNESS_FUSED=0 keeps the compiled kernel but runs the columns path (to compare the two); the
+    results agree."""
+    if not native.fused_available():
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
+    assert "fused fp32 layer: on" in native.status()
+    x, offset, _ = _parity_case()
+    weight = torch.randn(16, 5, 3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    results = []
+    for setting in ("1", "0"):
+        monkeypatch.setenv("HARNESS_FUSED", setting)
+        assert native.fuses(x, 16) == (setting == "1")
+        leaves = [t.detach().clone().requires_grad_() for t in (x, offset, weight)]
+        out = deform_conv2d(*leaves, padding=1)
+        out.square().sum().backward()
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    assert "fused fp32 layer: off (HARNESS_FUSED=0)" in native.status()
+    for fused, columns in zip(*results, strict=True):
+        torch.testing.assert_close(fused, columns, rtol=1e-5, atol=1e-4)
 
 
 def test_no_compiler_warns_and_falls_back(fresh_library, monkeypatch):

@@ -607,6 +607,9 @@ int NAME(deform_columns_backward)(
     return failed;
 }
 
+/* The fused kernel's vector width in floats (0: none in this build), for harness.native.status(). */
+int NAME(fused_lanes)(void) { return FUSED_LANES; }
+
 #if FUSED_LANES
 /* The fused deformable convolution: each thread samples a tile of TILE output pixels into its own
  * column buffer (TILE rows of KCp = K*C rounded up to 16 values, in L2) and multiplies it there, so the
