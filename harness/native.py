@@ -259,10 +259,18 @@ def fused_available() -> bool:
             and os.environ.get("HARNESS_FUSED", "1") != "0")
 
 
-def fuses(x: Tensor, out_channels: int) -> bool:
-    """Whether `conv_forward`/`conv_backward` take this case: fp32, outputs a multiple of 16, and a
-    library with the fused kernel."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0 and fused_available()
+# The fused backward gives each thread its own copy of the weight's gradient: at most this many bytes
+# of them in all (more threads or larger weights take the columns path, whose memory is bounded).
+FUSED_WEIGHT_GRAD_BYTES = 256 * 2**20
+
+
+def fuses(x: Tensor, out_channels: int, taps: int = 9) -> bool:
+    """Whether `conv_forward`/`conv_backward` take this case: fp32 x [N, H, W, C], outputs a multiple
+    of 16, a library with the fused kernel, and the threads' weight gradients within
+    FUSED_WEIGHT_GRAD_BYTES."""
+    per_thread = padded_columns(taps, x.shape[-1]) * out_channels * 4
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0
+            and torch.get_num_threads() * per_thread <= FUSED_WEIGHT_GRAD_BYTES and fused_available())
 
 
 def conv_forward(

@@ -539,7 +539,8 @@ class _DeformColumnsNative(torch.autograd.Function):
         ctx.config = (sampling, gemm)
         ctx.bias_dtype = None if bias is None else bias.dtype
         # Under a dispatch mode (torch's FLOP counter, a tracer) the products stay aten ops that it sees.
-        ctx.fused = gemm == torch.float32 and native.fuses(x, out_channels) and not is_in_torch_dispatch_mode()
+        ctx.fused = (gemm == torch.float32 and native.fuses(x, out_channels, taps)
+                     and not is_in_torch_dispatch_mode())
         if ctx.fused:
             with torch.autocast(x.device.type, enabled=False), _sampling_scope():
                 w_t = _fused_weight(weight.permute(2, 3, 1, 0).reshape(taps * c, out_channels), 0)

@@ -225,6 +225,28 @@ def test_fused_path_takes_a_strided_bias():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_fused_path_bounds_the_threads_weight_gradients(monkeypatch):
+    """Each thread of the fused backward holds its own weight gradient; where threads x its size pass
+    FUSED_WEIGHT_GRAD_BYTES the layer takes the columns path instead, with the same results."""
+    from harness import native
+
+    if not native.fused_available():
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
+    x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, c=4, o=16)
+    per_thread = native.padded_columns(9, 4) * 16 * 4  # 48 padded columns x 16 outputs, fp32
+    results = []
+    for budget, fused in ((torch.get_num_threads() * per_thread, True), (per_thread - 1, False)):
+        monkeypatch.setattr(native, "FUSED_WEIGHT_GRAD_BYTES", budget)
+        calls = _count_calls(monkeypatch, native, "conv_forward", "columns_forward")
+        results.append(_grads(_ours_and_theirs(s, p, d)[0], [x, offset, weight, bias, mask]))
+        assert calls == {"conv_forward": int(fused), "columns_forward": int(not fused)}
+        monkeypatch.undo()
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-4)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype,out_channels,amp,fused", [
     (torch.float32, 16, False, True), (torch.float32, 48, False, True), (torch.float64, 16, False, False),
     (torch.float32, 20, False, False), (torch.float32, 16, True, False),
