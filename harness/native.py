@@ -98,17 +98,15 @@ def library() -> ctypes.CDLL | None:
         backward = getattr(lib, f"deform_columns_backward_{suffix}")
         backward.argtypes = [pointer] * 8 + [geometry, ctypes.c_int]
         forward.restype = backward.restype = ctypes.c_int
-        if suffix == "f32" and hasattr(lib, "deform_conv_forward_f32"):  # built for AVX2 and AVX-512
-            conv_forward = lib.deform_conv_forward_f32
-            conv_forward.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
-            conv_backward = lib.deform_conv_backward_f32
-            conv_backward.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
-            conv_forward.restype = conv_backward.restype = ctypes.c_int
-        lib.fused_lanes_f32.restype = ctypes.c_int
         for name in ("to_channels_last", "from_channels_last"):
             transpose = getattr(lib, f"{name}_{suffix}")
             transpose.argtypes = [pointer] * 2 + [ctypes.c_int64] * 6 + [ctypes.c_int]
             transpose.restype = None
+    lib.fused_lanes_f32.restype = ctypes.c_int
+    if lib.fused_lanes_f32():  # the fused layer is built for AVX2 and AVX-512 only
+        lib.deform_conv_forward_f32.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
+        lib.deform_conv_backward_f32.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
+        lib.deform_conv_forward_f32.restype = lib.deform_conv_backward_f32.restype = ctypes.c_int
     _status = f"in use ({target})"
     return lib
 
@@ -121,7 +119,7 @@ def status() -> str:
     lanes = lib.fused_lanes_f32()
     if not lanes:
         fused = "no: the CPU has neither AVX2 nor AVX-512; the columns path runs"
-    elif os.environ.get("HARNESS_FUSED", "1") == "0":
+    elif _fused_turned_off():
         fused = "off (HARNESS_FUSED=0); the columns path runs"
     else:
         fused = f"on ({'AVX-512' if lanes == 16 else 'AVX2'}, {lanes}-float vectors)"
@@ -255,8 +253,11 @@ def fused_available() -> bool:
     AVX-512 or 8 with AVX2 and FMA, not for other CPUs; HARNESS_FUSED=0 turns it off (the columns path
     then runs everywhere, e.g. to compare the two)."""
     lib = library()
-    return (lib is not None and hasattr(lib, "deform_conv_forward_f32")
-            and os.environ.get("HARNESS_FUSED", "1") != "0")
+    return lib is not None and lib.fused_lanes_f32() > 0 and not _fused_turned_off()
+
+
+def _fused_turned_off() -> bool:
+    return os.environ.get("HARNESS_FUSED", "1") == "0"
 
 
 # The fused backward gives each thread its own copy of the weight's gradient: at most this many bytes

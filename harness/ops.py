@@ -511,7 +511,7 @@ def _fused_weight(w: Tensor, dim: int) -> Tensor:
     """w (taps·channels along `dim`) in fp32, contiguous, zero-padded along `dim` to the fused kernel's
     column length (`native.padded_columns`)."""
     length = w.shape[dim]
-    pad = -length % 16
+    pad = native.padded_columns(1, length) - length
     w = w.float()
     if not pad:
         return w.contiguous()
