@@ -1,5 +1,6 @@
-"""What `harness bench` alone does not show on a GPU: the column-chunk size, larger shapes, the kernel
-breakdown (fp32 and bf16, ours and torchvision's) and the network at a GPU-sized batch.
+"""What `harness bench` alone does not show on a GPU: the Triton kernels against the PyTorch path
+(grid_sample, HARNESS_TRITON=0) interleaved in one process, larger shapes, memory, the kernels each
+runs (count and GPU time) and the network at the issue's and at GPU-sized batches.
 
 Run by scripts/gpu_check.sh; writes $OUT/probe.json and $OUT/profile.txt and prints a summary.
 """
@@ -8,86 +9,169 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import harness.ops
-from harness.bench import LayerShape, _make_case, bench_model, bench_ops
+from harness import triton_kernels
+from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_mb
 
 OUT = Path(os.environ.get("OUT", "results/gpu_check"))
 SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
           LayerShape(16, 64, 64, 32, 2), LayerShape(16, 64, 64, 32, 1, 2)]
 LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32)]
+PATHS = {"pytorch": "0", "triton": "1"}  # HARNESS_TRITON for each of our two CUDA paths
+QUICK = os.environ.get("PROBE_QUICK") == "1"  # fewer rounds and settings, for a second call in one GPU loan
 
 
 def log(text: str) -> None:
     print(text, flush=True)
 
 
+def save(report: dict[str, object]) -> None:
+    """After every section, so that a run cut short by its time limit still leaves what it measured."""
+    (OUT / "probe.json").write_text(json.dumps(report, indent=1))
+
+
+def _on(path: str, run):
+    def timed() -> None:
+        os.environ["HARNESS_TRITON"] = PATHS[path]
+        run()
+    return timed
+
+
+def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[str, float]:
+    """Median ms per forward+backward of each case, the cases taking turns (blocks of `calls`)."""
+    cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp),
+             "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp)}
+    for impl in ("per_tap", "shared", "modulated"):
+        for path in PATHS:
+            cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp))
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for run in cases.values():  # warm-up, Triton's compilation included
+        for _ in range(3):
+            run()
+    torch.cuda.synchronize()
+    for _ in range(rounds):
+        for name, run in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1000 / calls)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def ratios(ms: dict[str, float]) -> str:
+    tv = ms["torchvision"]
+    return "  ".join(f"{impl} tv/ours {tv / ms[f'{impl} pytorch']:.2f}->{tv / ms[f'{impl} triton']:.2f}"
+                     for impl in ("per_tap", "shared", "modulated"))
+
+
+def interleaved_table(name: str, shapes: list[LayerShape], amp: str, rounds: int, calls: int) -> dict[str, dict]:
+    table = {}
+    for shape in shapes:
+        ms = table[shape.label] = interleaved(shape, amp, rounds, calls)
+        log(f"{name} {amp:4s} {shape.label:18s} " + " ".join(f"{k} {v:.3f}" for k, v in ms.items()))
+        log(f"    {ratios(ms)}")
+    return table
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "no CUDA device"
-    report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                 "triton": triton_kernels.status()}
+    log(f"{report}")
 
-    sweep = {}
-    for mib in (4, 64, 1024) if os.environ.get("PROBE_SWEEP", "1") == "1" else ():
-        harness.ops.CUDA_COLUMN_CHUNK_BYTES = mib * 2**20
-        rows = bench_ops(SHAPES, ("conv2d", "per_tap"), reps=20, device="cuda")
-        sweep[mib] = {r.shape: r.ms for r in rows if r.impl == "per_tap"}
-        log(f"chunk {mib:5d} MiB per_tap ms: " + ", ".join(f"{v:.3f}" for v in sweep[mib].values()))
-    report["chunk_sweep_ms"] = sweep
-    harness.ops.CUDA_COLUMN_CHUNK_BYTES = 256 * 2**20
-
-    large = {}
     for amp in ("none", "bf16"):
-        rows = bench_ops(LARGE, ("conv2d", "per_tap", "shared", "torchvision"), reps=10, device="cuda", amp=amp,
-                         memory=True)
-        large[amp] = [asdict(r) for r in rows]
-        for r in rows:
-            log(f"large {amp:4s} {r.shape:22s} {r.impl:12s} {r.ms:8.3f} ms  {r.ratio_to_conv2d:5.2f}x  "
-                f"{r.peak_mb:.0f} MiB")
-    report["large"] = large
+        report[f"ops_{amp}"] = interleaved_table("ops", SHAPES, amp, rounds=8 if QUICK else 15, calls=10)
+        save(report)
 
-    models = {}
-    for batch, size in ((256, 64), (64, 128)):
-        for amp, offsets in (("none", "per_tap"), ("none", "shared"), ("bf16", "per_tap"), ("bf16", "shared")):
-            rows = bench_model(["none", "first:2", "all"], image_size=size, batch=batch, offset_channels=offsets,
-                               device="cuda", amp=amp, channels_last=amp == "bf16")
-            key = f"batch{batch}@{size} {amp} {offsets}"
-            models[key] = [asdict(r) for r in rows]
-            log(f"model {key:28s} " + ", ".join(f"{r.placement} {r.images_per_s:.0f}/s ({r.relative_to_standard:.2f}x)"
-                                                 for r in rows))
-    report["models"] = models
+    memory = {}
+    for shape in SHAPES + LARGE:
+        for path in PATHS:
+            os.environ["HARNESS_TRITON"] = PATHS[path]
+            memory[f"{shape.label} per_tap {path}"] = cuda_peak_memory_mb(shape, "per_tap")
+        memory[f"{shape.label} torchvision"] = cuda_peak_memory_mb(shape, "torchvision")
+    report["peak_mib"] = memory
+    save(report)
+    log("peak MiB " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
+
+    for amp in ("none", "bf16"):
+        report[f"large_{amp}"] = interleaved_table("large", LARGE, amp, rounds=3 if QUICK else 4, calls=3)
+        save(report)
 
     busy: dict[str, dict[str, float]] = {}
     with open(OUT / "profile.txt", "w") as handle:
-        cases = [(shape, impl, amp) for shape in (SHAPES[0], SHAPES[1])
-                 for impl, amp in (("conv2d", "none"), ("per_tap", "none"), ("shared", "none"),
-                                   ("torchvision", "none"), ("per_tap", "bf16"))]
-        for shape, impl, amp in cases:
-            run = _make_case(shape, impl, device="cuda", amp=amp)
+        for shape in (SHAPES[0], SHAPES[3]):
+            for impl, path in (("conv2d", None), ("torchvision", None), ("per_tap", "pytorch"), ("per_tap", "triton"),
+                               ("shared", "pytorch"), ("shared", "triton")):
+                run = _make_case(shape, impl, device="cuda")
+                if path:
+                    run = _on(path, run)
+                for _ in range(3):
+                    run()
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        run()
+                events = prof.key_averages()
+                kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("harness::")]
+                gpu_us = sum(e.self_device_time_total for e in kernels) / 5
+                launches = sum(e.count for e in kernels) / 5
+                name = f"{impl} {path or ''}".strip()
+                busy.setdefault(shape.label, {})[name] = gpu_us
+                handle.write(f"\n===== {name} {shape.label} (5 steps) =====\n"
+                             f"{events.table(sort_by='device_time_total', row_limit=14, max_name_column_width=70)}\n")
+                top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:4]
+                log(f"gpu-busy {shape.label:18s} {name:16s} {gpu_us:7.0f} us/step, {launches:4.0f} kernels/step; "
+                    + "; ".join(f"{e.key[:40]} {e.self_device_time_total / 5:.0f}us" for e in top))
+    report["gpu_busy_us"] = busy
+    save(report)
+
+    sweep = {}  # the Triton kernels' block sizes (pixels, channels), per_tap fp32
+    os.environ["HARNESS_TRITON"] = "1"
+    default = triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS
+    for pixels, channels in (default, (64, 16), (32, 16), (128, 8), (64, 8), (64, 32)):
+        triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS = pixels, channels
+        for shape in (SHAPES[0], SHAPES[2], LARGE[0]):
+            run = _make_case(shape, "per_tap", device="cuda")
             for _ in range(3):
                 run()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(7):
+                t0 = time.perf_counter()
                 for _ in range(5):
                     run()
-            events = prof.key_averages()
-            # device events, less the profiler scopes' GPU ranges (harness::deform_sampling would count twice)
-            kernels = [e for e in events if e.device_type.name == "CUDA" and not e.key.startswith("harness::")]
-            gpu_us = sum(e.self_device_time_total for e in kernels) / 5
-            launches = sum(e.count for e in kernels) / 5
-            busy.setdefault(shape.label, {})[f"{impl} {amp}"] = gpu_us
-            table = events.table(sort_by="device_time_total", row_limit=14, max_name_column_width=70)
-            handle.write(f"\n===== {impl} {amp} {shape.label} (5 steps) =====\n{table}\n")
-            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:4]
-            log(f"gpu-busy {shape.label:18s} {impl:12s} {amp:4s} {gpu_us:7.0f} us/step, {launches:4.0f} kernels/step; "
-                + "; ".join(f"{e.key[:48]} {e.self_device_time_total / 5:.0f}us" for e in top))
-    report["gpu_busy_us"] = busy
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 200)
+            sweep[f"{pixels}x{channels} {shape.label}"] = statistics.median(times)
+        log(f"blocks {pixels:3d} px x {channels:2d} ch: " + ", ".join(
+            f"{sweep[f'{pixels}x{channels} {shape.label}']:.3f}" for shape in (SHAPES[0], SHAPES[2], LARGE[0])))
+    report["block_sweep_ms"] = sweep
+    save(report)
+    triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS = default  # the rest runs the defaults
+    models = {}
+    settings = ((32, "per_tap", "none"), (32, "shared", "none"), (256, "per_tap", "none"), (256, "shared", "none"),
+                (256, "per_tap", "bf16"))
+    for batch, offsets, amp in settings[::2] if QUICK else settings:
+        for path in (*PATHS, *PATHS)[:2 if QUICK else 4]:  # twice each, interleaved
+            os.environ["HARNESS_TRITON"] = PATHS[path]
+            rows = bench_model(["none", "first:2", "all"], image_size=64, batch=batch, offset_channels=offsets,
+                               device="cuda", amp=amp, channels_last=amp == "bf16")
+            key = f"batch{batch} {offsets} {amp} {path}"
+            models.setdefault(key, []).append([asdict(r) for r in rows])
+            log(f"model {key:30s} " + ", ".join(f"{r.placement} {r.images_per_s:.0f}/s ({r.relative_to_standard:.2f}x)"
+                                                 for r in rows))
+    report["models"] = models
+    save(report)
 
-    (OUT / "probe.json").write_text(json.dumps(report, indent=1))
+    os.environ.pop("HARNESS_TRITON", None)
 
 
 if __name__ == "__main__":

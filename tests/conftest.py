@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# On a machine without CUDA the GPU path's Triton kernels are tested in Triton's interpreter, which has
+# to be switched on before triton is first imported (the kernels only run there when a test asks).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -119,15 +119,36 @@ def test_frozen_weight_with_many_outputs(cpu_kernel):
     for ours, theirs in zip(*results, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-9)
 
-@pytest.fixture(params=["native", "pytorch", "pytorch-kept"])
+@pytest.fixture
+def triton_interpreted(monkeypatch):
+    """The GPU path's Triton kernels, run on the CPU by Triton's interpreter (conftest switches it on
+    before triton is imported, on machines without CUDA)."""
+    from harness import triton_kernels
+
+    if triton_kernels.triton is None or not triton_kernels._interpreted():
+        pytest.skip("needs triton, run by its interpreter (TRITON_INTERPRET=1, set on machines without CUDA)")
+    monkeypatch.setenv("HARNESS_TRITON", "1")
+    assert triton_kernels.applies(torch.device("cpu"))
+
+
+# The kernels a test runs through by default; tests too slow for Triton's interpreter (a second or more a
+# call) take the others only (`indirect`) and the Triton kernels get a test of their own.
+COMPILED_AND_PYTORCH = ["native", "pytorch", "pytorch-kept"]
+without_interpreter = pytest.mark.parametrize("cpu_kernel", COMPILED_AND_PYTORCH, indirect=True)
+
+
+@pytest.fixture(params=[*COMPILED_AND_PYTORCH, "triton"])
 def cpu_kernel(request, monkeypatch):
-    """Run a test through the compiled kernel (harness.native), through the pure-PyTorch path, and
-    through its GPU variant that keeps the columns for autograd (`pytorch-kept`, forced on the CPU)."""
+    """Run a test through the compiled kernel (harness.native), through the pure-PyTorch path, through
+    its GPU variant that keeps the columns for autograd (`pytorch-kept`, forced on the CPU), and through
+    the GPU path's Triton kernels in Triton's interpreter."""
     import harness.ops
     from harness import native
 
     if request.param == "native" and not native.available():
         pytest.skip(f"native kernel unavailable: {native.status()}")
+    if request.param == "triton":
+        request.getfixturevalue("triton_interpreted")
     if request.param.startswith("pytorch"):
         monkeypatch.setattr(native, "available", lambda: False)
     if request.param == "pytorch-kept":
@@ -135,9 +156,7 @@ def cpu_kernel(request, monkeypatch):
     return request.param.split("-")[0]
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel):
+def _assert_matches_torchvision(case, dtype, tol):
     x, offset, weight, bias, mask, (s, p, d) = _case(dtype, **case)
     tensors = [x, offset, weight, bias, mask]
 
@@ -150,6 +169,26 @@ def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel)
         if gb is None:
             continue
         torch.testing.assert_close(ga, gb, atol=tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
+
+
+@without_interpreter
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-6)])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel):
+    _assert_matches_torchvision(case, dtype, tol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_triton_kernels_match_torchvision(case, triton_interpreted):
+    """The GPU path's kernels, every geometry, in fp64 (fp32 runs the same code; the CUDA tests use it)."""
+    _assert_matches_torchvision(case, torch.float64, 1e-10)
+
+
+def test_triton_kernels_in_chunks_match_torchvision(triton_interpreted, monkeypatch):
+    import harness.ops
+
+    monkeypatch.setattr(harness.ops, "COLUMN_CHUNK_BYTES", 1)  # chunks of one image per thread
+    _assert_matches_torchvision(dict(n=5, c=8, o=4, groups=2, offset_groups=2), torch.float64, 1e-10)
 
 
 # The fused kernel (fp32, outputs a multiple of 16): columns sampled and multiplied tile by tile.
@@ -296,6 +335,7 @@ def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups, dtype, tol, c
         torch.testing.assert_close(ga, gb, atol=100 * tol * max(1.0, gb.abs().max().item() / 100), rtol=0, msg=name)
 
 
+@without_interpreter
 @pytest.mark.parametrize("s,p,d,offset_groups,groups", [(1, 1, 1, 1, 1), (1, 2, 2, 1, 1), (1, 1, 1, 2, 1),
                                                         (1, 1, 1, 1, 2), (2, 1, 1, 1, 1)])
 def test_shared_gradcheck_fp64(s, p, d, offset_groups, groups, cpu_kernel):
@@ -443,6 +483,7 @@ def test_native_path_does_not_call_torchvision(monkeypatch):
     assert F.conv2d is not boom
 
 
+@without_interpreter
 @pytest.mark.parametrize("layout,modulated", [("shared", False), ("per_tap", False), ("per_tap", True)])
 def test_autocast_bf16_runs_in_bf16_with_fp32_positions(layout, modulated, cpu_kernel):
     torch.manual_seed(0)
@@ -528,6 +569,7 @@ def test_offset_gradient_exactly_one_pixel_off_the_image_matches_torchvision(axi
     torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
 
 
+@without_interpreter
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("chunk_bytes", [1, 3000])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-8), (torch.float32, 1e-4)])
@@ -579,9 +621,20 @@ def test_input_gradient_keeps_the_inputs_layout(layout, memory_format, cpu_kerne
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
+@pytest.fixture(params=["pytorch", "triton"])
+def cuda_path(request, monkeypatch):
+    """Both CUDA paths: grid_sample and batched matmuls (the default), and the opt-in Triton kernels."""
+    from harness import triton_kernels
+
+    if request.param == "triton" and triton_kernels.triton is None:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("HARNESS_TRITON", "1" if request.param == "triton" else "0")
+    return request.param
+
+
 @requires_cuda
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_cuda_matches_torchvision_cuda_kernel(case):
+def test_cuda_matches_torchvision_cuda_kernel(case, cuda_path):
     x, offset, weight, bias, mask, (s, p, d) = _case(torch.float32, **case)
     tensors = [t.cuda() if t is not None else None for t in (x, offset, weight, bias, mask)]
     out_a, grads_a = _grads(lambda *t: deform_conv2d(*t[:4], stride=s, padding=p, dilation=d, mask=t[4]), tensors)
@@ -595,7 +648,7 @@ def test_cuda_matches_torchvision_cuda_kernel(case):
 
 @requires_cuda
 @pytest.mark.parametrize("layout", ["shared", "per_tap"])
-def test_cuda_autocast_bf16_output_is_bf16(layout):
+def test_cuda_autocast_bf16_output_is_bf16(layout, cuda_path):
     layer = DeformConv2d(8, 8, 3, padding=1, offset_channels=layout).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = layer(torch.randn(2, 8, 16, 16, device="cuda"))
@@ -605,7 +658,7 @@ def test_cuda_autocast_bf16_output_is_bf16(layout):
 
 
 @requires_cuda
-def test_cuda_chunked_columns_match_torchvision(monkeypatch):
+def test_cuda_chunked_columns_match_torchvision(monkeypatch, cuda_path):
     import harness.ops
 
     monkeypatch.setattr(harness.ops, "CUDA_COLUMN_CHUNK_BYTES", 1)  # one image per chunk
@@ -674,7 +727,7 @@ def test_autocast_bf16_runs_every_product_in_bf16(layout, modulated, cpu_kernel)
 
 @requires_cuda
 @pytest.mark.parametrize("layout,modulated", [("per_tap", False), ("per_tap", True), ("shared", False)])
-def test_cuda_autocast_bf16_runs_every_product_in_bf16(layout, modulated):
+def test_cuda_autocast_bf16_runs_every_product_in_bf16(layout, modulated, cuda_path):
     dtypes = _bf16_layer_dtypes(layout, modulated, "cuda")
     assert len(dtypes) >= 3
     assert {dtype for _, dtype in dtypes} == {torch.bfloat16}, dtypes
