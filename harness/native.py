@@ -116,14 +116,24 @@ def status() -> str:
     lib = library()
     if lib is None:
         return _status
+    return f"{_status}; fused fp32 layer: {_fused_state(lib)}"
+
+
+def summary() -> str:
+    """`status()` in a few words, for a run's tags (timings from different kernels do not compare)."""
+    lib = library()
+    if lib is None:
+        return "pytorch (grid_sample): no compiled kernel"
+    return f"compiled C kernel; fused fp32 layer {_fused_state(lib).split(';')[0]}"
+
+
+def _fused_state(lib: ctypes.CDLL) -> str:
     lanes = lib.fused_lanes_f32()
     if not lanes:
-        fused = "no: the CPU has neither AVX2 nor AVX-512; the columns path runs"
-    elif _fused_turned_off():
-        fused = "off (HARNESS_FUSED=0); the columns path runs"
-    else:
-        fused = f"on ({'AVX-512' if lanes == 16 else 'AVX2'}, {lanes}-float vectors)"
-    return f"{_status}; fused fp32 layer: {fused}"
+        return "no: the CPU has neither AVX2 nor AVX-512; the columns path runs"
+    if _fused_turned_off():
+        return "off (HARNESS_FUSED=0); the columns path runs"
+    return f"on ({'AVX-512' if lanes == 16 else 'AVX2'}, {lanes}-float vectors)"
 
 
 def available() -> bool:

@@ -50,6 +50,16 @@ def _sampling_scope() -> AbstractContextManager[object]:
     return record_function(SAMPLING_SCOPE) if torch.autograd.profiler._is_profiler_enabled else nullcontext()
 
 
+def kernel_summary(device: torch.device) -> str:
+    """Which implementation `deform_conv2d` runs on `device`, in a few words. Runs record it (the
+    `harness.dcn_kernel` tag, in the report's environment list): their timings compare only within one."""
+    if device.type == "cuda":
+        return "triton kernels" if triton_kernels.applies(device) else "pytorch (grid_sample, cuBLAS)"
+    if device.type == "cpu":
+        return native.summary()
+    return "pytorch (grid_sample)"
+
+
 def _pair(value: IntPair, name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value

@@ -28,6 +28,7 @@ from harness import __version__
 from harness.data import PreparedData, prepare_data, synthesize
 from harness.distributed import DistContext, barrier, broadcast, init_from_env
 from harness.errors import HarnessError
+from harness.ops import kernel_summary
 from harness.spec import AblationSpec, DataConfig, PlannedRun, RunConfig, flatten
 from harness.tracking.store import AblationStore, ChildRun
 from harness.train import FitResult, fit, resolve_device
@@ -87,6 +88,7 @@ def environment_tags(device: torch.device) -> dict[str, str]:
     return {
         "harness.git_commit": git_commit(),
         "harness.device": name,
+        "harness.dcn_kernel": kernel_summary(device),
         "harness.host": socket.gethostname(),
         "harness.pid": str(os.getpid()),
         "harness.torch": torch.__version__,
@@ -315,6 +317,8 @@ def _run_one(
         "harness.baseline": str(run.baseline).lower(),
         "harness.trace_dir": str(trace_dir),
     }
+    if config.model.backend == "torchvision":  # the ablation compares against torchvision's op
+        tags["harness.dcn_kernel"] = "torchvision.ops.deform_conv2d"
     previous = store.child_by_hash(run.config_hash) if checkpoint.exists() else None
     if previous is not None:
         child = store.reopen_child(previous.info.run_id, {**tags, "harness.resumed_by": parent_id})

@@ -761,3 +761,21 @@ def test_sampling_scope_is_recorded_only_while_profiling(layout, cpu_kernel):
         record.HEAVY = {torch.ops.profiler._record_function_enter_new}
         layer(x).sum().backward()
     assert record.dtypes == []
+
+
+def test_kernel_summary_names_the_path_and_its_switches(monkeypatch):
+    """Runs record it, so that timings from different kernels are not compared unawares."""
+    from harness import native
+    from harness.ops import kernel_summary
+
+    if native.available():
+        monkeypatch.delenv("HARNESS_FUSED", raising=False)
+        on = kernel_summary(torch.device("cpu"))
+        monkeypatch.setenv("HARNESS_FUSED", "0")
+        off = kernel_summary(torch.device("cpu"))
+        assert on.startswith("compiled C kernel") and "HARNESS_FUSED=0" in off and on != off
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "library", lambda: None)
+    assert kernel_summary(torch.device("cpu")).startswith("pytorch (grid_sample)")
+    monkeypatch.setenv("HARNESS_TRITON", "0")
+    assert kernel_summary(torch.device("cuda")) == "pytorch (grid_sample, cuBLAS)"

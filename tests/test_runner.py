@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
+from harness.ops import kernel_summary
 from harness.spec import expand, load_ablation, parse_set
 
 EPOCH_METRICS = [
@@ -70,6 +72,7 @@ def test_run_logs_everything_and_rerun_skips(tmp_path, synth_root, capsys):
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         for key in ("harness.config_hash", "harness.git_commit", "harness.torch", "harness.device", "harness.host"):
             assert run.data.tags[key]
+        assert run.data.tags["harness.dcn_kernel"] == kernel_summary(torch.device("cpu"))
         assert run.data.params["model.arch"] == "small3" and run.data.params["seed"] == "0"
         for key in EPOCH_METRICS:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key

@@ -27,6 +27,7 @@ CURVE_KEYS = ("train_loss", "val_loss", "val_micro_f1", "val_map")
 ENV_TAGS = {
     "harness.git_commit": "git commit",
     "harness.device": "device",
+    "harness.dcn_kernel": "DCN kernel",
     "harness.host": "host",
     "harness.version": "harness",
     "harness.torch": "torch",
