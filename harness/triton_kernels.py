@@ -92,6 +92,16 @@ if triton is not None:
         return y0, x0, ly, lx, inside, top & left, top & right, bottom & left, bottom & right
 
     @triton.jit
+    def _tap_corners(offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W):
+        """Tap k's position at each pixel (its undeformed place plus the offset in channels ch, ch + 1,
+        in the offset's dtype) and its corners (`_bilinear_corners`)."""
+        dy = tl.load(offsets + ch * so_c, mask=p_ok, other=0.0)
+        dx = tl.load(offsets + (ch + 1) * so_c, mask=p_ok, other=0.0)
+        y = (ho * sh - ph + (k // KW) * dh).to(dy.dtype) + dy
+        x = (wo * sw - pw + (k % KW) * dw).to(dx.dtype) + dx
+        return _bilinear_corners(y, x, H, W)
+
+    @triton.jit
     def _program_tile(L, WO, CG, G, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """This program's image n, offset group g, channels c and output pixels p (row ho, column wo), and
         which of the [BLOCK_C, BLOCK_P] tile's elements exist."""
@@ -129,19 +139,16 @@ if triton is not None:
         offsets = off_ptr + n * so_n + ho * so_y + wo * so_x
         for k in range(KH * KW):  # a loop, not unrolled: a ninth of the code to compile
             ch = 2 * (g * KH * KW + k)
-            dy = tl.load(offsets + ch * so_c, mask=p_ok, other=0.0)
-            dx = tl.load(offsets + (ch + 1) * so_c, mask=p_ok, other=0.0)
-            y = (ho * sh - ph + (k // KW) * dh).to(dy.dtype) + dy
-            x = (wo * sw - pw + (k % KW) * dw).to(dx.dtype) + dx
-            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _bilinear_corners(y, x, H, W)
+            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _tap_corners(
+                offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W)
             hy = 1.0 - ly
             hx = 1.0 - lx
             corner = planes + (y0 * sx_y + x0 * sx_x)[None, :]
             near = ok & inside[None, :]
-            v00 = tl.load(corner, mask=near & m00[None, :], other=0.0).to(dy.dtype)
-            v01 = tl.load(corner + sx_x, mask=near & m01[None, :], other=0.0).to(dy.dtype)
-            v10 = tl.load(corner + sx_y, mask=near & m10[None, :], other=0.0).to(dy.dtype)
-            v11 = tl.load(corner + sx_y + sx_x, mask=near & m11[None, :], other=0.0).to(dy.dtype)
+            v00 = tl.load(corner, mask=near & m00[None, :], other=0.0).to(ly.dtype)
+            v01 = tl.load(corner + sx_x, mask=near & m01[None, :], other=0.0).to(ly.dtype)
+            v10 = tl.load(corner + sx_y, mask=near & m10[None, :], other=0.0).to(ly.dtype)
+            v11 = tl.load(corner + sx_y + sx_x, mask=near & m11[None, :], other=0.0).to(ly.dtype)
             val = (hy * hx)[None, :] * v00 + (hy * lx)[None, :] * v01 + (ly * hx)[None, :] * v10 \
                 + (ly * lx)[None, :] * v11
             if HAS_MASK:
@@ -176,17 +183,14 @@ if triton is not None:
         offsets = off_ptr + n * so_n + ho * so_y + wo * so_x
         for k in range(KH * KW):  # a loop, not unrolled: a ninth of the code to compile
             ch = 2 * (g * KH * KW + k)
-            dy = tl.load(offsets + ch * so_c, mask=p_ok, other=0.0)
-            dx = tl.load(offsets + (ch + 1) * so_c, mask=p_ok, other=0.0)
-            y = (ho * sh - ph + (k // KW) * dh).to(dy.dtype) + dy
-            x = (wo * sw - pw + (k % KW) * dw).to(dx.dtype) + dx
-            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _bilinear_corners(y, x, H, W)
+            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _tap_corners(
+                offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W)
             hy = 1.0 - ly
             hx = 1.0 - lx
-            grad = tl.load(gcols + k * L, mask=ok, other=0.0).to(dy.dtype)
+            grad = tl.load(gcols + k * L, mask=ok, other=0.0).to(ly.dtype)
             if HAS_MASK:
                 mask_at = mask_ptr + n * sm_n + (g * KH * KW + k) * sm_c + ho * sm_y + wo * sm_x
-                mk = tl.load(mask_at, mask=p_ok, other=0.0).to(dy.dtype)
+                mk = tl.load(mask_at, mask=p_ok, other=0.0).to(ly.dtype)
                 raw_grad = grad
                 grad = grad * mk[None, :]
             near = ok & inside[None, :]
@@ -202,10 +206,10 @@ if triton is not None:
                               mask=near & m11[None, :], sem="relaxed")
             if NEED_OFFSET or NEED_MASK:
                 corner = planes + (y0 * sx_y + x0 * sx_x)[None, :]
-                v00 = tl.load(corner, mask=ok & m00[None, :], other=0.0).to(dy.dtype)
-                v01 = tl.load(corner + sx_x, mask=ok & m01[None, :], other=0.0).to(dy.dtype)
-                v10 = tl.load(corner + sx_y, mask=ok & m10[None, :], other=0.0).to(dy.dtype)
-                v11 = tl.load(corner + sx_y + sx_x, mask=ok & m11[None, :], other=0.0).to(dy.dtype)
+                v00 = tl.load(corner, mask=ok & m00[None, :], other=0.0).to(ly.dtype)
+                v01 = tl.load(corner + sx_x, mask=ok & m01[None, :], other=0.0).to(ly.dtype)
+                v10 = tl.load(corner + sx_y, mask=ok & m10[None, :], other=0.0).to(ly.dtype)
+                v11 = tl.load(corner + sx_y + sx_x, mask=ok & m11[None, :], other=0.0).to(ly.dtype)
                 if NEED_OFFSET:
                     weight_y = hx[None, :] * (v10 - v00) + lx[None, :] * (v11 - v01)
                     weight_x = hy[None, :] * (v01 - v00) + ly[None, :] * (v11 - v10)
