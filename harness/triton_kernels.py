@@ -9,9 +9,9 @@ stay cuBLAS's. The arithmetic is torchvision's kernel's, corner by corner, so va
 follow it at whole pixels and borders too.
 
 Measured on an H100 (docs/benchmarks.md, eighth session) this path is exact and needs 20-40 % less
-memory than the PyTorch path, but is slower: 1.2-1.4x for per-tap layers, 1.0-1.2x for shared ones. Its
-column kernel takes 3x grid_sample's time and its backward 1.2x, and it samples the columns twice. So it is off by
-default; HARNESS_TRITON=1 turns it on. Triton ships with PyTorch's CUDA wheels; without it the
+memory than the PyTorch path, but is slower: 1.2-1.4x for per-tap layers, 1.0-1.2x for shared ones.
+Its column kernel takes 3x grid_sample's time and its backward 1.2x, and it samples the columns
+twice. So it is off by default; HARNESS_TRITON=1 turns it on. Triton ships with PyTorch's CUDA wheels; without it the
 setting is ignored. With TRITON_INTERPRET=1 as well the kernels run on the CPU in Triton's
 interpreter (slow; the test suite checks them that way on machines without a GPU).
 """
@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import os
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from harness.native import Sampling
 
 try:
     import triton
@@ -239,12 +243,12 @@ def _launch_shape(n: int, c: int, groups: int, length: int) -> tuple[int, int, t
 
 
 def columns(
-    input: Tensor, offset: Tensor, mask: Tensor | None, sampling, dtype: torch.dtype
+    input: Tensor, offset: Tensor, mask: Tensor | None, sampling: Sampling, dtype: torch.dtype
 ) -> Tensor:
-    """Deformable columns [N, C·K, Ho·Wo] (row c·K + k) of a contiguous input [N, C, H, W], in `dtype`.
+    """Deformable columns [N, C·K, Ho·Wo] (row c·K + k) of input [N, C, H, W], in `dtype`.
 
-    `sampling` is a `harness.native.Sampling`; offset [N, 2·G·K, Ho, Wo] and mask [N, G·K, Ho, Wo] may
-    have any strides, and positions are computed in the offset's dtype (fp32, or fp64).
+    input, offset [N, 2·G·K, Ho, Wo] and mask [N, G·K, Ho, Wo] may have any strides (channels-last
+    too); positions are computed in the offset's dtype (fp32, or fp64).
     """
     n, c, h, w = input.shape
     (kh, kw), (ho, wo) = sampling.kernel, sampling.out_hw
@@ -263,12 +267,12 @@ def columns(
 
 
 def columns_backward(
-    input: Tensor, offset: Tensor, mask: Tensor | None, grad_columns: Tensor, sampling,
+    input: Tensor, offset: Tensor, mask: Tensor | None, grad_columns: Tensor, sampling: Sampling,
     grad_input: Tensor | None, grad_offset: Tensor | None, grad_mask: Tensor | None,
 ) -> None:
-    """Adds the sampling's gradients for `grad_columns` [N, C·K, Ho·Wo] (contiguous) into grad_input
-    ([N, C, H, W] contiguous), grad_offset and grad_mask (offset's and mask's shapes, any strides),
-    each zeroed by the caller, or None when not wanted."""
+    """Adds the sampling's gradients for `grad_columns` [N, C·K, Ho·Wo] (contiguous) into grad_input,
+    grad_offset and grad_mask (input's, offset's and mask's shapes, any strides), each zeroed by the
+    caller, or None when not wanted."""
     n, c, h, w = input.shape
     (kh, kw), (ho, wo) = sampling.kernel, sampling.out_hw
     groups = offset.shape[1] // (2 * kh * kw)
