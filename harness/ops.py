@@ -818,20 +818,19 @@ def deform_conv2d_shared(
         return _sample_shared_native(full, offset, native.Sampling(*geometry), bias)
     if use_triton:
         out = _SampleTriton.apply(full, offset, native.Sampling(*geometry))
-        out = out.view(n, offset_groups, out_channels, ho, wo).sum(1) if offset_groups > 1 else out
-        return out if bias is None else out + bias.view(1, out_channels, 1, 1).to(out.dtype)
-    base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
-    grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
-    sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
-    # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)
-    map_dtype = full.dtype  # autocast's under autocast
-    full = full.to(sampling).reshape(n * offset_groups, out_channels, full_h, full_w).contiguous()
-    with _sampling_scope():
-        # One fused bilinear sample of the (unpadded) map. At exactly whole-pixel positions
-        # grid_sample's coordinate round trip may pick the left instead of the right corner pair:
-        # same value, the other one-sided derivative (torchvision always takes the right one).
-        out = F.grid_sample(full, grid.to(sampling), mode="bilinear", padding_mode="zeros",
-                            align_corners=False).to(map_dtype)
+    else:
+        base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
+        grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
+        sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
+        # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)
+        map_dtype = full.dtype  # autocast's under autocast
+        full = full.to(sampling).reshape(n * offset_groups, out_channels, full_h, full_w).contiguous()
+        with _sampling_scope():
+            # One fused bilinear sample of the (unpadded) map. At exactly whole-pixel positions
+            # grid_sample's coordinate round trip may pick the left instead of the right corner pair:
+            # same value, the other one-sided derivative (torchvision always takes the right one).
+            out = F.grid_sample(full, grid.to(sampling), mode="bilinear", padding_mode="zeros",
+                                align_corners=False).to(map_dtype)
     out = out.view(n, offset_groups, out_channels, ho, wo)
     out = out.sum(1) if offset_groups > 1 else out.squeeze(1)
     if bias is not None:

@@ -98,17 +98,21 @@ if triton is not None:
     @triton.jit
     def _tap_corners(offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W):
         """Tap k's position at each pixel (its undeformed place plus the offset in channels ch, ch + 1,
-        in the offset's dtype) and its corners (`_bilinear_corners`)."""
+        in the offset's dtype): its corners as `_bilinear_corners` gives them, with the fractions'
+        complements 1 - ly and 1 - lx after ly and lx."""
         dy = tl.load(offsets + ch * so_c, mask=p_ok, other=0.0)
         dx = tl.load(offsets + (ch + 1) * so_c, mask=p_ok, other=0.0)
         y = (ho * sh - ph + (k // KW) * dh).to(dy.dtype) + dy
         x = (wo * sw - pw + (k % KW) * dw).to(dx.dtype) + dx
-        return _bilinear_corners(y, x, H, W)
+        y0, x0, ly, lx, inside, m00, m01, m10, m11 = _bilinear_corners(y, x, H, W)
+        return y0, x0, ly, lx, 1.0 - ly, 1.0 - lx, inside, m00, m01, m10, m11
 
     @triton.jit
-    def _program_tile(L, WO, CG, G, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """This program's image n, offset group g, channels c and output pixels p (row ho, column wo), and
-        which of the [BLOCK_C, BLOCK_P] tile's elements exist."""
+    def _program_tile(x_ptr, sx_n, sx_c, off_ptr, so_n, so_y, so_x, C, L, WO, CG, G, K,
+                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """This program's image n, offset group g, channels c and output pixels (row ho, column wo); which
+        of the [BLOCK_C, BLOCK_P] tile's elements exist; its channels' input planes, its pixels' offsets,
+        and each element's index in the columns [N, C·K, L] at tap 0."""
         pixel_blocks = tl.cdiv(L, BLOCK_P)
         channel_blocks = tl.cdiv(CG, BLOCK_C)
         pid = tl.program_id(0)
@@ -119,7 +123,13 @@ if triton is not None:
         p_ok = p < L
         cg = (rest % channel_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
         ok = (cg < CG)[:, None] & p_ok[None, :]
-        return n, g, g * CG + cg, p, p_ok, p // WO, p % WO, ok
+        c = g * CG + cg
+        ho = p // WO
+        wo = p % WO
+        planes = x_ptr + n * sx_n + c[:, None] * sx_c
+        offsets = off_ptr + n * so_n + ho * so_y + wo * so_x
+        column = (n * C * K + c[:, None] * K) * L + p[None, :]
+        return n, g, c, p_ok, ho, wo, ok, planes, offsets, column
 
     # integers are not specialised (on 1 or multiples of 16): one compilation serves every layer shape
     _SIZES = ["C", "H", "W", "WO", "L", "CG", "G", "sh", "sw", "ph", "pw", "dh", "dw",
@@ -137,16 +147,13 @@ if triton is not None:
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """Columns [N, C·KH·KW, L] (row c·K + k) of input [N, C, H, W] at the deformed taps."""
-        n, g, c, p, p_ok, ho, wo, ok = _program_tile(L, WO, CG, G, BLOCK_C, BLOCK_P)
-        planes = x_ptr + n * sx_n + c[:, None] * sx_c
-        cols = col_ptr + (n * C * KH * KW + c[:, None] * (KH * KW)) * L + p[None, :]
-        offsets = off_ptr + n * so_n + ho * so_y + wo * so_x
+        n, g, c, p_ok, ho, wo, ok, planes, offsets, column = _program_tile(
+            x_ptr, sx_n, sx_c, off_ptr, so_n, so_y, so_x, C, L, WO, CG, G, KH * KW, BLOCK_C, BLOCK_P)
+        cols = col_ptr + column
         for k in range(KH * KW):  # a loop, not unrolled: a ninth of the code to compile
             ch = 2 * (g * KH * KW + k)
-            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _tap_corners(
+            y0, x0, ly, lx, hy, hx, inside, m00, m01, m10, m11 = _tap_corners(
                 offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W)
-            hy = 1.0 - ly
-            hx = 1.0 - lx
             corner = planes + (y0 * sx_y + x0 * sx_x)[None, :]
             near = ok & inside[None, :]
             v00 = tl.load(corner, mask=near & m00[None, :], other=0.0).to(ly.dtype)
@@ -180,17 +187,14 @@ if triton is not None:
         """The sampling's backward from the columns' gradient [N, C·K, L]: the input's gradient (atomic
         adds into a zeroed [N, C, H, W]) and the offset's and mask's (sums over this program's channels,
         atomic adds into zeroed buffers, since several channel blocks share an offset group)."""
-        n, g, c, p, p_ok, ho, wo, ok = _program_tile(L, WO, CG, G, BLOCK_C, BLOCK_P)
-        planes = x_ptr + n * sx_n + c[:, None] * sx_c
+        n, g, c, p_ok, ho, wo, ok, planes, offsets, column = _program_tile(
+            x_ptr, sx_n, sx_c, off_ptr, so_n, so_y, so_x, C, L, WO, CG, G, KH * KW, BLOCK_C, BLOCK_P)
         grad_planes = gx_ptr + n * sgx_n + c[:, None] * sgx_c
-        gcols = gcol_ptr + (n * C * KH * KW + c[:, None] * (KH * KW)) * L + p[None, :]
-        offsets = off_ptr + n * so_n + ho * so_y + wo * so_x
+        gcols = gcol_ptr + column
         for k in range(KH * KW):  # a loop, not unrolled: a ninth of the code to compile
             ch = 2 * (g * KH * KW + k)
-            y0, x0, ly, lx, inside, m00, m01, m10, m11 = _tap_corners(
+            y0, x0, ly, lx, hy, hx, inside, m00, m01, m10, m11 = _tap_corners(
                 offsets, so_c, ch, k, KW, ho, wo, sh, sw, ph, pw, dh, dw, p_ok, H, W)
-            hy = 1.0 - ly
-            hx = 1.0 - lx
             grad = tl.load(gcols + k * L, mask=ok, other=0.0).to(ly.dtype)
             if HAS_MASK:
                 mask_at = mask_ptr + n * sm_n + (g * KH * KW + k) * sm_c + ho * sm_y + wo * sm_x
