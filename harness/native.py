@@ -50,15 +50,24 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def _compile(compiler: str, target: Path) -> None:
+def cached_build(compiler: str, source: Path, arguments: list[str], name: str, *identity: str) -> Path:
+    """The shared library `compiler source arguments` makes, built once into cache_dir() under a key of
+    the source, the compiler (and its version), the arguments and `identity`."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, version, *arguments, *identity]).encode())
+    target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    print(f"harness: compiling {source.name} (once) into {target.parent}", file=sys.stderr, flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE.resolve())],
+        done = subprocess.run([compiler, str(source.resolve()), *arguments, "-o", str(built)],
                               capture_output=True, text=True, timeout=300, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
         os.replace(built, target)  # atomic: concurrent processes (DDP ranks) may build it at once
+    return target
 
 
 @cache
@@ -78,13 +87,7 @@ def library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
-        key = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_identity()]).encode()
-        ).hexdigest()[:16]
-        target = cache_dir() / f"deform_columns-{key}.so"
-        if not target.exists():
-            _compile(compiler, target)
+        target = cached_build(compiler, SOURCE, FLAGS, "deform_columns", _cpu_identity())
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
         _status = f"build failed, using the PyTorch path: {error}"

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from harness import native, triton_kernels
+from harness import cpp_autograd, native, triton_kernels
 
 OffsetLayout = Literal["shared", "per_tap"]
 Backend = Literal["native", "torchvision"]
@@ -54,7 +54,9 @@ def kernel_summary(device: torch.device) -> str:
     """Which implementation `deform_conv2d` runs on `device`, in a few words. Runs record it (the
     `harness.dcn_kernel` tag, in the report's environment list): their timings compare only within one."""
     if device.type == "cuda":
-        return "triton kernels" if triton_kernels.applies(device) else "pytorch (grid_sample, cuBLAS)"
+        if triton_kernels.applies(device):
+            return "triton kernels"
+        return f"{'C++ autograd op' if cpp_autograd.available() else 'pytorch'} (grid_sample, cuBLAS)"
     if device.type == "cpu":
         return native.summary()
     return "pytorch (grid_sample)"
@@ -248,16 +250,27 @@ def deform_conv2d(
     base, scale = _normalised_tap_grid(
         *geometry, (_next_power_of_two(h), _next_power_of_two(w)), offset.dtype, offset.device
     )
+    keeps_columns = _keeps_columns(input, n * c * taps * ho * wo * torch.finfo(offset.dtype).bits // 8)
+    if keeps_columns and _runs_cpp_op(input):  # the lines below and _sample_then_matmul, in C++
+        return torch.ops.harness.deform_layer(
+            input, offset, weight, bias, mask, base, scale, groups, offset_groups, ho, wo, _gemm_dtype(input, weight)
+        )
     # (Δy, Δx) per tap → grid_sample's (x, y): one flip and one fused multiply-add
     delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 1, 2, 4, 5, 3).flip(-1)
     grid = torch.addcmul(base, delta, scale).reshape(n * offset_groups, taps * ho, wo, 2)
-    if _keeps_columns(input, n * c * taps * ho * wo * torch.finfo(offset.dtype).bits // 8):
+    if keeps_columns:
         out = _sample_then_matmul(input, grid, weight, mask, groups, offset_groups, out_hw)
     else:
         out = _DeformColumnsMatmul.apply(input, grid, weight, mask, groups, offset_groups, out_hw)
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
+
+
+def _runs_cpp_op(input: Tensor) -> bool:
+    """On a GPU the layer's Python steps run as one C++ autograd op (`harness.cpp_autograd`) once it is built:
+    there a small layer is bound by the host's dispatch time, not by the GPU."""
+    return input.device.type == "cuda" and cpp_autograd.available()
 
 
 def _next_power_of_two(size: int) -> int:
@@ -818,6 +831,9 @@ def deform_conv2d_shared(
         return _sample_shared_native(full, offset, native.Sampling(*geometry), bias)
     if use_triton:
         out = _SampleTriton.apply(full, offset, native.Sampling(*geometry))
+    elif _runs_cpp_op(input):  # the branch below, the group sum and the bias in C++
+        base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
+        return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo)
     else:
         base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
         grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the fast-DCN issue: CUDA parity with torchvision (both CUDA paths: the
-# default PyTorch one and the opt-in Triton kernels), then scripts/gpu_probe.py (the two paths
-# interleaved, larger shapes, memory, kernel counts and GPU time, the Triton block sizes, the network),
-# then `harness bench ops` as the docs table. Run from the repository root on a machine with a GPU;
+# One prepared GPU check for the fast-DCN issue: CUDA parity with torchvision (every CUDA path: the
+# default C++ autograd op, its Python version and the opt-in Triton kernels), then scripts/gpu_probe.py
+# (the paths in PROBE_PATHS interleaved, larger shapes, memory, kernel counts and GPU time, the Triton
+# block sizes when "triton" is one of them, the network), then `harness bench ops` as the docs table. Run from the repository root on a machine with a GPU;
 # output goes to $OUT (default results/gpu_check). PARITY_S and PROBE_S bound the two long steps;
 # PROBE_QUICK=1 runs fewer rounds and settings (a second call within one 15-minute loan).
 #

@@ -1,6 +1,7 @@
-"""What `harness bench` alone does not show on a GPU: the Triton kernels against the PyTorch path
-(grid_sample, HARNESS_TRITON=0) interleaved in one process, larger shapes, memory, the kernels each
-runs (count and GPU time) and the network at the issue's and at GPU-sized batches.
+"""What `harness bench` alone does not show on a GPU: our CUDA paths against each other and torchvision,
+interleaved in one process (the C++ autograd op, its Python version and the Triton kernels; pick with
+PROBE_PATHS, default "cpp,python"), larger shapes, memory, the kernels each runs (count and GPU time)
+and the network at the issue's and at GPU-sized batches.
 
 Run by scripts/gpu_check.sh; writes $OUT/probe.json and $OUT/profile.txt and prints a summary.
 """
@@ -18,14 +19,18 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from harness import triton_kernels
+from harness import cpp_autograd, triton_kernels
 from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_mb
 
 OUT = Path(os.environ.get("OUT", "results/gpu_check"))
 SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
           LayerShape(16, 64, 64, 32, 2), LayerShape(16, 64, 64, 32, 1, 2)]
 LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32)]
-PATHS = {"pytorch": "0", "triton": "1"}  # HARNESS_TRITON for each of our two CUDA paths
+# the switches that select each of our CUDA paths
+KNOWN_PATHS = {"cpp": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1"},
+               "python": {"HARNESS_TRITON": "0", "HARNESS_CPP": "0"},
+               "triton": {"HARNESS_TRITON": "1", "HARNESS_CPP": "0"}}
+PATHS = {name: KNOWN_PATHS[name] for name in os.environ.get("PROBE_PATHS", "cpp,python").split(",")}
 QUICK = os.environ.get("PROBE_QUICK") == "1"  # fewer rounds and settings, for a second call in one GPU loan
 
 
@@ -38,9 +43,13 @@ def save(report: dict[str, object]) -> None:
     (OUT / "probe.json").write_text(json.dumps(report, indent=1))
 
 
+def _switch(path: str) -> None:
+    os.environ.update(PATHS[path])
+
+
 def _on(path: str, run):
     def timed() -> None:
-        os.environ["HARNESS_TRITON"] = PATHS[path]
+        _switch(path)
         run()
     return timed
 
@@ -50,7 +59,7 @@ def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[st
     cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp),
              "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp)}
     for impl in ("per_tap", "shared", "modulated"):
-        for path in PATHS:
+        for path in PATHS if impl != "shared" or "triton" in PATHS else list(PATHS)[:1]:  # shared: no C++ op
             cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp))
     times: dict[str, list[float]] = {name: [] for name in cases}
     for run in cases.values():  # warm-up, Triton's compilation included
@@ -68,8 +77,10 @@ def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[st
 
 
 def ratios(ms: dict[str, float]) -> str:
+    """torchvision's time ÷ ours, per layout, for each path (in PATHS order)."""
     tv = ms["torchvision"]
-    return "  ".join(f"{impl} tv/ours {tv / ms[f'{impl} pytorch']:.2f}->{tv / ms[f'{impl} triton']:.2f}"
+    return "  ".join(f"{impl} tv/ours " + "/".join(f"{tv / ms[f'{impl} {path}']:.2f}" for path in PATHS
+                                                  if f"{impl} {path}" in ms)
                      for impl in ("per_tap", "shared", "modulated"))
 
 
@@ -84,8 +95,11 @@ def interleaved_table(name: str, shapes: list[LayerShape], amp: str, rounds: int
 
 def main() -> None:
     assert torch.cuda.is_available(), "no CUDA device"
+    t0 = time.perf_counter()
+    cpp = cpp_autograd.status()  # builds the C++ op on a fresh machine
     report: dict[str, object] = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-                                 "triton": triton_kernels.status()}
+                                 "triton": triton_kernels.status(), "cpp": cpp,
+                                 "cpp_build_s": round(time.perf_counter() - t0, 1), "paths": list(PATHS)}
     log(f"{report}")
 
     for amp in ("none", "bf16"):
@@ -95,7 +109,7 @@ def main() -> None:
     memory = {}
     for shape in SHAPES + LARGE:
         for path in PATHS:
-            os.environ["HARNESS_TRITON"] = PATHS[path]
+            _switch(path)
             memory[f"{shape.label} per_tap {path}"] = cuda_peak_memory_mb(shape, "per_tap")
         memory[f"{shape.label} torchvision"] = cuda_peak_memory_mb(shape, "torchvision")
     report["peak_mib"] = memory
@@ -109,8 +123,8 @@ def main() -> None:
     busy: dict[str, dict[str, float]] = {}
     with open(OUT / "profile.txt", "w") as handle:
         for shape in (SHAPES[0], SHAPES[3]):
-            for impl, path in (("conv2d", None), ("torchvision", None), ("per_tap", "pytorch"), ("per_tap", "triton"),
-                               ("shared", "pytorch"), ("shared", "triton")):
+            for impl, path in (("conv2d", None), ("torchvision", None), *(("per_tap", p) for p in PATHS),
+                               ("shared", list(PATHS)[0])):
                 run = _make_case(shape, impl, device="cuda")
                 if path:
                     run = _on(path, run)
@@ -133,8 +147,16 @@ def main() -> None:
     report["gpu_busy_us"] = busy
     save(report)
 
+    if "triton" in PATHS:
+        block_sweep(report)
+    network(report)
+    for name in KNOWN_PATHS["cpp"]:
+        os.environ.pop(name, None)
+
+
+def block_sweep(report: dict[str, object]) -> None:
     sweep = {}  # the Triton kernels' block sizes (pixels, channels), per_tap fp32
-    os.environ["HARNESS_TRITON"] = "1"
+    _switch("triton")
     default = triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS
     for pixels, channels in (default, (64, 16), (32, 16), (128, 8), (64, 8), (64, 32)):
         triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS = pixels, channels
@@ -156,12 +178,15 @@ def main() -> None:
     report["block_sweep_ms"] = sweep
     save(report)
     triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS = default  # the rest runs the defaults
+
+
+def network(report: dict[str, object]) -> None:
     models = {}
-    settings = ((32, "per_tap", "none"), (32, "shared", "none"), (256, "per_tap", "none"), (256, "shared", "none"),
-                (256, "per_tap", "bf16"))
-    for batch, offsets, amp in settings[::2] if QUICK else settings:
+    settings = ((32, "per_tap", "none"), (256, "per_tap", "none"), (256, "per_tap", "bf16"), (32, "shared", "none"),
+                (256, "shared", "none"))
+    for batch, offsets, amp in settings[:2] if QUICK else settings:
         for path in (*PATHS, *PATHS)[:2 if QUICK else 4]:  # twice each, interleaved
-            os.environ["HARNESS_TRITON"] = PATHS[path]
+            _switch(path)
             rows = bench_model(["none", "first:2", "all"], image_size=64, batch=batch, offset_channels=offsets,
                                device="cuda", amp=amp, channels_last=amp == "bf16")
             key = f"batch{batch} {offsets} {amp} {path}"
@@ -170,8 +195,6 @@ def main() -> None:
                                                  for r in rows))
     report["models"] = models
     save(report)
-
-    os.environ.pop("HARNESS_TRITON", None)
 
 
 if __name__ == "__main__":

@@ -133,26 +133,32 @@ def triton_interpreted(monkeypatch):
 
 # The kernels a test runs through by default; tests too slow for Triton's interpreter (a second or more a
 # call) take the others only (`indirect`) and the Triton kernels get a test of their own.
-COMPILED_AND_PYTORCH = ["native", "pytorch", "pytorch-kept"]
+COMPILED_AND_PYTORCH = ["native", "pytorch", "pytorch-kept", "cpp-kept"]
 without_interpreter = pytest.mark.parametrize("cpu_kernel", COMPILED_AND_PYTORCH, indirect=True)
 
 
 @pytest.fixture(params=[*COMPILED_AND_PYTORCH, "triton"])
 def cpu_kernel(request, monkeypatch):
     """Run a test through the compiled kernel (harness.native), through the pure-PyTorch path, through
-    its GPU variant that keeps the columns for autograd (`pytorch-kept`, forced on the CPU), and through
-    the GPU path's Triton kernels in Triton's interpreter."""
+    its GPU variant that keeps the columns for autograd (`pytorch-kept`, forced on the CPU), through that
+    variant's C++ op (`cpp-kept`, the GPU's default), and through the GPU path's Triton kernels in
+    Triton's interpreter."""
     import harness.ops
-    from harness import native
+    from harness import cpp_autograd, native
 
     if request.param == "native" and not native.available():
         pytest.skip(f"native kernel unavailable: {native.status()}")
     if request.param == "triton":
         request.getfixturevalue("triton_interpreted")
-    if request.param.startswith("pytorch"):
+    if request.param == "cpp-kept" and not cpp_autograd.available():
+        pytest.skip(f"C++ op unavailable: {cpp_autograd.status()}")
+    if request.param.endswith("-kept"):
         monkeypatch.setattr(native, "available", lambda: False)
-    if request.param == "pytorch-kept":
         monkeypatch.setattr(harness.ops, "_keeps_columns", lambda *_: True)
+        monkeypatch.setattr(harness.ops, "_runs_cpp_op", lambda _: cpp_autograd.available())
+        monkeypatch.setenv("HARNESS_CPP", "1" if request.param == "cpp-kept" else "0")
+    if request.param == "pytorch":
+        monkeypatch.setattr(native, "available", lambda: False)
     return request.param.split("-")[0]
 
 
@@ -621,14 +627,18 @@ def test_input_gradient_keeps_the_inputs_layout(layout, memory_format, cpu_kerne
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
-@pytest.fixture(params=["pytorch", "triton"])
+@pytest.fixture(params=["cpp", "pytorch", "triton"])
 def cuda_path(request, monkeypatch):
-    """Both CUDA paths: grid_sample and batched matmuls (the default), and the opt-in Triton kernels."""
-    from harness import triton_kernels
+    """Every CUDA path: grid_sample and batched matmuls from the C++ op (the default) or from Python,
+    and the opt-in Triton kernels."""
+    from harness import cpp_autograd, triton_kernels
 
     if request.param == "triton" and triton_kernels.triton is None:
         pytest.skip("triton is not installed")
     monkeypatch.setenv("HARNESS_TRITON", "1" if request.param == "triton" else "0")
+    monkeypatch.setenv("HARNESS_CPP", "1" if request.param == "cpp" else "0")
+    if request.param == "cpp" and not cpp_autograd.available():
+        pytest.skip(f"C++ op unavailable: {cpp_autograd.status()}")
     return request.param
 
 
@@ -778,4 +788,10 @@ def test_kernel_summary_names_the_path_and_its_switches(monkeypatch):
     monkeypatch.setattr(native, "library", lambda: None)
     assert kernel_summary(torch.device("cpu")).startswith("pytorch (grid_sample)")
     monkeypatch.setenv("HARNESS_TRITON", "0")
+    monkeypatch.setenv("HARNESS_CPP", "0")
     assert kernel_summary(torch.device("cuda")) == "pytorch (grid_sample, cuBLAS)"
+    from harness import cpp_autograd
+
+    if cpp_autograd._load():
+        monkeypatch.setenv("HARNESS_CPP", "1")
+        assert kernel_summary(torch.device("cuda")) == "C++ autograd op (grid_sample, cuBLAS)"

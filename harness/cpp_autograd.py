@@ -1,0 +1,74 @@
+"""The GPU path's per-tap layer as one C++ autograd op (`torch.ops.harness.deform_layer`), built at first use.
+
+At the benchmark's sizes a deformable layer on a GPU is bound by the host: the GPU finishes each
+kernel before Python has issued the next. Written in Python the layer costs about 40 dispatcher calls
+and a dozen autograd nodes per forward and backward; harness/csrc/deform_layer.cpp makes the same
+ATen calls (grid_sample columns kept for backward, batched matmuls, the same arithmetic and results)
+from C++, one call and one autograd node. It has no CUDA code of its own, so it needs only a C++20
+compiler and the headers that ship in the torch wheel, no CUDA toolkit. Built like `harness.native`:
+the first time it is needed, cached under ~/.cache/harness (or $HARNESS_CACHE_DIR) by source, torch
+version and compiler. Without a compiler, or with HARNESS_CPP=0, the GPU keeps the Python version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from harness import native
+
+SOURCE = Path(__file__).parent / "csrc" / "deform_layer.cpp"
+FLAGS = ["-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+_status = "not loaded yet"
+
+
+def _arguments() -> list[str]:
+    torch_dir = Path(torch.__file__).parent  # the wheel's own headers and libraries (after the source)
+    include, lib = torch_dir / "include", torch_dir / "lib"
+    return [*FLAGS, f"-I{include}", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu", "-ltorch"]
+
+
+def available() -> bool:
+    """Whether `torch.ops.harness.deform_layer` is there to use (HARNESS_CPP=0 turns it off)."""
+    return os.environ.get("HARNESS_CPP", "1") != "0" and _load()
+
+
+@cache
+def _load() -> bool:
+    """Build (once) and load the op; False, with `_status` saying why, when it cannot be used here."""
+    global _status
+    if not sys.platform.startswith("linux"):
+        _status = f"not built on {sys.platform} (Linux only)"
+        return False
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        _status = "no C++ compiler (c++/g++) found, using the Python version"
+        warnings.warn("harness: no C++ compiler (c++/g++) for the GPU layer's C++ op; using the Python version",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    try:  # 10-60 s the first time
+        target = native.cached_build(compiler, SOURCE, _arguments(), "deform_layer", torch.__version__)
+        torch.ops.load_library(str(target))
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        _status = f"build failed, using the Python version: {error}"
+        warnings.warn(f"harness: the GPU layer's C++ op is unavailable ({error}); using the Python version",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    _status = f"in use ({target})"
+    return True
+
+
+def status() -> str:
+    """Whether the C++ op is in use, and why not."""
+    if os.environ.get("HARNESS_CPP", "1") == "0":
+        return "disabled by HARNESS_CPP=0"
+    _load()
+    return _status

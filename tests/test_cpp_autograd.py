@@ -1,0 +1,135 @@
+"""The GPU path's C++ autograd ops, forced onto the CPU (the ATen calls are the same on any device).
+
+Their values and gradients against torchvision, over every geometry, are in tests/test_ops.py (the
+`cpp-kept` kernel); here: that a layer really is one autograd node, which gradients each backward
+computes, repeated backward passes, and the switch and fallbacks when the op cannot be built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+import harness.ops
+from harness import cpp_autograd, native
+from harness.ops import deform_conv2d, deform_conv2d_shared, expand_shared_offset
+
+
+@pytest.fixture
+def gpu_path_on_cpu(monkeypatch):
+    """The GPU path (columns kept for backward, the C++ op when built), run on the CPU."""
+    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(harness.ops, "_keeps_columns", lambda *_: True)
+    monkeypatch.setattr(harness.ops, "_runs_cpp_op", lambda _: cpp_autograd.available())
+    monkeypatch.delenv("HARNESS_CPP", raising=False)
+
+
+@pytest.fixture
+def built(gpu_path_on_cpu):
+    if not cpp_autograd.available():
+        pytest.skip(f"C++ op unavailable: {cpp_autograd.status()}")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A fresh `_load()` with its own cache directory; the normal one is restored afterwards."""
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("HARNESS_CPP", raising=False)
+    cpp_autograd._load.cache_clear()
+    yield tmp_path
+    cpp_autograd._load.cache_clear()
+
+
+def _case(bias: bool, mask: bool, stride: int = 1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 9, 11, generator=g, dtype=dtype)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=dtype)  # two conv groups
+    b = torch.randn(4, generator=g, dtype=dtype) if bias else None
+    ho, wo = (9 - 1) // stride + 1, (11 - 1) // stride + 1
+    offset = torch.randn(2, 36, ho, wo, generator=g, dtype=dtype) * 2  # two offset groups
+    m = torch.rand(2, 18, ho, wo, generator=g, dtype=dtype) if mask else None
+    return x, offset, w, b, m, stride
+
+
+def test_a_layer_is_one_autograd_node(built):
+    x, offset, w, b, m, s = _case(bias=True, mask=True)
+    out = deform_conv2d(x.requires_grad_(), offset, w, b, s, 1, 1, m)
+    assert "DeformLayer" in out.grad_fn.name()
+    shared = deform_conv2d_shared(x, torch.randn(2, 2, 9, 11, dtype=x.dtype), torch.randn(4, 6, 3, 3, dtype=x.dtype),
+                                  b, 1, 1, 1)
+    assert "DeformSample" in shared.grad_fn.name()
+
+
+SUBSETS = [(bias, mask, wanted) for bias in (True, False) for mask in (True, False)
+           for wanted in (("offset",), ("mask",), ("x", "bias"), ("weight", "mask"), ("bias",))
+           if any(name in ("x", "offset", "weight") or (bias if name == "bias" else mask) for name in wanted)]
+
+
+@pytest.mark.parametrize(("bias", "mask", "wanted"), SUBSETS)
+def test_each_gradient_alone_matches_torchvision(built, bias, mask, wanted):
+    """The op's backward maps autograd's edges (bias and mask only when given) to its inputs."""
+    x, offset, w, b, m, s = _case(bias, mask, stride=2)
+    tensors = {"x": x, "offset": offset, "weight": w, "bias": b, "mask": m}
+    leaves = [name for name in wanted if tensors[name] is not None]
+    for name in leaves:
+        tensors[name] = tensors[name].clone().requires_grad_()
+    args = [tensors[k] for k in ("x", "offset", "weight", "bias")]
+    ours = deform_conv2d(*args, s, 1, 1, tensors["mask"])
+    theirs = tv_deform_conv2d(*args, (s, s), (1, 1), (1, 1), tensors["mask"])
+    grad = torch.linspace(-1, 1, ours.numel(), dtype=ours.dtype).view_as(ours)
+    for a, b_ in zip(torch.autograd.grad(ours, [tensors[k] for k in leaves], grad),
+                     torch.autograd.grad(theirs, [tensors[k] for k in leaves], grad), strict=True):
+        torch.testing.assert_close(a, b_, atol=1e-10, rtol=0)
+
+
+def test_backward_twice_with_a_retained_graph(built):
+    x, offset, w, b, m, s = _case(bias=True, mask=True)
+    leaves = [t.requires_grad_() for t in (x, offset, w, b, m)]
+    for layout in ("per_tap", "shared"):
+        if layout == "per_tap":
+            out = deform_conv2d(x, offset, w, b, s, 1, 1, m)
+        else:
+            out = deform_conv2d_shared(x, offset[:, :4], w, b, s, 1, 1)
+        first = torch.autograd.grad(out.square().sum(), [t for t in leaves if layout == "per_tap" or t is not m],
+                                    retain_graph=True)
+        second = torch.autograd.grad(out.square().sum(), [t for t in leaves if layout == "per_tap" or t is not m])
+        for a, b_ in zip(first, second, strict=True):
+            torch.testing.assert_close(a, b_, atol=0, rtol=0)
+
+
+def test_shared_sample_matches_the_per_tap_layer(built):
+    x, offset, w, b, _, s = _case(bias=True, mask=False, stride=2)
+    shared = offset[:, :4].clone().requires_grad_()
+    ours = deform_conv2d_shared(x, shared, w.repeat(1, 2, 1, 1)[:, :6], b, s, 1, 1)
+    theirs = tv_deform_conv2d(x, expand_shared_offset(shared, 9), w.repeat(1, 2, 1, 1)[:, :6], b, (s, s), (1, 1))
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+    torch.testing.assert_close(*(torch.autograd.grad(t.sum(), shared)[0] for t in (ours, theirs)), atol=1e-10, rtol=0)
+
+
+def test_switched_off_the_python_version_runs(gpu_path_on_cpu, monkeypatch):
+    monkeypatch.setenv("HARNESS_CPP", "0")
+    assert not cpp_autograd.available()
+    assert cpp_autograd.status() == "disabled by HARNESS_CPP=0"
+    x, offset, w, b, m, s = _case(bias=True, mask=True)
+    out = deform_conv2d(x.requires_grad_(), offset, w, b, s, 1, 1, m)
+    assert "DeformLayer" not in out.grad_fn.name()
+    torch.testing.assert_close(out, tv_deform_conv2d(x, offset, w, b, mask=m, padding=(1, 1)), atol=1e-10, rtol=0)
+
+
+def test_no_compiler_warns_and_falls_back(fresh_build, gpu_path_on_cpu, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(cpp_autograd.shutil, "which", lambda name: None)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        assert not cpp_autograd.available()
+    x, offset, w, b, m, s = _case(bias=False, mask=False)
+    torch.testing.assert_close(deform_conv2d(x, offset, w, None, s, 1, 1),
+                               tv_deform_conv2d(x, offset, w, padding=(1, 1)), atol=1e-10, rtol=0)
+
+
+def test_a_failed_build_warns_and_says_why(fresh_build, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ op is unavailable"):
+        assert not cpp_autograd.available()
+    assert cpp_autograd.status().startswith("build failed") and "false failed" in cpp_autograd.status()
+    assert not list(fresh_build.glob("*.so"))
