@@ -13,10 +13,7 @@ version and compiler. Without a compiler, or with HARNESS_CPP=0, the GPU keeps t
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
-import warnings
 from functools import cache
 from pathlib import Path
 
@@ -48,22 +45,15 @@ def _load() -> bool:
     if not sys.platform.startswith("linux"):
         _status = f"not built on {sys.platform} (Linux only)"
         return False
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        _status = "no C++ compiler (c++/g++) found, using the Python version"
-        warnings.warn("harness: no C++ compiler (c++/g++) for the GPU layer's C++ op; using the Python version",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    try:  # 10-60 s the first time
-        target = native.cached_build(compiler, SOURCE, _arguments(), "deform_layer", torch.__version__)
-        torch.ops.load_library(str(target))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
-        _status = f"build failed, using the Python version: {error}"
-        warnings.warn(f"harness: the GPU layer's C++ op is unavailable ({error}); using the Python version",
-                      RuntimeWarning, stacklevel=2)
-        return False
-    _status = f"in use ({target})"
-    return True
+    # 10-60 s the first time
+    loaded, _status = native.build_and_open("the GPU layer's C++ op", "the Python version", "CXX", ("c++", "g++"),
+                                            SOURCE, _arguments(), "deform_layer", (torch.__version__,), _open)
+    return loaded is not None
+
+
+def _open(path: str) -> str:
+    torch.ops.load_library(path)  # registers torch.ops.harness.*
+    return path
 
 
 def status() -> str:

@@ -22,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -34,6 +36,7 @@ SOURCE = Path(__file__).parent / "csrc" / "deform_columns.c"
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared"]
 
 _status = "not loaded yet"
+T = TypeVar("T")
 
 
 def cache_dir() -> Path:
@@ -70,6 +73,26 @@ def cached_build(compiler: str, source: Path, arguments: list[str], name: str, *
     return target
 
 
+def build_and_open(what: str, fallback: str, compiler_variable: str, compilers: tuple[str, ...], source: Path,
+                   arguments: list[str], name: str, identity: tuple[str, ...], opener: Callable[[str], T]) -> tuple[
+                       T | None, str]:
+    """Build `source` once (`cached_build`) and open the library with `opener`: (what it returns, "in use
+    (path)"), or (None, why) after a RuntimeWarning when there is no compiler or the build fails, so that
+    the caller runs `fallback` instead. The compiler is $compiler_variable, else the first of `compilers`."""
+    compiler = os.environ.get(compiler_variable) or next(filter(None, map(shutil.which, compilers)), None)
+    if compiler is None:
+        language = {"CC": "C", "CXX": "C++"}.get(compiler_variable, compiler_variable)
+        why = f"no {language} compiler ({'/'.join(compilers)}) found for {what}"
+        warnings.warn(f"harness: {why}; using {fallback}", RuntimeWarning, stacklevel=3)
+        return None, f"{why}, using {fallback}"
+    try:
+        target = cached_build(compiler, source, arguments, name, *identity)
+        return opener(str(target)), f"in use ({target})"
+    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+        warnings.warn(f"harness: {what} is unavailable ({error}); using {fallback}", RuntimeWarning, stacklevel=3)
+        return None, f"build failed, using {fallback}: {error}"
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, compiling it if needed; None when it cannot be used here."""
@@ -80,19 +103,9 @@ def library() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         _status = f"not built on {sys.platform} (Linux only)"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        _status = "no C compiler (cc/gcc) found, using the PyTorch path"
-        warnings.warn("harness: no C compiler (cc/gcc) for the native DCN kernel; using the slower PyTorch path",
-                      RuntimeWarning, stacklevel=2)
-        return None
-    try:
-        target = cached_build(compiler, SOURCE, FLAGS, "deform_columns", _cpu_identity())
-        lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
-        _status = f"build failed, using the PyTorch path: {error}"
-        warnings.warn(f"harness: the native DCN kernel is unavailable ({error}); using the slower PyTorch path",
-                      RuntimeWarning, stacklevel=2)
+    lib, _status = build_and_open("the native DCN kernel", "the slower PyTorch path", "CC", ("cc", "gcc"), SOURCE,
+                                  FLAGS, "deform_columns", (_cpu_identity(),), ctypes.CDLL)
+    if lib is None:
         return None
     pointer, geometry = ctypes.c_void_p, ctypes.POINTER(Geometry)
     for suffix in ("f32", "f64"):
@@ -110,7 +123,6 @@ def library() -> ctypes.CDLL | None:
         lib.deform_conv_forward_f32.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
         lib.deform_conv_backward_f32.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
         lib.deform_conv_forward_f32.restype = lib.deform_conv_backward_f32.restype = ctypes.c_int
-    _status = f"in use ({target})"
     return lib
 
 

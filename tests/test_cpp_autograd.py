@@ -119,7 +119,7 @@ def test_switched_off_the_python_version_runs(gpu_path_on_cpu, monkeypatch):
 
 def test_no_compiler_warns_and_falls_back(fresh_build, gpu_path_on_cpu, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(cpp_autograd.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         assert not cpp_autograd.available()
     x, offset, w, b, m, s = _case(bias=False, mask=False)
