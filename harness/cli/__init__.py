@@ -10,6 +10,7 @@ import os
 import sys
 
 import click
+import typer
 
 from harness.cli import bench as _bench  # noqa: F401  (registers commands)
 from harness.cli.app import app, err_console
@@ -24,6 +25,22 @@ for _name in _OPTIONAL_COMMANDS:
             raise
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's ClickException, and the copy of it that newer typer (0.2x) ships as typer._click and raises
+    instead (a wrong option would otherwise end in a traceback)."""
+    errors: list[type[Exception]] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        pass
+    else:
+        errors.append(ClickException)
+    return tuple(errors)
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when first imported
@@ -34,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         err_console.print("aborted")
         return 130
-    except click.exceptions.ClickException as exc:
+    except _CLICK_ERRORS as exc:  # usage errors: click prints them in one short block
         exc.show()
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         return exc.exit_code
     return result if isinstance(result, int) else 0
 
