@@ -107,7 +107,7 @@ def learning_curves(
             for c, (key, title) in enumerate(CURVE_PANELS):
                 ax = axes[r, c]
                 part = by_key.get(key)
-                drawn = False
+                steps: set[float] = set()
                 for g in members.itertuples(index=False):
                     if part is None:
                         break
@@ -116,13 +116,19 @@ def learning_curves(
                         continue
                     colour = colours.get(g.variant, "#777777")
                     x, m = line["step"].to_numpy(float), line["mean"].to_numpy(float)
-                    ax.plot(x, m, color=colour, lw=1.8 if g.variant == baseline else 1.5)
                     sd = line["std"].to_numpy(float)
-                    if np.isfinite(sd).any():
-                        ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.16, lw=0)
-                    drawn = True
-                if not drawn:
+                    if len(x) == 1:  # one epoch: a line and a band would draw nothing
+                        ax.errorbar(x, m, yerr=np.nan_to_num(sd), color=colour, marker="o", ms=5, capsize=3)
+                    else:
+                        ax.plot(x, m, color=colour, lw=1.8 if g.variant == baseline else 1.5)
+                        if np.isfinite(sd).any():
+                            ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.16, lw=0)
+                    steps.update(x)
+                if not steps:
                     ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", color="#999999")
+                elif len(steps) == 1:  # else matplotlib ticks a ±5 % range around the one epoch
+                    (step,) = steps
+                    ax.set_xlim(step - 1, step + 1)
                 if r == 0:
                     ax.set_title(title, fontweight="bold")
                 if r == len(points) - 1:
