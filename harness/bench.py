@@ -65,11 +65,13 @@ class LayerShape:
 
 
 def _make_case(
-    shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32, device: str = "cpu", amp: str = "none"
+    shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32, device: str = "cpu", amp: str = "none",
+    synchronize: bool = True,
 ) -> Callable[[], None]:
     """A closure running forward+backward of one layer implementation on fixed random tensors.
 
     `amp` = bf16 / fp16 runs the forward under autocast (fp32 tensors in, like a network under AMP).
+    On CUDA each call waits for the GPU unless `synchronize` is False (`interleaved_ms` times blocks).
     """
     gen = torch.Generator().manual_seed(0)
     k, pad = shape.kernel, shape.dilation * (shape.kernel // 2)
@@ -148,10 +150,38 @@ def _make_case(
     def timed() -> None:
         with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             run()
-        if device_type == "cuda":
+        if synchronize and device_type == "cuda":
             torch.cuda.synchronize()
 
     return timed
+
+
+# On a GPU a layer call at the benchmark's sizes is bound by the host, and the host's speed drifts by
+# tens of percent within a minute: cases are timed in turns, in blocks of calls with one synchronize
+# per block, so that host and device overlap as they do in training and every case sees the same drift.
+CUDA_BLOCK_CALLS = 10
+CUDA_ROUNDS = 15
+
+
+def interleaved_ms(
+    cases: dict[str, Callable[[], None]], rounds: int, block: int, warmup: int = 3,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, float]:
+    """Median milliseconds per call of each case, the cases taking turns (a block of `block` calls each,
+    `synchronize()` after every block) for `rounds` rounds."""
+    for run in cases.values():
+        for _ in range(warmup):
+            run()
+    synchronize()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(block):
+                run()
+            synchronize()
+            times[name].append((time.perf_counter() - t0) * 1000 / block)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def median_ms(fn: Callable[[], None], warmup: int, reps: int, min_time_s: float = 0.0) -> float:
@@ -237,14 +267,19 @@ def bench_ops(
 ) -> list[OpsRow]:
     """Forward+backward median time of each implementation on each shape, and its ratio to conv2d.
 
-    Each ratio divides by conv2d timed again just before and just after that implementation (the mean
-    of the two), so a machine whose speed drifts during a long run still gives like-for-like ratios.
+    On the CPU each ratio divides by conv2d timed again just before and just after that implementation
+    (the mean of the two), so a machine whose speed drifts during a long run still gives like-for-like
+    ratios. On CUDA the implementations of a shape take turns (`interleaved_ms`, at least CUDA_ROUNDS
+    rounds of CUDA_BLOCK_CALLS calls).
     """
     _check_device(device)
     steady_heap()
     torch.set_num_threads(threads)
     rows: list[OpsRow] = []
     for shape in shapes:
+        if device == "cuda":
+            rows += _interleaved_rows(shape, impls, max(reps, CUDA_ROUNDS), memory, progress, device, amp)
+            continue
         conv = _make_case(shape, "conv2d", device=device, amp=amp)
 
         def conv_ms(conv: Callable[[], None] = conv) -> float:
@@ -265,6 +300,22 @@ def bench_ops(
                 peak = cuda_peak_memory_mb(shape, impl, amp) if device == "cuda" else peak_memory_mb(shape, impl)
             rows.append(OpsRow(shape.label, impl, ms, ratio, peak))
     return rows
+
+
+def _interleaved_rows(
+    shape: LayerShape, impls: Sequence[str], rounds: int, memory: bool, progress: Callable[[str], None] | None,
+    device: str, amp: str,
+) -> list[OpsRow]:
+    if progress:
+        progress(f"{shape.label}: {', '.join(impls)} in turns")
+    names = dict.fromkeys(["conv2d", *impls])  # conv2d for the ratios, first
+    cases = {impl: _make_case(shape, impl, device=device, amp=amp, synchronize=False) for impl in names}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ms = interleaved_ms(cases, rounds, CUDA_BLOCK_CALLS, synchronize=sync)
+    return [OpsRow(shape.label, impl, ms[impl], ms[impl] / ms["conv2d"],
+                   (cuda_peak_memory_mb(shape, impl, amp) if device == "cuda" else peak_memory_mb(shape, impl))
+                   if memory else None)
+            for impl in impls]
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from harness import cpp_autograd, triton_kernels
-from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_mb
+from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_mb, interleaved_ms
 
 OUT = Path(os.environ.get("OUT", "results/gpu_check"))
 SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
@@ -56,24 +56,12 @@ def _on(path: str, run):
 
 def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[str, float]:
     """Median ms per forward+backward of each case, the cases taking turns (blocks of `calls`)."""
-    cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp),
-             "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp)}
+    cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp, synchronize=False),
+             "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp, synchronize=False)}
     for impl in ("per_tap", "shared", "modulated"):
         for path in PATHS if impl != "shared" or "triton" in PATHS else list(PATHS)[:1]:  # shared: no C++ op
-            cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp))
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for run in cases.values():  # warm-up, Triton's compilation included
-        for _ in range(3):
-            run()
-    torch.cuda.synchronize()
-    for _ in range(rounds):
-        for name, run in cases.items():
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                run()
-            torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - t0) * 1000 / calls)
-    return {name: statistics.median(t) for name, t in times.items()}
+            cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp, synchronize=False))
+    return interleaved_ms(cases, rounds, calls, synchronize=torch.cuda.synchronize)  # warm-up compiles Triton's
 
 
 def ratios(ms: dict[str, float]) -> str:

@@ -19,6 +19,30 @@ def test_bench_ops_rows_and_ratio():
     assert all(r.ms > 0 for r in rows)
 
 
+def test_interleaved_ms_takes_turns_in_blocks(monkeypatch):
+    """Cases run in turns, one block each per round with a synchronize after it; the result is the
+    median of the per-call block times."""
+    import harness.bench
+
+    order: list[str] = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(harness.bench.time, "perf_counter", lambda: float(next(clock)))
+    cases = {name: (lambda name=name: order.append(name)) for name in ("a", "b")}
+    ms = harness.bench.interleaved_ms(cases, rounds=3, block=2, warmup=1, synchronize=lambda: order.append("sync"))
+    assert order == ["a", "b", "sync"] + ["a", "a", "sync", "b", "b", "sync"] * 3
+    assert ms == {"a": pytest.approx(500.0), "b": pytest.approx(500.0)}  # one tick per block of 2 calls
+
+
+def test_bench_ops_in_turns_gives_conv2d_ratios():
+    """The GPU's way of timing (`_interleaved_rows`), run on the CPU."""
+    from harness.bench import _interleaved_rows
+
+    rows = _interleaved_rows(LayerShape(1, 4, 4, 8), ("per_tap", "shared"), rounds=2, memory=False, progress=None,
+                             device="cpu", amp="none")
+    assert [r.impl for r in rows] == ["per_tap", "shared"]
+    assert all(r.ms > 0 and r.ratio_to_conv2d > 0 and r.peak_mb is None for r in rows)
+
+
 def test_bench_ops_memory_probe():
     rows = bench_ops([LayerShape(2, 8, 8, 16)], ("conv2d", "per_tap"), warmup=0, reps=1, memory=True)
     assert all(r.peak_mb is not None and r.peak_mb >= 0 for r in rows)

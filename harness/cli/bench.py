@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from harness.bench import DEFAULT_SHAPES, IMPLS, LayerShape, bench_model, bench_ops, machine_description
+from harness.bench import (
+    CUDA_BLOCK_CALLS,
+    CUDA_ROUNDS,
+    DEFAULT_SHAPES,
+    IMPLS,
+    LayerShape,
+    bench_model,
+    bench_ops,
+    machine_description,
+)
 from harness.cli.app import bench_app, console
 from harness.errors import HarnessError
 
@@ -45,7 +54,11 @@ def ops(
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
         return
     precision = "fp32" if amp == "none" else f"autocast {amp}"
-    table = Table(title=f"forward+backward, {precision}, {device}, {threads} threads (median of {reps})")
+    if device == "cuda":
+        timing = f"median of {max(reps, CUDA_ROUNDS)} rounds of {CUDA_BLOCK_CALLS} calls, cases in turns"
+    else:
+        timing = f"median of {reps}"
+    table = Table(title=f"forward+backward, {precision}, {device}, {threads} threads ({timing})")
     table.add_column("shape N×C→O @H")
     for name in impls:
         table.add_column(name, justify="right")
