@@ -52,7 +52,9 @@ def _load() -> bool:
 
 
 def _open(path: str) -> str:
-    torch.ops.load_library(path)  # registers torch.ops.harness.*
+    # registers torch.ops.harness.*; a second library registering them (another cache directory) would abort
+    if not hasattr(torch.ops.harness, "deform_layer"):
+        torch.ops.load_library(path)
     return path
 
 

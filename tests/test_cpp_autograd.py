@@ -7,6 +7,9 @@ computes, repeated backward passes, and the switch and fallbacks when the op can
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import pytest
 import torch
 from torchvision.ops import deform_conv2d as tv_deform_conv2d
@@ -50,6 +53,15 @@ def _case(bias: bool, mask: bool, stride: int = 1, dtype=torch.float64):
     offset = torch.randn(2, 36, ho, wo, generator=g, dtype=dtype) * 2  # two offset groups
     m = torch.rand(2, 18, ho, wo, generator=g, dtype=dtype) if mask else None
     return x, offset, w, b, m, stride
+
+
+def test_builds_wherever_there_is_a_compiler(fresh_build):
+    """Every other test here skips when the op is unavailable, so a source that stops compiling must fail
+    this one (CI has a compiler)."""
+    if not sys.platform.startswith("linux") or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler on this machine")
+    assert cpp_autograd.available(), cpp_autograd.status()
+    assert list(fresh_build.glob("deform_layer-*.so"))
 
 
 def test_a_layer_is_one_autograd_node(built):

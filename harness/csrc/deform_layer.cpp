@@ -40,6 +40,20 @@ Tensor pad_to_power_of_two(const Tensor& t) {
   return (pad_h || pad_w) ? at::constant_pad_nd(t, {0, pad_w, 0, pad_h}) : t;
 }
 
+// The offsets' gradient [N, G, K, 2 (dy, dx), Ho, Wo] from grid_sample's grid gradient [N*G, K*Ho, Wo, 2 (x, y)]
+// and the grid's scale (x, y): one strided multiply per coordinate, written straight into the offset's
+// layout (a multiply and a flip into that layout would be three kernels).
+Tensor offset_gradient(const Tensor& grad_grid, const Tensor& scale, at::IntArrayRef n_g_k_h_w) {
+  const int64_t n = n_g_k_h_w[0], g = n_g_k_h_w[1], taps = n_g_k_h_w[2], h = n_g_k_h_w[3], w = n_g_k_h_w[4];
+  Tensor grid = grad_grid.view({n, g, taps, h, w, 2});
+  Tensor out = at::empty({n, g, taps, 2, h, w}, grad_grid.options());
+  for (int64_t yx = 0; yx < 2; ++yx) {  // dy is grid coordinate 1 (y), dx is coordinate 0 (x)
+    Tensor part = out.select(3, yx);
+    at::mul_out(part, grid.select(-1, 1 - yx), scale.select(0, 1 - yx));
+  }
+  return out;
+}
+
 struct DeformLayer : public torch::autograd::Function<DeformLayer> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& offset, const Tensor& weight,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& mask, const Tensor& base,
@@ -139,11 +153,9 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
           grad_input = grad_source.slice(2, 0, h).slice(3, 0, w).reshape({n, c, h, w})
                            .to(ctx->saved_data["input_dtype"].toScalarType());
         }
-        if (need_offset) {  // back to (dy, dx) per tap in the offset's own layout
-          Tensor scaled = at::mul(grad_grid.view({n, g, taps, out_h, out_w, 2}), scale);
-          grad_offset = at::empty({n, g, taps, 2, out_h, out_w}, scaled.options());
-          at::flip_out(grad_offset, scaled.permute({0, 1, 2, 5, 3, 4}), {3});
-          grad_offset = grad_offset.view({n, 2 * g * taps, out_h, out_w})
+        if (need_offset) {
+          grad_offset = offset_gradient(grad_grid, scale, {n, g, taps, out_h, out_w})
+                            .view({n, 2 * g * taps, out_h, out_w})
                             .to(ctx->saved_data["offset_dtype"].toScalarType());
         }
       }
@@ -207,10 +219,9 @@ struct DeformSample : public torch::autograd::Function<DeformSample> {
                         .to(ctx->saved_data["full_dtype"].toScalarType());
       }
       if (need_offset) {
-        Tensor scaled = at::mul(grad_grid.view({n, g, out_h, out_w, 2}), scale);
-        grad_offset = at::empty({n, g, 2, out_h, out_w}, scaled.options());
-        at::flip_out(grad_offset, scaled.permute({0, 1, 4, 2, 3}), {2});
-        grad_offset = grad_offset.view({n, 2 * g, out_h, out_w}).to(ctx->saved_data["offset_dtype"].toScalarType());
+        grad_offset = offset_gradient(grad_grid, scale, {n, g, 1, out_h, out_w})
+                          .view({n, 2 * g, out_h, out_w})
+                          .to(ctx->saved_data["offset_dtype"].toScalarType());
       }
     }
     return {grad_full, grad_offset, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
