@@ -1,10 +1,11 @@
-"""The GPU path's per-tap layer as one C++ autograd op (`torch.ops.harness.deform_layer`), built at first use.
+"""The GPU path's layers as C++ autograd ops, built at first use: `torch.ops.harness.deform_layer` (the
+per-tap layer) and `torch.ops.harness.deform_sample` (the shared layout's sampling step).
 
 At the benchmark's sizes a deformable layer on a GPU is bound by the host: the GPU finishes each
-kernel before Python has issued the next. Written in Python the layer costs about 40 dispatcher calls
-and a dozen autograd nodes per forward and backward; harness/csrc/deform_layer.cpp makes the same
-ATen calls (grid_sample columns kept for backward, batched matmuls, the same arithmetic and results)
-from C++, one call and one autograd node. It has no CUDA code of its own, so it needs only a C++20
+kernel before Python has issued the next. Written in Python the per-tap layer costs about 40
+dispatcher calls and 25 autograd nodes per forward and backward; harness/csrc/deform_layer.cpp makes
+the same ATen calls (grid_sample columns kept for backward, batched matmuls, the same arithmetic and
+results) from C++, one call and one autograd node. It has no CUDA code of its own, so it needs only a C++20
 compiler and the headers that ship in the torch wheel, no CUDA toolkit. Built like `harness.native`:
 the first time it is needed, cached under ~/.cache/harness (or $HARNESS_CACHE_DIR) by source, torch
 version and compiler. Without a compiler, or with HARNESS_CPP=0, the GPU keeps the Python version.
