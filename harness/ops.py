@@ -831,11 +831,10 @@ def deform_conv2d_shared(
         return _sample_shared_native(full, offset, native.Sampling(*geometry), bias)
     if use_triton:
         out = _SampleTriton.apply(full, offset, native.Sampling(*geometry))
-    elif _runs_cpp_op(input):  # the branch below, the group sum and the bias in C++
-        base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
-        return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo)
     else:
         base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
+        if _runs_cpp_op(input):  # the lines below, the group sum and the bias in C++
+            return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo)
         grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
         sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
         # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)

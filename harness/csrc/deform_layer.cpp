@@ -40,6 +40,14 @@ Tensor pad_to_power_of_two(const Tensor& t) {
   return (pad_h || pad_w) ? at::constant_pad_nd(t, {0, pad_w, 0, pad_h}) : t;
 }
 
+// grid_sample's grid [N*G, K*Ho, Wo, 2 (x, y)] from offsets [N, G*K*2 (dy, dx), Ho, Wo] and the cached
+// undeformed grid `base` [K, Ho, Wo, 2] with its scale (x, y): one flip and one fused multiply-add.
+Tensor sampling_grid(const Tensor& offset, const Tensor& base, const Tensor& scale, at::IntArrayRef n_g_k_h_w) {
+  const int64_t n = n_g_k_h_w[0], g = n_g_k_h_w[1], taps = n_g_k_h_w[2], h = n_g_k_h_w[3], w = n_g_k_h_w[4];
+  Tensor delta = offset.reshape({n, g, taps, 2, h, w}).permute({0, 1, 2, 4, 5, 3}).flip({-1});
+  return at::addcmul(base, delta, scale).reshape({n * g, taps * h, w, 2});
+}
+
 // The offsets' gradient [N, G, K, 2 (dy, dx), Ho, Wo] from grid_sample's grid gradient [N*G, K*Ho, Wo, 2 (x, y)]
 // and the grid's scale (x, y): one strided multiply per coordinate, written straight into the offset's
 // layout (a multiply and a flip into that layout would be three kernels).
@@ -69,9 +77,7 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
     Tensor grid, source, raw, columns;
     {
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
-      // (dy, dx) per tap -> grid_sample's (x, y): one flip and one fused multiply-add
-      Tensor delta = offset.reshape({n, g, taps, 2, out_h, out_w}).permute({0, 1, 2, 4, 5, 3}).flip({-1});
-      grid = at::addcmul(base, delta, scale).reshape({n * g, taps * out_h, out_w, 2});
+      grid = sampling_grid(offset, base, scale, {n, g, taps, out_h, out_w});
       // contiguous NCHW: grid_sample reads one channel plane at a time
       source = pad_to_power_of_two(input.to(sampling).reshape({n * g, c / g, h, w}).contiguous());
       raw = at::grid_sampler_2d(source, grid, /*bilinear*/ 0, /*zeros*/ 0, /*align_corners*/ false);
@@ -179,8 +185,7 @@ struct DeformSample : public torch::autograd::Function<DeformSample> {
     Tensor grid, source, out;
     {
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
-      Tensor delta = offset.reshape({n, g, 2, out_h, out_w}).permute({0, 1, 3, 4, 2}).flip({-1});
-      grid = at::addcmul(base, delta, scale).reshape({n * g, out_h, out_w, 2});
+      grid = sampling_grid(offset, base, scale, {n, g, 1, out_h, out_w});
       source = full.to(sampling).reshape({n * g, o, full_h, full_w}).contiguous();
       out = at::grid_sampler_2d(source, grid, 0, 0, false).to(full.scalar_type());
     }
