@@ -76,50 +76,69 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 
 
 def _check_common(
-    input: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
+    input_shape: torch.Size,
+    weight_shape: torch.Size,
+    bias_shape: torch.Size | None,
     stride: tuple[int, int],
     padding: tuple[int, int],
     dilation: tuple[int, int],
 ) -> tuple[int, int, int, int]:
-    """Validate input/weight/bias; return (groups, out_channels, kh, kw)."""
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D [N, C, H, W], given shape {tuple(input.shape)}")
-    if weight.dim() != 4:
-        raise ValueError(f"weight must be 4-D [O, C/groups, kh, kw], given shape {tuple(weight.shape)}")
+    """Validate the input, weight and bias shapes; return (groups, out_channels, kh, kw)."""
+    if len(input_shape) != 4:
+        raise ValueError(f"input must be 4-D [N, C, H, W], given shape {tuple(input_shape)}")
+    if len(weight_shape) != 4:
+        raise ValueError(f"weight must be 4-D [O, C/groups, kh, kw], given shape {tuple(weight_shape)}")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(
             f"stride and dilation must be >= 1 and padding >= 0, given stride={stride}, "
             f"padding={padding}, dilation={dilation}"
         )
-    n_in = input.shape[1]
-    out_channels, channels_per_group = weight.shape[:2]
+    n_in = input_shape[1]
+    out_channels, channels_per_group = weight_shape[:2]
     if channels_per_group == 0 or n_in % channels_per_group != 0:
         raise ValueError(
             f"weight expects C/groups = {channels_per_group} input channels per group, which does not "
-            f"divide the input's {n_in} channels (weight shape {tuple(weight.shape)}, "
-            f"input shape {tuple(input.shape)})"
+            f"divide the input's {n_in} channels (weight shape {tuple(weight_shape)}, "
+            f"input shape {tuple(input_shape)})"
         )
     groups = n_in // channels_per_group
     if out_channels % groups != 0:
         raise ValueError(
             f"groups={groups} (from input {n_in} / weight {channels_per_group} channels) must divide the "
-            f"{out_channels} output channels of weight {tuple(weight.shape)}"
+            f"{out_channels} output channels of weight {tuple(weight_shape)}"
         )
-    if bias is not None and tuple(bias.shape) != (out_channels,):
-        raise ValueError(f"bias must have shape ({out_channels},), given {tuple(bias.shape)}")
-    return groups, out_channels, weight.shape[2], weight.shape[3]
+    if bias_shape is not None and tuple(bias_shape) != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), given {tuple(bias_shape)}")
+    return groups, out_channels, weight_shape[2], weight_shape[3]
+
+
+Geometry = tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int]], int, int, tuple[int, int], tuple[int, int]]
 
 
 def _geometry(
     input: Tensor, weight: Tensor, bias: Tensor | None, stride: IntPair, padding: IntPair, dilation: IntPair
-) -> tuple[tuple[tuple[int, int], tuple[int, int], tuple[int, int]], int, int, tuple[int, int], tuple[int, int]]:
-    """Validated (stride, padding, dilation) pairs, conv groups, output channels, kernel and output size."""
+) -> Geometry:
+    """Validated (stride, padding, dilation) pairs, conv groups, output channels, kernel and output size.
+
+    Cached by shapes: on a GPU a small layer is bound by the host, and validating from scratch was a
+    tenth of the Python wrapper's time. Errors are not cached, so a bad call raises every time.
+    """
+    key = (input.shape, weight.shape, None if bias is None else bias.shape, stride, padding, dilation)
+    try:
+        return _shape_geometry(*key)
+    except TypeError:  # an unhashable argument (a list): validate without the cache
+        return _shape_geometry.__wrapped__(*key)
+
+
+@lru_cache(maxsize=512)
+def _shape_geometry(
+    input_shape: torch.Size, weight_shape: torch.Size, bias_shape: torch.Size | None, stride: IntPair,
+    padding: IntPair, dilation: IntPair,
+) -> Geometry:
     pairs = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
-    groups, out_channels, kh, kw = _check_common(input, weight, bias, *pairs)
+    groups, out_channels, kh, kw = _check_common(input_shape, weight_shape, bias_shape, *pairs)
     (sh, sw), (ph, pw), (dh, dw) = pairs
-    h, w = input.shape[-2:]
+    h, w = input_shape[-2:]
     out_hw = (_output_size(h, kh, sh, ph, dh), _output_size(w, kw, sw, pw, dw))
     if min(out_hw) < 1:
         raise ValueError(
@@ -239,7 +258,9 @@ def deform_conv2d(
             )
 
     ho, wo = out_hw
-    offset = offset.to(_coordinate_dtype(offset, input))
+    coordinate = _coordinate_dtype(offset, input)
+    if offset.dtype != coordinate:
+        offset = offset.to(coordinate)
     geometry = ((kh, kw), stride_, padding_, dilation_, out_hw)
     if triton_kernels.applies(input.device):
         return _DeformColumnsTriton.apply(
@@ -250,7 +271,7 @@ def deform_conv2d(
     base, scale = _normalised_tap_grid(
         *geometry, (_next_power_of_two(h), _next_power_of_two(w)), offset.dtype, offset.device
     )
-    keeps_columns = _keeps_columns(input, n * c * taps * ho * wo * torch.finfo(offset.dtype).bits // 8)
+    keeps_columns = _keeps_columns(input, n * c * taps * ho * wo * offset.element_size())
     if keeps_columns and _runs_cpp_op(input):  # the lines below and _sample_then_matmul, in C++
         return torch.ops.harness.deform_layer(
             input, offset, weight, bias, mask, base, scale, groups, offset_groups, ho, wo, _gemm_dtype(input, weight)
@@ -822,7 +843,9 @@ def deform_conv2d_shared(
     # row i of `full` is the correlation anchored at input row i - reach_y
     full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
-    offset = offset.to(_coordinate_dtype(offset, input))
+    coordinate = _coordinate_dtype(offset, input)
+    if offset.dtype != coordinate:
+        offset = offset.to(coordinate)
     delta = offset.reshape(n, offset_groups, 2, ho, wo)
     # output pixel (i, j) reads `full` at (i·s + reach − padding, j·s + reach − padding) + Δ: the
     # per-tap grid of a 1x1 kernel with padding − reach

@@ -469,6 +469,19 @@ def test_bad_shapes_raise_value_error_naming_shapes(mutate, match):
         deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], 1, 1, 1, t["mask"])
 
 
+def test_geometry_cache_keeps_errors_and_takes_lists():
+    # the validated geometry is cached by shapes: a bad call must raise every time, and a list
+    # (unhashable) stride or padding must still be accepted
+    x, offset, weight, bias, mask, _ = _case(torch.float32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"bias must have shape \(6,\), given \(2,\)"):
+            deform_conv2d(x, offset, weight, bias[:2], 1, 1, 1, mask)
+        with pytest.raises(ValueError, match="stride and dilation must be >= 1"):
+            deform_conv2d(x, offset, weight, bias, [0, 1], 1, 1, mask)
+    torch.testing.assert_close(deform_conv2d(x, offset, weight, bias, [1, 1], [1, 1], [1, 1], mask),
+                               deform_conv2d(x, offset, weight, bias, 1, 1, 1, mask), atol=0, rtol=0)
+
+
 def test_offset_groups_must_divide_channels():
     x = torch.randn(1, 3, 5, 5)
     with pytest.raises(ValueError, match="2 offset groups, which do not divide the 3 input channels"):

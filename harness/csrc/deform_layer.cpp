@@ -33,6 +33,9 @@ int64_t next_power_of_two(int64_t size) {
   return p;
 }
 
+// `t` in `dtype`, without a dispatch when it already is one (a layer makes a dozen such casts, most no-ops)
+Tensor cast(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // Zero-pad H and W up to powers of two: grid_sample's [-1, 1] mapping is then exact for whole pixels.
 Tensor pad_to_power_of_two(const Tensor& t) {
   const int64_t h = t.size(-2), w = t.size(-1);
@@ -79,24 +82,24 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
       grid = sampling_grid(offset, base, scale, {n, g, taps, out_h, out_w});
       // contiguous NCHW: grid_sample reads one channel plane at a time
-      source = pad_to_power_of_two(input.to(sampling).reshape({n * g, c / g, h, w}).contiguous());
+      source = pad_to_power_of_two(cast(input, sampling).reshape({n * g, c / g, h, w}).contiguous());
       raw = at::grid_sampler_2d(source, grid, /*bilinear*/ 0, /*zeros*/ 0, /*align_corners*/ false);
       columns = raw;
       if (mask.has_value()) {
         columns = raw.view({n, g, c / g, taps, length}) * mask->to(sampling).reshape({n, g, 1, taps, length});
       }
     }
-    columns = columns.view({n, groups, depth, length}).to(gemm);
-    Tensor w_gemm = weight.to(gemm).reshape({groups, o / groups, depth});
+    columns = cast(columns.view({n, groups, depth, length}), gemm);
+    Tensor w_gemm = cast(weight, gemm).reshape({groups, o / groups, depth});
     Tensor out;
     if (groups == 1) {
       Tensor w_batch = w_gemm.select(0, 0).expand({n, o, depth});
       Tensor c_batch = columns.view({n, depth, length});
-      out = bias.has_value() ? at::baddbmm(bias->to(gemm).view({1, o, 1}), w_batch, c_batch)
+      out = bias.has_value() ? at::baddbmm(cast(*bias, gemm).view({1, o, 1}), w_batch, c_batch)
                              : at::bmm(w_batch, c_batch);
     } else {
       out = at::matmul(w_gemm, columns).view({n, o, length});
-      if (bias.has_value()) out = out + bias->to(gemm).view({1, o, 1});
+      if (bias.has_value()) out = out + cast(*bias, gemm).view({1, o, 1});
     }
 
     ctx->save_for_backward({source, grid, columns, weight, mask.value_or(Tensor()),
@@ -129,40 +132,42 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
     const bool need_mask = has_mask && ctx->needs_input_grad(3 + has_bias);
 
     const Tensor& grad_out = grads[0];
-    Tensor go = grad_out.reshape({n, groups, o / groups, length}).to(gemm);
+    Tensor go = cast(grad_out.reshape({n, groups, o / groups, length}), gemm);
     Tensor grad_input, grad_offset, grad_weight, grad_bias, grad_mask;
-    if (need_bias) grad_bias = grad_out.sum({0, 2, 3}).to(ctx->saved_data["bias_dtype"].toScalarType());
+    if (need_bias) grad_bias = cast(grad_out.sum({0, 2, 3}), ctx->saved_data["bias_dtype"].toScalarType());
     if (need_weight) {
       grad_weight = groups == 1 ? at::bmm(go.view({n, o, length}), columns.view({n, depth, length}).transpose(1, 2)).sum(0)
                                 : at::matmul(go, columns.transpose(-1, -2)).sum(0);
-      grad_weight = grad_weight.view(weight.sizes()).to(weight.scalar_type());
+      grad_weight = cast(grad_weight.view(weight.sizes()), weight.scalar_type());
     }
     if (need_input || need_offset || need_mask) {
-      Tensor w_gemm = weight.to(gemm).reshape({groups, o / groups, depth});
+      Tensor w_gemm = cast(weight, gemm).reshape({groups, o / groups, depth});
       Tensor grad_columns =
           groups == 1 ? at::bmm(w_gemm.select(0, 0).t().expand({n, depth, o}), go.view({n, o, length}))
                       : at::matmul(w_gemm.transpose(-1, -2), go);
-      grad_columns = grad_columns.to(sampling);
+      grad_columns = cast(grad_columns, sampling);
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
       if (has_mask) {
         grad_columns = grad_columns.view({n, g, c / g, taps, length});
         if (need_mask) {
-          grad_mask = (grad_columns * raw.view({n, g, c / g, taps, length})).sum(2).view(mask.sizes()).to(mask.scalar_type());
+          grad_mask = cast((grad_columns * raw.view({n, g, c / g, taps, length})).sum(2).view(mask.sizes()), mask.scalar_type());
         }
-        grad_columns = grad_columns * mask.to(sampling).reshape({n, g, 1, taps, length});
+        grad_columns = grad_columns * cast(mask, sampling).reshape({n, g, 1, taps, length});
       }
       if (need_input || need_offset) {
         auto [grad_source, grad_grid] = at::grid_sampler_2d_backward(
             grad_columns.view({n * g, c / g, taps * out_h, out_w}), source, grid, 0, 0, false,
             {need_input, need_offset});
         if (need_input) {
-          grad_input = grad_source.slice(2, 0, h).slice(3, 0, w).reshape({n, c, h, w})
-                           .to(ctx->saved_data["input_dtype"].toScalarType());
+          if (grad_source.size(2) != h || grad_source.size(3) != w) {  // the power-of-two padding
+            grad_source = grad_source.slice(2, 0, h).slice(3, 0, w);
+          }
+          grad_input = cast(grad_source.reshape({n, c, h, w}), ctx->saved_data["input_dtype"].toScalarType());
         }
         if (need_offset) {
-          grad_offset = offset_gradient(grad_grid, scale, {n, g, taps, out_h, out_w})
-                            .view({n, 2 * g * taps, out_h, out_w})
-                            .to(ctx->saved_data["offset_dtype"].toScalarType());
+          grad_offset = cast(offset_gradient(grad_grid, scale, {n, g, taps, out_h, out_w})
+                                 .view({n, 2 * g * taps, out_h, out_w}),
+                             ctx->saved_data["offset_dtype"].toScalarType());
         }
       }
     }
@@ -186,12 +191,12 @@ struct DeformSample : public torch::autograd::Function<DeformSample> {
     {
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
       grid = sampling_grid(offset, base, scale, {n, g, 1, out_h, out_w});
-      source = full.to(sampling).reshape({n * g, o, full_h, full_w}).contiguous();
-      out = at::grid_sampler_2d(source, grid, 0, 0, false).to(full.scalar_type());
+      source = cast(full, sampling).reshape({n * g, o, full_h, full_w}).contiguous();
+      out = cast(at::grid_sampler_2d(source, grid, 0, 0, false), full.scalar_type());
     }
     out = out.view({n, g, o, out_h, out_w});
     out = g > 1 ? out.sum(1) : out.squeeze(1);
-    if (bias.has_value()) out = out + bias->to(out.scalar_type()).view({1, o, 1, 1});
+    if (bias.has_value()) out = out + cast(*bias, out.scalar_type()).view({1, o, 1, 1});
     ctx->save_for_backward({source, grid, scale});
     ctx->saved_data["full_dtype"] = full.scalar_type();
     ctx->saved_data["offset_dtype"] = offset.scalar_type();
@@ -211,22 +216,21 @@ struct DeformSample : public torch::autograd::Function<DeformSample> {
     const bool need_bias = has_bias && ctx->needs_input_grad(2);
     const Tensor& grad_out = grads[0];
     Tensor grad_full, grad_offset, grad_bias;
-    if (need_bias) grad_bias = grad_out.sum({0, 2, 3}).to(ctx->saved_data["bias_dtype"].toScalarType());
+    if (need_bias) grad_bias = cast(grad_out.sum({0, 2, 3}), ctx->saved_data["bias_dtype"].toScalarType());
     if (need_full || need_offset) {
       RECORD_FUNCTION(kSamplingScope, std::vector<c10::IValue>());
       // every offset group's sample received the same gradient (the sum over groups)
-      Tensor grad_samples = grad_out.to(source.scalar_type()).unsqueeze(1).expand({n, g, o, out_h, out_w})
+      Tensor grad_samples = cast(grad_out, source.scalar_type()).unsqueeze(1).expand({n, g, o, out_h, out_w})
                                 .reshape({n * g, o, out_h, out_w});
       auto [grad_source, grad_grid] = at::grid_sampler_2d_backward(grad_samples, source, grid, 0, 0, false,
                                                                    {need_full, need_offset});
       if (need_full) {
-        grad_full = grad_source.view({n, g * o, source.size(2), source.size(3)})
-                        .to(ctx->saved_data["full_dtype"].toScalarType());
+        grad_full = cast(grad_source.view({n, g * o, source.size(2), source.size(3)}),
+                         ctx->saved_data["full_dtype"].toScalarType());
       }
       if (need_offset) {
-        grad_offset = offset_gradient(grad_grid, scale, {n, g, 1, out_h, out_w})
-                          .view({n, 2 * g, out_h, out_w})
-                          .to(ctx->saved_data["offset_dtype"].toScalarType());
+        grad_offset = cast(offset_gradient(grad_grid, scale, {n, g, 1, out_h, out_w}).view({n, 2 * g, out_h, out_w}),
+                           ctx->saved_data["offset_dtype"].toScalarType());
       }
     }
     return {grad_full, grad_offset, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
