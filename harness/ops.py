@@ -56,7 +56,9 @@ def kernel_summary(device: torch.device) -> str:
     if device.type == "cuda":
         if triton_kernels.applies(device):
             return "triton kernels"
-        return f"{'C++ autograd op' if cpp_autograd.available() else 'pytorch'} (grid_sample, cuBLAS)"
+        steps = "C++ autograd op" if cpp_autograd.available() else "pytorch"
+        # a layer whose columns pass CUDA_COLUMN_CHUNK_BYTES takes the chunked Function whichever it is
+        return f"{steps} (grid_sample, cuBLAS; chunked above {CUDA_COLUMN_CHUNK_BYTES >> 20} MiB of columns)"
     if device.type == "cpu":
         return native.summary()
     return "pytorch (grid_sample)"

@@ -802,9 +802,9 @@ def test_kernel_summary_names_the_path_and_its_switches(monkeypatch):
     assert kernel_summary(torch.device("cpu")).startswith("pytorch (grid_sample)")
     monkeypatch.setenv("HARNESS_TRITON", "0")
     monkeypatch.setenv("HARNESS_CPP", "0")
-    assert kernel_summary(torch.device("cuda")) == "pytorch (grid_sample, cuBLAS)"
+    assert kernel_summary(torch.device("cuda")) == "pytorch (grid_sample, cuBLAS; chunked above 256 MiB of columns)"
     from harness import cpp_autograd
 
     if cpp_autograd._load():
         monkeypatch.setenv("HARNESS_CPP", "1")
-        assert kernel_summary(torch.device("cuda")) == "C++ autograd op (grid_sample, cuBLAS)"
+        assert kernel_summary(torch.device("cuda")).startswith("C++ autograd op (grid_sample, cuBLAS; chunked above")
