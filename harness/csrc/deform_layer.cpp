@@ -86,7 +86,7 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
       raw = at::grid_sampler_2d(source, grid, /*bilinear*/ 0, /*zeros*/ 0, /*align_corners*/ false);
       columns = raw;
       if (mask.has_value()) {
-        columns = raw.view({n, g, c / g, taps, length}) * mask->to(sampling).reshape({n, g, 1, taps, length});
+        columns = raw.view({n, g, c / g, taps, length}) * cast(*mask, sampling).reshape({n, g, 1, taps, length});
       }
     }
     columns = cast(columns.view({n, groups, depth, length}), gemm);
@@ -150,7 +150,8 @@ struct DeformLayer : public torch::autograd::Function<DeformLayer> {
       if (has_mask) {
         grad_columns = grad_columns.view({n, g, c / g, taps, length});
         if (need_mask) {
-          grad_mask = cast((grad_columns * raw.view({n, g, c / g, taps, length})).sum(2).view(mask.sizes()), mask.scalar_type());
+          Tensor sums = (grad_columns * raw.view({n, g, c / g, taps, length})).sum(2);
+          grad_mask = cast(sums.view(mask.sizes()), mask.scalar_type());
         }
         grad_columns = grad_columns * cast(mask, sampling).reshape({n, g, 1, taps, length});
       }
