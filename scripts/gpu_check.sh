@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check for the fast-DCN issue: CUDA parity with torchvision (every CUDA path: the
-# default C++ autograd op, its Python version and the opt-in Triton kernels), then scripts/gpu_probe.py
-# (the paths in PROBE_PATHS interleaved, larger shapes, memory, kernel counts and GPU time, the Triton
-# block sizes when "triton" is one of them, the network), then `harness bench ops` as the docs table. Run from the repository root on a machine with a GPU;
+# default C++ autograd op, its Python version and the opt-in Triton kernels), then `harness bench ops`
+# in fp32 and bf16 (the docs table, cases interleaved), then scripts/gpu_probe.py (the paths in
+# PROBE_PATHS interleaved, larger shapes, memory, kernel counts and GPU time, the Triton block sizes
+# when "triton" is one of them, the network). Run from the repository root on a machine with a GPU;
 # output goes to $OUT (default results/gpu_check). PARITY_S and PROBE_S bound the two long steps;
 # PROBE_QUICK=1 runs fewer rounds and settings (a second call within one 15-minute loan).
 #
@@ -25,9 +26,21 @@ step() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
 step parity
 timeout ${PARITY_S:-150} $PY -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda 2>&1 | tail -25 > "$OUT/parity.txt"
 cat "$OUT/parity.txt" >> "$LOG"; tail -2 "$OUT/parity.txt"
+# the CLI before the probe: `harness bench` is the issue's source of figures, so it must not be the step a
+# short loan cuts off
+for amp in none bf16; do
+    step bench ops $amp
+    timeout 90 $PY -m harness bench ops --device cuda --amp $amp --impl conv2d --impl per_tap --impl shared \
+        --impl modulated --impl torchvision --memory --reps 20 --json > "$OUT/ops_$amp.json" 2>> "$LOG"
+    $PY - "$OUT/ops_$amp.json" <<'SUMMARY' 2>&1 | tee -a "$LOG"
+import json, sys
+rows = json.load(open(sys.argv[1]))["rows"]
+tv = {r["shape"]: r["ms"] for r in rows if r["impl"] == "torchvision"}
+for r in rows:
+    if r["impl"] in ("per_tap", "shared"):  # torchvision here is unmodulated
+        print(f"{r['shape']:>20} {r['impl']:>10} {r['ms']:7.3f} ms  torchvision / ours {tv[r['shape']] / r['ms']:.2f}")
+SUMMARY
+done
 step probe
 timeout ${PROBE_S:-270} $PY scripts/gpu_probe.py 2>&1 | tee -a "$LOG"
-step bench ops fp32
-timeout 90 $PY -m harness bench ops --device cuda --impl conv2d --impl per_tap --impl shared --impl modulated \
-    --impl torchvision --memory --reps 20 --json > "$OUT/ops_fp32.json" 2>> "$LOG"
 step done
