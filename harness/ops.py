@@ -21,6 +21,7 @@ predictor, so at initialisation an unmodulated layer is exactly an ordinary conv
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
@@ -56,9 +57,12 @@ def kernel_summary(device: torch.device) -> str:
     if device.type == "cuda":
         if triton_kernels.applies(device):
             return "triton kernels"
-        steps = "C++ autograd op" if cpp_autograd.available() else "pytorch"
+        cpp = cpp_autograd.available()
+        steps = "C++ autograd op" if cpp else "pytorch"
+        slices = ", channel slices (HARNESS_SPLIT=1)" if cpp and os.environ.get("HARNESS_SPLIT") == "1" else ""
         # a layer whose columns pass CUDA_COLUMN_CHUNK_BYTES takes the chunked Function whichever it is
-        return f"{steps} (grid_sample, cuBLAS; chunked above {CUDA_COLUMN_CHUNK_BYTES >> 20} MiB of columns)"
+        return (f"{steps} (grid_sample{slices}, cuBLAS; chunked above {CUDA_COLUMN_CHUNK_BYTES >> 20} MiB of "
+                "columns)")
     if device.type == "cpu":
         return native.summary()
     return "pytorch (grid_sample)"
@@ -275,8 +279,10 @@ def deform_conv2d(
     )
     keeps_columns = _keeps_columns(input, n * c * taps * ho * wo * offset.element_size())
     if keeps_columns and _runs_cpp_op(input):  # the lines below and _sample_then_matmul, in C++
+        split = _channel_split(input.device, n * offset_groups * taps * ho * wo, c // offset_groups)
         return torch.ops.harness.deform_layer(
-            input, offset, weight, bias, mask, base, scale, groups, offset_groups, ho, wo, _gemm_dtype(input, weight)
+            input, offset, weight, bias, mask, base, scale, groups, offset_groups, ho, wo, _gemm_dtype(input, weight),
+            split,
         )
     # (Δy, Δx) per tap → grid_sample's (x, y): one flip and one fused multiply-add
     delta = offset.reshape(n, offset_groups, taps, 2, ho, wo).permute(0, 1, 2, 4, 5, 3).flip(-1)
@@ -294,6 +300,39 @@ def _runs_cpp_op(input: Tensor) -> bool:
     """On a GPU the layer's Python steps run as one C++ autograd op (`harness.cpp_autograd`) once it is built:
     there a small layer is bound by the host's dispatch time, not by the GPU."""
     return input.device.type == "cuda" and cpp_autograd.available()
+
+
+# At least this many channels per slice when `_channel_split` cuts them: below it the per-point setup
+# (corners, weights, bounds) would be repeated for too little work.
+MIN_SPLIT_CHANNELS = 8
+
+
+def _channel_split(device: torch.device, points: int, channels: int) -> int:
+    """Into how many slices the C++ op cuts each offset group's `channels` on `device` (opt-in,
+    HARNESS_SPLIT=1; 1 otherwise).
+
+    grid_sample's CUDA kernels give each of a layer's `points` (samples per channel) a thread that loops
+    over all channels, so few points and many channels leave the GPU part-empty (its backward ran 1.3×
+    slower per channel at 37k threads than at 295k on an H100, 4× at 4k). The largest power of two
+    that keeps the threads within twice what the GPU holds at once and MIN_SPLIT_CHANNELS channels per
+    slice. It costs one more kernel per backward (the grid gradient's sum over slices), so it pays only
+    where the GPU, not the host, sets the time; it has not been measured on a GPU yet.
+    """
+    if device.type != "cuda" or os.environ.get("HARNESS_SPLIT", "0") != "1":
+        return 1
+    target = 2 * _resident_threads(device)
+    split = 1
+    while (channels % (2 * split) == 0 and channels // (2 * split) >= MIN_SPLIT_CHANNELS
+           and points * 2 * split <= target):
+        split *= 2
+    return split
+
+
+@lru_cache(maxsize=8)
+def _resident_threads(device: torch.device) -> int:
+    """How many threads `device` runs at once: multiprocessors × threads per multiprocessor."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count * getattr(props, "max_threads_per_multi_processor", 2048)
 
 
 def _next_power_of_two(size: int) -> int:
@@ -859,7 +898,8 @@ def deform_conv2d_shared(
     else:
         base, scale = _normalised_tap_grid(*geometry, (full_h, full_w), offset.dtype, offset.device)
         if _runs_cpp_op(input):  # the lines below, the group sum and the bias in C++
-            return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo)
+            split = _channel_split(input.device, n * offset_groups * ho * wo, out_channels)
+            return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo, split)
         grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
         sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
         # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)

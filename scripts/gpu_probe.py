@@ -1,7 +1,8 @@
 """What `harness bench` alone does not show on a GPU: our CUDA paths against each other and torchvision,
-interleaved in one process (the C++ autograd op, its Python version and the Triton kernels; pick with
-PROBE_PATHS, default "cpp,python"), larger shapes, memory, the kernels each runs (count and GPU time)
-and the network at the issue's and at GPU-sized batches.
+interleaved in one process (the C++ autograd op, the same with its channels sampled in slices
+(HARNESS_SPLIT=1), its Python version and the Triton kernels; pick with PROBE_PATHS, default
+"cpp,split"), larger shapes, memory, the kernels each runs (count and GPU time) and the network at the
+issue's and at GPU-sized batches.
 
 Run by scripts/gpu_check.sh; writes $OUT/probe.json and $OUT/profile.txt and prints a summary.
 """
@@ -25,12 +26,16 @@ from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_
 OUT = Path(os.environ.get("OUT", "results/gpu_check"))
 SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
           LayerShape(16, 64, 64, 32, 2), LayerShape(16, 64, 64, 32, 1, 2)]
-LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32)]
+# GPU-filling shapes; the last two have few output points for their channels (a large batch's deep layer,
+# and the shared layout's sample at 16 px), where HARNESS_SPLIT's slices should show
+LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32), LayerShape(256, 512, 512, 4),
+         LayerShape(64, 256, 256, 16)]
 # the switches that select each of our CUDA paths
-KNOWN_PATHS = {"cpp": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1"},
-               "python": {"HARNESS_TRITON": "0", "HARNESS_CPP": "0"},
-               "triton": {"HARNESS_TRITON": "1", "HARNESS_CPP": "0"}}
-PATHS = {name: KNOWN_PATHS[name] for name in os.environ.get("PROBE_PATHS", "cpp,python").split(",")}
+KNOWN_PATHS = {"cpp": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1", "HARNESS_SPLIT": "0"},
+               "split": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1", "HARNESS_SPLIT": "1"},
+               "python": {"HARNESS_TRITON": "0", "HARNESS_CPP": "0", "HARNESS_SPLIT": "0"},
+               "triton": {"HARNESS_TRITON": "1", "HARNESS_CPP": "0", "HARNESS_SPLIT": "0"}}
+PATHS = {name: KNOWN_PATHS[name] for name in os.environ.get("PROBE_PATHS", "cpp,split").split(",")}
 QUICK = os.environ.get("PROBE_QUICK") == "1"  # fewer rounds and settings, for a second call in one GPU loan
 
 
@@ -59,7 +64,7 @@ def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[st
     cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp, synchronize=False),
              "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp, synchronize=False)}
     for impl in ("per_tap", "shared", "modulated"):
-        for path in PATHS if impl != "shared" or "triton" in PATHS else list(PATHS)[:1]:  # shared: no C++ op
+        for path in PATHS:
             cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp, synchronize=False))
     return interleaved_ms(cases, rounds, calls, synchronize=torch.cuda.synchronize)  # warm-up compiles Triton's
 
@@ -138,7 +143,7 @@ def main() -> None:
     if "triton" in PATHS:
         block_sweep(report)
     network(report)
-    for name in KNOWN_PATHS["cpp"]:
+    for name in KNOWN_PATHS["split"]:
         os.environ.pop(name, None)
 
 

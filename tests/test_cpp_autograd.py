@@ -120,6 +120,58 @@ def test_shared_sample_matches_the_per_tap_layer(built):
     torch.testing.assert_close(*(torch.autograd.grad(t.sum(), shared)[0] for t in (ours, theirs)), atol=1e-10, rtol=0)
 
 
+@pytest.mark.parametrize(("bias", "mask", "stride"), [(True, True, 1), (False, False, 2), (True, False, 1)])
+def test_channels_sampled_in_slices_give_the_same_layer(built, monkeypatch, bias, mask, stride):
+    """HARNESS_SPLIT's slices (here 3: one channel each of the 3 per offset group) change how grid_sample's
+    threads are laid out, not the result: values and every gradient as torchvision's."""
+    monkeypatch.setattr(harness.ops, "_channel_split", lambda device, points, channels: 3)
+    x, offset, w, b, m, s = _case(bias, mask, stride)
+    leaves = [t.requires_grad_() for t in (x, offset, w, b, m) if t is not None]
+    ours = deform_conv2d(x, offset, w, b, s, 1, 1, m)
+    theirs = tv_deform_conv2d(x, offset, w, b, (s, s), (1, 1), (1, 1), m)
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+    grad = torch.linspace(-1, 1, ours.numel(), dtype=ours.dtype).view_as(ours)
+    for a, b_ in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(theirs, leaves, grad), strict=True):
+        torch.testing.assert_close(a, b_, atol=1e-10, rtol=0)
+
+
+def test_shared_sample_in_slices(built, monkeypatch):
+    x, offset, w, b, _, s = _case(bias=True, mask=False, stride=2)
+    shared = offset[:, :2].clone().requires_grad_()  # one offset group: the sample's 4 channels in 4 slices
+    weight = w.repeat(1, 2, 1, 1).clone().requires_grad_()
+    expected = deform_conv2d_shared(x, shared, weight, b, s, 1, 1)
+    monkeypatch.setattr(harness.ops, "_channel_split", lambda device, points, channels: 4)
+    sliced = deform_conv2d_shared(x, shared, weight, b, s, 1, 1)
+    assert "DeformSample" in sliced.grad_fn.name()
+    torch.testing.assert_close(sliced, expected, atol=1e-12, rtol=0)
+    for a, b_ in zip(torch.autograd.grad(sliced.square().sum(), [shared, weight]),
+                     torch.autograd.grad(expected.square().sum(), [shared, weight]), strict=True):
+        torch.testing.assert_close(a, b_, atol=1e-10, rtol=0)
+
+
+def test_a_split_that_does_not_divide_the_channels_is_refused(built):
+    x, offset, w, b, m, s = _case(bias=True, mask=False)
+    base, scale = harness.ops._normalised_tap_grid((3, 3), (1, 1), (1, 1), (1, 1), (9, 11), (16, 16), x.dtype, x.device)
+    with pytest.raises(RuntimeError, match="split 2 must divide the 3 channels per offset group"):
+        torch.ops.harness.deform_layer(x, offset, w, b, m, base, scale, 2, 2, 9, 11, x.dtype, 2)
+
+
+def test_channel_split_only_on_request_and_where_the_gpu_would_be_part_empty(monkeypatch):
+    from harness.ops import MIN_SPLIT_CHANNELS, _channel_split
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(harness.ops, "_resident_threads", lambda device: 1000)
+    monkeypatch.delenv("HARNESS_SPLIT", raising=False)
+    assert _channel_split(cuda, 100, 64) == 1  # off by default
+    monkeypatch.setenv("HARNESS_SPLIT", "1")
+    assert _channel_split(torch.device("cpu"), 100, 64) == 1  # grid_sample's CPU kernels are another story
+    assert _channel_split(cuda, 100, 64) == 64 // MIN_SPLIT_CHANNELS  # 800 threads, within 2 x 1000
+    assert _channel_split(cuda, 300, 64) == 4  # 1200; 8 slices would be 2400 threads
+    assert _channel_split(cuda, 1500, 64) == 1  # already fills it
+    assert _channel_split(cuda, 100, 12) == 1  # 6 channels a slice would be too few
+    assert _channel_split(cuda, 100, 48) == 4  # 12 channels a slice; 8 slices would leave 6
+
+
 def test_switched_off_the_python_version_runs(gpu_path_on_cpu, monkeypatch):
     monkeypatch.setenv("HARNESS_CPP", "0")
     assert not cpp_autograd.available()

@@ -808,3 +808,5 @@ def test_kernel_summary_names_the_path_and_its_switches(monkeypatch):
     if cpp_autograd._load():
         monkeypatch.setenv("HARNESS_CPP", "1")
         assert kernel_summary(torch.device("cuda")).startswith("C++ autograd op (grid_sample, cuBLAS; chunked above")
+        monkeypatch.setenv("HARNESS_SPLIT", "1")
+        assert kernel_summary(torch.device("cuda")).startswith("C++ autograd op (grid_sample, channel slices")
