@@ -65,7 +65,8 @@ Tensor sampling_grid(const Tensor& offset, const Tensor& base, const Tensor& sca
 // three kernels).
 Tensor offset_gradient(const Tensor& grad_grid, const Tensor& scale, at::IntArrayRef n_g_k_h_w, int64_t split) {
   const int64_t n = n_g_k_h_w[0], g = n_g_k_h_w[1], taps = n_g_k_h_w[2], h = n_g_k_h_w[3], w = n_g_k_h_w[4];
-  Tensor grid = split > 1 ? grad_grid.view({n, g, split, taps, h, w, 2}).sum(2) : grad_grid.view({n, g, taps, h, w, 2});
+  Tensor grid = split > 1 ? grad_grid.view({n, g, split, taps, h, w, 2}).sum(2)
+                          : grad_grid.view({n, g, taps, h, w, 2});
   Tensor out = at::empty({n, g, taps, 2, h, w}, grad_grid.options());
   for (int64_t yx = 0; yx < 2; ++yx) {  // dy is grid coordinate 1 (y), dx is coordinate 0 (x)
     Tensor part = out.select(3, yx);
