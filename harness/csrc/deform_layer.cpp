@@ -243,7 +243,8 @@ struct DeformSample : public torch::autograd::Function<DeformSample> {
                          ctx->saved_data["full_dtype"].toScalarType());
       }
       if (need_offset) {
-        grad_offset = cast(offset_gradient(grad_grid, scale, {n, g, 1, out_h, out_w}, split).view({n, 2 * g, out_h, out_w}),
+        grad_offset = cast(offset_gradient(grad_grid, scale, {n, g, 1, out_h, out_w}, split)
+                               .view({n, 2 * g, out_h, out_w}),
                            ctx->saved_data["offset_dtype"].toScalarType());
       }
     }
