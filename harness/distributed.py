@@ -54,8 +54,11 @@ def init_from_env(device_type: str) -> DistContext:
     return context
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+def shutdown(context: DistContext) -> None:
+    """Leave the process group once every rank is done. A rank that exits first closes its connections
+    under the others, and gloo then aborts them ("terminate called without an active exception")."""
+    if context.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -26,7 +26,7 @@ import yaml
 
 from harness import __version__
 from harness.data import PreparedData, prepare_data, synthesize
-from harness.distributed import DistContext, barrier, broadcast, init_from_env
+from harness.distributed import DistContext, barrier, broadcast, init_from_env, shutdown
 from harness.errors import HarnessError
 from harness.ops import kernel_summary
 from harness.spec import AblationSpec, DataConfig, PlannedRun, RunConfig, flatten
@@ -201,8 +201,19 @@ def run_ablation(
     context = init_from_env(device.type)
     if device.type == "cuda" and context.enabled:
         device = torch.device("cuda", context.local_rank)
-    if not context.is_main:
-        return _follow(runs, device, options, context)
+    if context.is_main:
+        outcomes = _lead(spec, runs, options, events, device, context)
+    else:
+        outcomes = _follow(runs, device, options, context)
+    shutdown(context)  # after a normal end only: after an error the ranks may never meet again
+    return outcomes
+
+
+def _lead(
+    spec: AblationSpec, runs: list[PlannedRun], options: RunnerOptions, events: RunnerEvents, device: torch.device,
+    context: DistContext,
+) -> list[RunOutcome]:
+    """Rank 0 (or the only process): plan, log to MLflow, train."""
     check_data_roots(runs)
     store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
     stale = store.mark_stale_running()
