@@ -36,7 +36,11 @@ def _arguments() -> list[str]:
 
 def available() -> bool:
     """Whether `torch.ops.harness.deform_layer` is there to use (HARNESS_CPP=0 turns it off)."""
-    return os.environ.get("HARNESS_CPP", "1") != "0" and _load()
+    return not _switched_off() and _load()
+
+
+def _switched_off() -> bool:
+    return os.environ.get("HARNESS_CPP", "1") == "0"
 
 
 @cache
@@ -61,7 +65,7 @@ def _open(path: str) -> str:
 
 def status() -> str:
     """Whether the C++ op is in use, and why not."""
-    if os.environ.get("HARNESS_CPP", "1") == "0":
+    if _switched_off():
         return "disabled by HARNESS_CPP=0"
     _load()
     return _status

@@ -59,7 +59,7 @@ def kernel_summary(device: torch.device) -> str:
             return "triton kernels"
         cpp = cpp_autograd.available()
         steps = "C++ autograd op" if cpp else "pytorch"
-        slices = ", channel slices (HARNESS_SPLIT=1)" if cpp and os.environ.get("HARNESS_SPLIT") == "1" else ""
+        slices = ", channel slices (HARNESS_SPLIT=1)" if cpp and _split_requested() else ""
         # a layer whose columns pass CUDA_COLUMN_CHUNK_BYTES takes the chunked Function whichever it is
         return (f"{steps} (grid_sample{slices}, cuBLAS; chunked above {CUDA_COLUMN_CHUNK_BYTES >> 20} MiB of "
                 "columns)")
@@ -318,7 +318,7 @@ def _channel_split(device: torch.device, points: int, channels: int) -> int:
     slice. It costs one more kernel per backward (the grid gradient's sum over slices), so it pays only
     where the GPU, not the host, sets the time; it has not been measured on a GPU yet.
     """
-    if device.type != "cuda" or os.environ.get("HARNESS_SPLIT", "0") != "1":
+    if device.type != "cuda" or not _split_requested():
         return 1
     target = 2 * _resident_threads(device)
     split = 1
@@ -326,6 +326,10 @@ def _channel_split(device: torch.device, points: int, channels: int) -> int:
            and points * 2 * split <= target):
         split *= 2
     return split
+
+
+def _split_requested() -> bool:
+    return os.environ.get("HARNESS_SPLIT", "0") == "1"
 
 
 @lru_cache(maxsize=8)
@@ -885,7 +889,6 @@ def deform_conv2d_shared(
     full_h, full_w = full.shape[-2:]
     ho, wo = out_hw
     offset = _as_coordinates(offset, input)
-    delta = offset.reshape(n, offset_groups, 2, ho, wo)
     # output pixel (i, j) reads `full` at (i·s + reach − padding, j·s + reach − padding) + Δ: the
     # per-tap grid of a 1x1 kernel with padding − reach
     geometry = ((1, 1), stride_, (padding_[0] - reach_y, padding_[1] - reach_x), (1, 1), out_hw)
@@ -898,7 +901,8 @@ def deform_conv2d_shared(
         if _runs_cpp_op(input):  # the lines below, the group sum and the bias in C++
             split = _channel_split(input.device, n * offset_groups * ho * wo, out_channels)
             return torch.ops.harness.deform_sample(full, offset, bias, base, scale, offset_groups, ho, wo, split)
-        grid = torch.addcmul(base, delta.permute(0, 1, 3, 4, 2).flip(-1), scale).reshape(n * offset_groups, ho, wo, 2)
+        delta = offset.reshape(n, offset_groups, 2, ho, wo).permute(0, 1, 3, 4, 2).flip(-1)
+        grid = torch.addcmul(base, delta, scale).reshape(n * offset_groups, ho, wo, 2)
         sampling = torch.float64 if full.dtype == torch.float64 else torch.float32
         # contiguous NCHW: grid_sample reads one channel plane at a time (see _sample_columns)
         map_dtype = full.dtype  # autocast's under autocast
