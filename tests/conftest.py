@@ -16,6 +16,33 @@ if not torch.cuda.is_available():
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _settings_from_environment() -> None:
+    """Each test starts from the switches of its own environment (a test's monkeypatch is undone by then)."""
+    from harness import settings
+
+    settings.reload()
+
+
+@pytest.fixture
+def harness_env(monkeypatch: pytest.MonkeyPatch):
+    """Set or clear HARNESS_* switches for one test: `harness_env(cpp="0", split=None)` (None clears one).
+
+    Returns the settings as re-read; the environment is restored after the test.
+    """
+    from harness import settings
+
+    def apply(**values: object) -> settings.Settings:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(settings.variable(name), raising=False)
+            else:
+                monkeypatch.setenv(settings.variable(name), str(value))
+        return settings.reload()
+
+    return apply
+
+
 def coco_mini_path() -> Path:
     """`$HARNESS_COCO_MINI`, else `../shared/coco-mini` beside the repository root."""
     override = os.environ.get("HARNESS_COCO_MINI")
