@@ -13,18 +13,33 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.allocator import steady_heap
+from harness.data import DataCache
 from harness.errors import HarnessError
-from harness.ops import deform_conv2d, deform_conv2d_shared, expand_shared_offset
+from harness.models import DeformOptions, create_model
+from harness.ops import (
+    columns_times_weight,
+    columns_times_weight_backward,
+    deform_conv2d,
+    deform_conv2d_shared,
+    expand_shared_offset,
+    image_chunks,
+)
+from harness.planning import AblationSpec, expand
+from harness.runner import RunnerOptions, run_ablation
+from harness.tracking.store import AblationStore
+from harness.train import AMP_DTYPES, Trainer, fit, train_step
 
-# (N, C, O, H=W) from the foundation issue, plus a stride-2 and a dilation-2 case.
+# (N, C, O, H=W, stride, dilation): three layer sizes of a small DCN network, plus a stride-2 and a dilation-2 case.
 DEFAULT_SHAPES: list[tuple[int, int, int, int, int, int]] = [
     (8, 32, 32, 64, 1, 1),
     (16, 64, 64, 32, 1, 1),
@@ -64,7 +79,29 @@ class LayerShape:
         return cls(*values)
 
 
-def _make_case(
+def _im2col_gemm(
+    shape: LayerShape, w: torch.Tensor, out: int, gen: torch.Generator, dtype: torch.dtype, device: str
+) -> Callable[[], None]:
+    """Only the matmuls of the per-tap layer (output, weight gradient, column gradient) on ready-made
+    columns, done as the op does them: the floor of any sample-then-matmul DCN here."""
+    taps = shape.kernel * shape.kernel
+    columns = torch.randn(shape.n * out * out, taps * shape.c, generator=gen, dtype=dtype).to(device)
+    grad_out = torch.randn(shape.n * out * out, shape.o, generator=gen, dtype=dtype).to(device)
+    weight = w.reshape(shape.o, shape.c * taps)
+    per_image = out * out * taps * shape.c * columns.element_size()
+
+    def run() -> None:  # in the op's chunks: chunk-sized matmuls stay in cache
+        for part in image_chunks(shape.n, per_image):
+            columns_times_weight(columns[part.start * out * out : part.stop * out * out], weight, (out, out))
+        for part in image_chunks(shape.n, per_image):  # the column gradient, then the weight's
+            rows = slice(part.start * out * out, part.stop * out * out)
+            columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), False, True)
+            columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), True, False)
+
+    return run
+
+
+def make_case(
     shape: LayerShape, impl: str, dtype: torch.dtype = torch.float32, device: str = "cpu", amp: str = "none",
     synchronize: bool = True,
 ) -> Callable[[], None]:
@@ -119,24 +156,7 @@ def _make_case(
         def run() -> None:
             tv_deform_conv2d(x, off, w, b, *geometry).sum().backward()
     elif impl == "im2col_gemm":
-        # Only the matmuls of the per-tap layer (output, weight gradient, column gradient) on ready-made
-        # columns, done as the op does them: the floor of any sample-then-matmul DCN here.
-        from harness.ops import _columns_times_weight, _columns_times_weight_backward, _image_chunks
-
-        rows = shape.n * out * out
-        columns = torch.randn(rows, taps * shape.c, generator=gen, dtype=dtype).to(device)
-        grad_out = torch.randn(rows, shape.o, generator=gen, dtype=dtype).to(device)
-        weight = w.detach().reshape(shape.o, shape.c * taps)
-
-        per_image = out * out * taps * shape.c * columns.element_size()
-
-        def run() -> None:  # in the op's chunks: chunk-sized matmuls stay in cache
-            for part in _image_chunks(shape.n, per_image):
-                _columns_times_weight(columns[part.start * out * out : part.stop * out * out], weight, (out, out))
-            for part in _image_chunks(shape.n, per_image):  # the column gradient, then the weight's
-                rows = slice(part.start * out * out, part.stop * out * out)
-                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), False, True)
-                _columns_times_weight_backward(columns[rows], weight, grad_out[rows], (out, out), True, False)
+        run = _im2col_gemm(shape, w.detach(), out, gen, dtype, device)
     elif impl == "shared_expanded":
         off = shared_offset()
 
@@ -144,7 +164,7 @@ def _make_case(
             deform_conv2d(x, expand_shared_offset(off, taps), w, b, *geometry).sum().backward()
     else:
         raise HarnessError(f"unknown implementation {impl!r}; known: {', '.join(IMPLS)}")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    amp_dtype = AMP_DTYPES.get(amp)
     device_type = torch.device(device).type
 
     def timed() -> None:
@@ -206,9 +226,9 @@ def peak_memory_mb(shape: LayerShape, impl: str) -> float:
     """
     code = f"""
 import json, threading, time, psutil, torch
-from harness.bench import LayerShape, _make_case
+from harness.bench import LayerShape, make_case
 torch.set_num_threads(1)
-run = _make_case(LayerShape(**{asdict(shape)!r}), {impl!r})
+run = make_case(LayerShape(**{asdict(shape)!r}), {impl!r})
 run()
 proc = psutil.Process()
 base = peak = proc.memory_info().rss
@@ -251,7 +271,7 @@ def _check_device(device: str) -> None:
 
 def cuda_peak_memory_mb(shape: LayerShape, impl: str, amp: str = "none") -> float:
     """Peak CUDA memory (MiB) allocated by one forward+backward beyond the case's own tensors."""
-    run = _make_case(shape, impl, device="cuda", amp=amp)
+    run = make_case(shape, impl, device="cuda", amp=amp)
     run()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -280,7 +300,7 @@ def bench_ops(
         if device == "cuda":
             rows += _interleaved_rows(shape, impls, max(reps, CUDA_ROUNDS), memory, progress, device, amp)
             continue
-        conv = _make_case(shape, "conv2d", device=device, amp=amp)
+        conv = make_case(shape, "conv2d", device=device, amp=amp)
 
         def conv_ms(conv: Callable[[], None] = conv) -> float:
             return median_ms(conv, warmup, reps, min_time_s=0.5)
@@ -293,7 +313,7 @@ def bench_ops(
                 ms, ratio = first, 1.0
             else:
                 before = conv_ms()
-                ms = median_ms(_make_case(shape, impl, device=device, amp=amp), warmup, reps, min_time_s=0.5)
+                ms = median_ms(make_case(shape, impl, device=device, amp=amp), warmup, reps, min_time_s=0.5)
                 ratio = ms / ((before + conv_ms()) / 2)
             peak = None
             if memory:
@@ -309,7 +329,7 @@ def _interleaved_rows(
     if progress:
         progress(f"{shape.label}: {', '.join(impls)} in turns")
     names = dict.fromkeys(["conv2d", *impls])  # conv2d for the ratios, first
-    cases = {impl: _make_case(shape, impl, device=device, amp=amp, synchronize=False) for impl in names}
+    cases = {impl: make_case(shape, impl, device=device, amp=amp, synchronize=False) for impl in names}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     ms = interleaved_ms(cases, rounds, CUDA_BLOCK_CALLS, synchronize=sync)
     return [OpsRow(shape.label, impl, ms[impl], ms[impl] / ms["conv2d"],
@@ -335,8 +355,6 @@ def bench_model(
 ) -> list[ModelRow]:
     """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement,
     the placements' steps interleaved (see below), medians over the same number of steps each."""
-    from harness.models import DeformOptions, create_model
-
     _check_device(device)
     steady_heap()
     torch.set_num_threads(threads)
@@ -345,7 +363,6 @@ def bench_model(
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(batch, 80, device=device) < 0.05).float()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     device_type = torch.device(device).type
     steps: list[Callable[[], None]] = []
     for placement in placements:
@@ -358,17 +375,14 @@ def bench_model(
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        scaler = torch.amp.GradScaler(device_type, enabled=amp == "fp16")
+        trainer = Trainer(
+            model=model, train_model=model, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+            scaler=torch.amp.GradScaler(device_type, enabled=amp == "fp16"), device=torch.device(device),
+            amp_dtype=AMP_DTYPES.get(amp), channels_last=channels_last,
+        )
 
-        def step(model: torch.nn.Module = model, optimizer: torch.optim.Optimizer = optimizer,
-                 scaler: torch.amp.GradScaler = scaler) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(images)
-            scaler.scale(F.binary_cross_entropy_with_logits(logits.float(), targets)).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        def step(trainer: Trainer = trainer) -> None:
+            train_step(trainer, images, targets)
             if device_type == "cuda":
                 torch.cuda.synchronize()
 
@@ -376,8 +390,7 @@ def bench_model(
             step()
         steps.append(step)
     # One step of each placement in turn, round after round: a machine whose speed drifts (a shared VM)
-    # then slows every placement alike, and the ratios stay put. Timed one placement after another,
-    # ratios on this machine moved by up to 0.06 between runs minutes apart.
+    # then slows every placement alike, and the ratios stay put (timed one after another, they drift).
     times: list[list[float]] = [[] for _ in steps]
     min_time_s = 1.0 * len(steps)  # at least 1 s per placement, as each got when they were timed in turn
     start = time.perf_counter()
@@ -430,14 +443,6 @@ def bench_overhead(
     Both read the same cached data; the MLflow store is created before timing, so what is measured is
     per-epoch logging, checkpointing and the profiling window.
     """
-    import tempfile
-    from pathlib import Path
-
-    from harness.runner import DataCache, RunnerOptions, run_ablation
-    from harness.spec import AblationSpec, expand
-    from harness.tracking.store import AblationStore
-    from harness.train import fit
-
     torch.set_num_threads(threads)
     base = {
         "data": {"source": "coco", "root": data_root, "image_size": image_size},

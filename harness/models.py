@@ -124,6 +124,10 @@ class MultiLabelCNN(nn.Module):
         return [block[0] for block in self.features if isinstance(block, ConvBlock)]
 
 
+UNET_ENCODER_DEPTHS = (2, 2, 2, 2, 3)
+SMALL3_DEPTHS = (1, 1, 1)
+
+
 def _scaled(widths: Sequence[int], multiplier: float) -> list[int]:
     return [max(4, int(round(w * multiplier))) for w in widths]
 
@@ -135,7 +139,7 @@ def unet_encoder(
     """The assignment's 11-conv network; width=1 gives UNet's 64…1024 channels."""
     widths = _scaled([64, 128, 256, 512, 1024], width)
     return MultiLabelCNN(
-        widths, [2, 2, 2, 2, 3], num_classes, (max(64, widths[-1]), max(32, widths[-1] // 2)),
+        widths, UNET_ENCODER_DEPTHS, num_classes, (max(64, widths[-1]), max(32, widths[-1] // 2)),
         deform_layers, options or DeformOptions(), dropout,
     )
 
@@ -147,11 +151,19 @@ def small3(
     """The assignment's small baseline: 3 conv layers (16-32-64 channels) and the same head."""
     widths = _scaled([16, 32, 64], width)
     return MultiLabelCNN(
-        widths, [1, 1, 1], num_classes, (128, 64), deform_layers, options or DeformOptions(), dropout
+        widths, SMALL3_DEPTHS, num_classes, (128, 64), deform_layers, options or DeformOptions(), dropout
     )
 
 
 MODELS: dict[str, Callable[..., MultiLabelCNN]] = {"unet_encoder": unet_encoder, "small3": small3}
+CONV_LAYERS: dict[str, int] = {"unet_encoder": sum(UNET_ENCODER_DEPTHS), "small3": sum(SMALL3_DEPTHS)}
+
+
+def conv_layer_count(arch: str) -> int:
+    """How many conv layers network `arch` has (what deform_layers indexes), without building it."""
+    if arch not in CONV_LAYERS:
+        raise HarnessError(f"unknown model arch {arch!r}; known: {', '.join(sorted(MODELS))}")
+    return CONV_LAYERS[arch]
 
 
 def create_model(arch: str, **kwargs: Any) -> MultiLabelCNN:

@@ -10,15 +10,15 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
+from harness.config import ProfileConfig
 from harness.ops import SAMPLING_SCOPE
-from harness.spec import ProfileConfig
 
 
 @contextlib.contextmanager
@@ -66,6 +66,15 @@ class ProfileSummary:
                 f'"{name}",{op.calls},{op.self_cpu_ms:.4f},{op.self_cuda_ms:.4f},{op.cpu_total_ms:.4f},{op.share:.6f}'
             )
         return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, for a checkpoint read with weights_only=True."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProfileSummary:
+        return cls(ops=[OpRow(**row) for row in data.get("ops", [])], deform_share=data.get("deform_share", 0.0),
+                   step_ms=data.get("step_ms", 0.0), trace_dir=data.get("trace_dir", ""))
 
 
 class ProfileWindow:

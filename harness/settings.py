@@ -19,6 +19,7 @@ MLFLOW_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bar per small artifact
+    "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is first imported
 }
 
 

@@ -1,19 +1,19 @@
 """One training run, read top to bottom: seed → model → optimizer → epochs (train, evaluate, checkpoint).
 
 `fit` knows nothing of MLflow or Optuna: it reports each epoch to an `on_epoch` callback (which may
-raise to stop, as a pruned trial does) and resumes from its own checkpoint file.
+raise to stop, as a pruned trial does) and resumes from its own checkpoint file, which also holds the
+resolved config. `train_step` is one optimisation step; `harness bench model` times the same function.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +21,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from harness.allocator import steady_heap
+from harness.checkpoints import load_checkpoint, save_checkpoint
+from harness.config import RunConfig
 from harness.data import BatchLoader, PreparedData
 from harness.distributed import SINGLE, DistContext, barrier, gather_cat, mean_over_ranks
 from harness.metrics import HIGHER_IS_BETTER, multilabel_metrics
-from harness.models import DeformOptions, create_model, measure_cost, offset_parameters
+from harness.models import DeformOptions, ModelCost, create_model, measure_cost, offset_parameters
 from harness.profiling import ProfileSummary, ProfileWindow
-from harness.spec import RunConfig
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 StepCallback = Callable[[int, int], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' → cuda, else mps, else cpu; an unavailable explicit device is a clear error."""
-    from harness.errors import HarnessError
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise HarnessError("--device cuda: no CUDA device is available on this machine")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise HarnessError("--device mps: MPS is not available on this machine")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -81,13 +66,6 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._process.memory_info().rss)
-
-
-def _atomic_save(state: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def build_optimizer(model: nn.Module, config: RunConfig, lr: float) -> torch.optim.Optimizer:
@@ -145,7 +123,6 @@ class FitResult:
     profile: ProfileSummary | None
     model_summary: str
     resumed_from: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
@@ -166,6 +143,142 @@ def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
     summary["mean_train_images_per_s"] = float(np.mean([h["train_images_per_s"] for h in history]))
     summary["total_data_wait_s"] = float(np.sum([h["data_wait_s"] for h in history]))
     return summary
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Trainer:
+    """What one optimisation step needs. `model` is the network itself (checkpoints, evaluation);
+    `train_model` is what the step calls: the model, or DistributedDataParallel around it."""
+
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    grad_clip: float | None = None
+
+
+def wrap_for_training(model: nn.Module, device: torch.device, context: DistContext = SINGLE) -> nn.Module:
+    """The module a training step calls: the model, or DistributedDataParallel around it under torchrun
+    (which averages the ranks' gradients in backward)."""
+    if not context.enabled:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One step: forward under autocast, BCE loss, backward (scaled under fp16), optional gradient
+    clipping, optimiser step. Returns the detached loss; a non-finite loss raises FloatingPointError."""
+    if trainer.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    amp = trainer.amp_dtype
+    with torch.autocast(trainer.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        logits = trainer.train_model(x)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    trainer.scaler.scale(loss).backward()
+    if trainer.grad_clip:
+        trainer.scaler.unscale_(trainer.optimizer)
+        nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.grad_clip)
+    trainer.scaler.step(trainer.optimizer)
+    trainer.scaler.update()
+    return loss.detach()
+
+
+def train_epoch(
+    trainer: Trainer, loader: BatchLoader, epoch: int, window: ProfileWindow | None = None,
+    on_step: StepCallback | None = None,
+) -> tuple[float, int]:
+    """Every step of one epoch (inside the profiler window when one is given): (sum of losses × batch, images)."""
+    trainer.model.train()
+    steps = len(loader)
+    loss_sum, seen = 0.0, 0
+    with window if window is not None else contextlib.nullcontext():
+        for step, (x, y) in enumerate(loader, start=1):
+            try:
+                loss = train_step(trainer, x, y)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"{exc} at epoch {epoch}, step {step}") from None
+            loss_sum += loss.item() * y.shape[0]
+            seen += y.shape[0]
+            if window is not None:
+                window.step()
+            if on_step is not None:
+                on_step(step, steps)
+    return loss_sum, seen
+
+
+def _loaders(
+    config: RunConfig, data: PreparedData, generator: torch.Generator, device: torch.device, context: DistContext
+) -> tuple[BatchLoader, BatchLoader]:
+    """Train batches (each rank its share of every batch) and val batches (each rank its share of val)."""
+    train = BatchLoader(
+        data.train_images, data.train_targets, batch_size=max(1, config.train.batch_size // context.world_size),
+        shuffle=True, hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
+        generator=generator, device=device, rank=context.rank, world_size=context.world_size,
+    )
+    val = BatchLoader(
+        data.val_images[context.rank :: context.world_size], data.val_targets[context.rank :: context.world_size],
+        batch_size=max(config.train.batch_size, 64), shuffle=False, hflip=False, device=device,
+    )
+    return train, val
+
+
+def _checkpoint_state(
+    epoch: int, config: RunConfig, trainer: Trainer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    generator: torch.Generator, history: list[dict[str, float]], profile: ProfileSummary | None,
+) -> dict[str, Any]:
+    """Tensors and plain data only: the checkpoint is read back with weights_only=True."""
+    return {
+        "epoch": epoch, "config": config.model_dump(mode="json"), "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
+        "profile": profile.to_dict() if profile is not None else None, "scaler": trainer.scaler.state_dict(),
+    }
+
+
+def _restore(
+    path: Path, trainer: Trainer, scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+) -> tuple[int, list[dict[str, float]], ProfileSummary | None]:
+    """Load a checkpoint into the training state: (last epoch, history, profile summary)."""
+    state = load_checkpoint(path, map_location=trainer.device)
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    profile = ProfileSummary.from_dict(state["profile"]) if state.get("profile") else None
+    return int(state["epoch"]), list(state["history"]), profile
+
+
+def build_trainer(
+    config: RunConfig, num_classes: int, lr: float, device: torch.device, context: DistContext = SINGLE
+) -> Trainer:
+    """The network of `config` on `device` with its optimiser, gradient scaler and precision settings."""
+    m = config.model
+    model = create_model(
+        m.arch, num_classes=num_classes, width=m.width, deform_layers=m.deform_layers,
+        options=DeformOptions(m.offset_channels, m.modulated, m.offset_groups, m.backend), dropout=m.dropout,
+    )
+    model.to(device)
+    if config.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return Trainer(
+        model=model, train_model=wrap_for_training(model, device, context),
+        optimizer=build_optimizer(model, config, lr),
+        scaler=torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16"), device=device,
+        amp_dtype=AMP_DTYPES.get(config.train.amp), channels_last=config.train.channels_last,
+        grad_clip=config.train.grad_clip,
+    )
 
 
 def fit(
@@ -189,87 +302,29 @@ def fit(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     seed_everything(config.seed)
-    m = config.model
-    model = create_model(
-        m.arch, num_classes=data.num_classes, width=m.width, deform_layers=m.deform_layers,
-        options=DeformOptions(m.offset_channels, m.modulated, m.offset_groups, m.backend), dropout=m.dropout,
-    )
-    cost = measure_cost(model, config.data.image_size)
-    model.to(device)
-    if config.train.channels_last:
-        model.to(memory_format=torch.channels_last)
+    trainer = build_trainer(config, data.num_classes, lr, device, context)
+    cost = measure_cost(trainer.model, config.data.image_size)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.train.amp == "fp16")
-    train_model: nn.Module = model
-    if context.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(model, config, lr)
-    scheduler = build_scheduler(optimizer, config)
+    scheduler = build_scheduler(trainer.optimizer, config)
     generator = torch.Generator().manual_seed(config.seed)
-    train_loader = BatchLoader(
-        data.train_images, data.train_targets, batch_size=max(1, config.train.batch_size // context.world_size),
-        shuffle=True, hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
-        generator=generator, device=device, rank=context.rank, world_size=context.world_size,
-    )
-    val_loader = BatchLoader(
-        data.val_images[context.rank :: context.world_size], data.val_targets[context.rank :: context.world_size],
-        batch_size=max(config.train.batch_size, 64), shuffle=False, hflip=False, device=device,
-    )
+    train_loader, val_loader = _loaders(config, data, generator, device, context)
 
     history: list[dict[str, float]] = []
     profile: ProfileSummary | None = None
-    start_epoch = 1
+    resumed_from = 0
     if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history, profile = state["history"], state.get("profile")
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
-    resumed_from = start_epoch - 1
+        resumed_from, history, profile = _restore(checkpoint_path, trainer, scheduler, generator)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     n_train = data.train_images.shape[0]
     with PeakMemory() as memory:
-        for epoch in range(start_epoch, config.train.epochs + 1):
-            model.train()
-            steps = len(train_loader)
-            window = ProfileWindow(
-                config.profile, trace_dir, steps
-            ) if profile is None and trace_dir is not None and context.is_main else None
-            loss_sum, seen = 0.0, 0
+        for epoch in range(resumed_from + 1, config.train.epochs + 1):
+            profiled = profile is None and trace_dir is not None and context.is_main
+            window = ProfileWindow(config.profile, trace_dir, len(train_loader)) if profiled else None
             started = time.perf_counter()
-            with window if window is not None else contextlib.nullcontext():
-                for step, (x, y) in enumerate(train_loader, start=1):
-                    if config.train.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    optimizer.zero_grad(set_to_none=True)
-                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        logits = train_model(x)
-                    loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch}, step {step}")
-                    scaler.scale(loss).backward()
-                    if config.train.grad_clip:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), config.train.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    loss_sum += loss.item() * y.shape[0]
-                    seen += y.shape[0]
-                    if window is not None:
-                        window.step()
-                    if on_step is not None:
-                        on_step(step, steps)
+            loss_sum, seen = train_epoch(trainer, train_loader, epoch, window, on_step)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time = time.perf_counter() - started
@@ -278,39 +333,40 @@ def fit(
             record = {
                 "epoch": float(epoch),
                 "train_loss": mean_over_ranks(loss_sum / max(seen, 1), seen, context),
-                **evaluate(model, val_loader, amp_dtype, config.train.channels_last, context),
+                **evaluate(trainer.model, val_loader, trainer.amp_dtype, trainer.channels_last, context),
                 "epoch_time_s": epoch_time,
                 "train_images_per_s": n_train / epoch_time if epoch_time > 0 else 0.0,
                 "data_wait_s": float(train_loader.wait_seconds),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": trainer.optimizer.param_groups[0]["lr"],
             }
             history.append(record)
             scheduler.step()
             if checkpoint_path is not None and config.train.checkpoint and context.is_main:
-                _atomic_save(
-                    {
-                        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state(), "history": history, "profile": profile,
-                        "scaler": scaler.state_dict(),
-                    },
-                    checkpoint_path,
-                )
+                state = _checkpoint_state(epoch, config, trainer, scheduler, generator, history, profile)
+                save_checkpoint(state, checkpoint_path)
             barrier(context)  # no rank runs ahead of the checkpoint
             if on_epoch is not None and context.is_main:
                 on_epoch(epoch, record)
 
+    return _result(config, trainer, history, profile, memory.peak_bytes, cost, resumed_from)
+
+
+def _result(
+    config: RunConfig, trainer: Trainer, history: list[dict[str, float]], profile: ProfileSummary | None,
+    peak_bytes: int, cost: ModelCost, resumed_from: int,
+) -> FitResult:
+    """The run's summary metrics (history, memory, size, profile) and its model summary text."""
     summary = summarise_history(history)
-    summary["peak_rss_mb"] = memory.peak_bytes / 2**20
-    if device.type == "cuda":
-        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    summary["peak_rss_mb"] = peak_bytes / 2**20
+    if trainer.device.type == "cuda":
+        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
     summary["params"] = float(cost.params)
     summary["flops_per_image"] = float(cost.flops_per_image)
     if profile is not None:
         summary["profile_deform_share"] = profile.deform_share
         summary["profile_step_ms"] = profile.step_ms
     model_summary = (
-        f"{model}\n\nparameters: {cost.params:,}\nforward FLOPs per image at {config.data.image_size}px: "
-        f"{cost.flops_per_image:,}\ndeformable conv layers: {model.deform_indices}\n"
+        f"{trainer.model}\n\nparameters: {cost.params:,}\nforward FLOPs per image at {config.data.image_size}px: "
+        f"{cost.flops_per_image:,}\ndeformable conv layers: {trainer.model.deform_indices}\n"
     )
     return FitResult(history, summary, profile, model_summary, resumed_from)

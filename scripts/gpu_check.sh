@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU check for the fast-DCN issue: CUDA parity with torchvision (every CUDA path: the
+# One prepared GPU check of the deformable op: CUDA parity with torchvision (every CUDA path: the
 # default C++ autograd op, its Python version and the opt-in Triton kernels), then `harness bench ops`
 # in fp32 and bf16 (the docs table, cases interleaved), then scripts/gpu_probe.py (the paths in
 # PROBE_PATHS interleaved, larger shapes, memory, kernel counts and GPU time, the Triton block sizes
 # when "triton" is one of them, the network). Run from the repository root on a machine with a GPU;
 # output goes to $OUT (default results/gpu_check). PARITY_S and PROBE_S bound the two long steps;
-# PROBE_QUICK=1 runs fewer rounds and settings (a second call within one 15-minute loan).
+# PROBE_QUICK=1 runs fewer rounds and settings (for a short time budget).
 #
-# On the lent device machine (Python 3.12, torch and triton preinstalled, no internet) the packages it
-# lacks (pydantic and its three dependencies) travel as wheels in .whl/ (see the device tool's README).
+# On a GPU machine without internet that has torch and triton, the pure-Python packages it lacks
+# (pydantic and its dependencies) are installed from wheels in .whl/ when that folder is there.
 set -uo pipefail
 OUT=${OUT:-results/gpu_check}
 PY=${PYTHON:-python3}
@@ -24,10 +24,9 @@ LOG=$OUT/log.txt
   nproc; } 2>&1 | tee "$LOG"
 step() { echo "== $(date -u +%T) $*" | tee -a "$LOG"; }
 step parity
-timeout ${PARITY_S:-150} $PY -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda 2>&1 | tail -25 > "$OUT/parity.txt"
+timeout ${PARITY_S:-150} $PY -m pytest -q -p no:cacheprovider tests/ops -k cuda 2>&1 | tail -25 > "$OUT/parity.txt"
 cat "$OUT/parity.txt" >> "$LOG"; tail -2 "$OUT/parity.txt"
-# the CLI before the probe: `harness bench` is the issue's source of figures, so it must not be the step a
-# short loan cuts off
+# the CLI before the probe: `harness bench` is the source of the documented figures, so it runs first
 for amp in none bf16; do
     step bench ops $amp
     timeout 90 $PY -m harness bench ops --device cuda --amp $amp --impl conv2d --impl per_tap --impl shared \

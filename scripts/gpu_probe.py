@@ -1,8 +1,8 @@
 """What `harness bench` alone does not show on a GPU: our CUDA paths against each other and torchvision,
 interleaved in one process (the C++ autograd op, the same with its channels sampled in slices
-(HARNESS_SPLIT=1), its Python version and the Triton kernels; pick with PROBE_PATHS, default
+(the `split` switch of harness.settings), its Python version and the Triton kernels; pick with PROBE_PATHS, default
 "cpp,split"), larger shapes, memory, the kernels each runs (count and GPU time) and the network at the
-issue's and at GPU-sized batches.
+benchmark's and at GPU-sized batches.
 
 Run by scripts/gpu_check.sh; writes $OUT/probe.json and $OUT/profile.txt and prints a summary.
 """
@@ -20,23 +20,24 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from harness import cpp_autograd, triton_kernels
-from harness.bench import LayerShape, _make_case, bench_model, cuda_peak_memory_mb, interleaved_ms
+from harness import settings
+from harness.bench import LayerShape, bench_model, cuda_peak_memory_mb, interleaved_ms, make_case
+from harness.kernels import cpp_autograd, triton_kernels
 
 OUT = Path(os.environ.get("OUT", "results/gpu_check"))
 SHAPES = [LayerShape(8, 32, 32, 64), LayerShape(16, 64, 64, 32), LayerShape(16, 128, 128, 16),
           LayerShape(16, 64, 64, 32, 2), LayerShape(16, 64, 64, 32, 1, 2)]
 # GPU-filling shapes; the last two have few output points for their channels (a large batch's deep layer,
-# and the shared layout's sample at 16 px), where HARNESS_SPLIT's slices should show
+# and the shared layout's sample at 16 px), where the `split` switch's slices should show
 LARGE = [LayerShape(32, 64, 64, 128), LayerShape(64, 256, 256, 32), LayerShape(256, 512, 512, 4),
          LayerShape(64, 256, 256, 16)]
-# the switches that select each of our CUDA paths
-KNOWN_PATHS = {"cpp": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1", "HARNESS_SPLIT": "0"},
-               "split": {"HARNESS_TRITON": "0", "HARNESS_CPP": "1", "HARNESS_SPLIT": "1"},
-               "python": {"HARNESS_TRITON": "0", "HARNESS_CPP": "0", "HARNESS_SPLIT": "0"},
-               "triton": {"HARNESS_TRITON": "1", "HARNESS_CPP": "0", "HARNESS_SPLIT": "0"}}
+# the switches (harness.settings fields) that select each of our CUDA paths
+KNOWN_PATHS = {"cpp": {"triton": "0", "cpp": "1", "split": "0"},
+               "split": {"triton": "0", "cpp": "1", "split": "1"},
+               "python": {"triton": "0", "cpp": "0", "split": "0"},
+               "triton": {"triton": "1", "cpp": "0", "split": "0"}}
 PATHS = {name: KNOWN_PATHS[name] for name in os.environ.get("PROBE_PATHS", "cpp,split").split(",")}
-QUICK = os.environ.get("PROBE_QUICK") == "1"  # fewer rounds and settings, for a second call in one GPU loan
+QUICK = os.environ.get("PROBE_QUICK") == "1"  # fewer rounds and settings, for a short time budget
 
 
 def log(text: str) -> None:
@@ -49,7 +50,14 @@ def save(report: dict[str, object]) -> None:
 
 
 def _switch(path: str) -> None:
-    os.environ.update(PATHS[path])
+    """Set the path's switches in the environment and have harness.settings read them again (not when they
+    are set already: a timed call should not pay for re-reading the environment)."""
+    wanted = PATHS[path]
+    current = settings.current()
+    if all(getattr(current, name) == (value == "1") for name, value in wanted.items()):
+        return
+    os.environ.update({settings.variable(name): value for name, value in wanted.items()})
+    settings.reload()
 
 
 def _on(path: str, run):
@@ -61,11 +69,11 @@ def _on(path: str, run):
 
 def interleaved(shape: LayerShape, amp: str, rounds: int, calls: int) -> dict[str, float]:
     """Median ms per forward+backward of each case, the cases taking turns (blocks of `calls`)."""
-    cases = {"conv2d": _make_case(shape, "conv2d", device="cuda", amp=amp, synchronize=False),
-             "torchvision": _make_case(shape, "torchvision", device="cuda", amp=amp, synchronize=False)}
+    cases = {"conv2d": make_case(shape, "conv2d", device="cuda", amp=amp, synchronize=False),
+             "torchvision": make_case(shape, "torchvision", device="cuda", amp=amp, synchronize=False)}
     for impl in ("per_tap", "shared", "modulated"):
         for path in PATHS:
-            cases[f"{impl} {path}"] = _on(path, _make_case(shape, impl, device="cuda", amp=amp, synchronize=False))
+            cases[f"{impl} {path}"] = _on(path, make_case(shape, impl, device="cuda", amp=amp, synchronize=False))
     return interleaved_ms(cases, rounds, calls, synchronize=torch.cuda.synchronize)  # warm-up compiles Triton's
 
 
@@ -118,7 +126,7 @@ def main() -> None:
         for shape in (SHAPES[0], SHAPES[3]):
             for impl, path in (("conv2d", None), ("torchvision", None), *(("per_tap", p) for p in PATHS),
                                ("shared", list(PATHS)[0])):
-                run = _make_case(shape, impl, device="cuda")
+                run = make_case(shape, impl, device="cuda")
                 if path:
                     run = _on(path, run)
                 for _ in range(3):
@@ -144,7 +152,8 @@ def main() -> None:
         block_sweep(report)
     network(report)
     for name in KNOWN_PATHS["split"]:
-        os.environ.pop(name, None)
+        os.environ.pop(settings.variable(name), None)
+    settings.reload()
 
 
 def block_sweep(report: dict[str, object]) -> None:
@@ -154,7 +163,7 @@ def block_sweep(report: dict[str, object]) -> None:
     for pixels, channels in (default, (64, 16), (32, 16), (128, 8), (64, 8), (64, 32)):
         triton_kernels.BLOCK_PIXELS, triton_kernels.MAX_BLOCK_CHANNELS = pixels, channels
         for shape in (SHAPES[0], SHAPES[2], LARGE[0]):
-            run = _make_case(shape, "per_tap", device="cuda")
+            run = make_case(shape, "per_tap", device="cuda")
             for _ in range(3):
                 run()
             torch.cuda.synchronize()
@@ -175,9 +184,9 @@ def block_sweep(report: dict[str, object]) -> None:
 
 def network(report: dict[str, object]) -> None:
     models = {}
-    settings = ((32, "per_tap", "none"), (256, "per_tap", "none"), (256, "per_tap", "bf16"), (32, "shared", "none"),
-                (256, "shared", "none"))
-    for batch, offsets, amp in settings[:2] if QUICK else settings:
+    runs = ((32, "per_tap", "none"), (256, "per_tap", "none"), (256, "per_tap", "bf16"), (32, "shared", "none"),
+            (256, "shared", "none"))
+    for batch, offsets, amp in runs[:2] if QUICK else runs:
         for path in (*PATHS, *PATHS)[:2 if QUICK else 4]:  # twice each, interleaved
             _switch(path)
             rows = bench_model(["none", "first:2", "all"], image_size=64, batch=batch, offset_channels=offsets,

@@ -1,6 +1,6 @@
 """The host's share of a GPU layer, measured on the CPU: the GPU path forced onto the CPU at a tiny size
 (1x4x8x8, 4 outputs, one thread), where the kernels take next to nothing and what is left is dispatch,
-autograd and Python. Compares the GPU path's steps run from Python (HARNESS_CPP=0) with the C++ op, and
+autograd and Python. Compares the GPU path's steps run from Python (the `cpp` switch off) with the C++ op, and
 conv2d. Usage: python scripts/host_overhead.py
 """
 
@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import harness.ops as ops
-from harness import cpp_autograd, native
+from harness import settings
+from harness.kernels import cpp_autograd, native
+from harness.ops import cuda
 
 
 def microseconds(fn: Callable[[], object], reps: int = 2000) -> float:
@@ -41,8 +43,8 @@ def deform_step(x, offset, w, b, stride, mask) -> None:
 
 def main() -> None:
     native.available = lambda: False  # the GPU path, on the CPU
-    ops._keeps_columns = lambda *_: True
-    ops._runs_cpp_op = lambda _: cpp_autograd.available()
+    cuda.keeps_columns = lambda *_: True
+    cuda.runs_cpp_op = lambda _: cpp_autograd.available()
     torch.set_num_threads(1)
     print(f"C++ op: {cpp_autograd.status()}")
     g = torch.Generator().manual_seed(0)
@@ -55,11 +57,13 @@ def main() -> None:
         mask = torch.rand(1, 9, out, out, generator=g).requires_grad_() if modulated else None
         times = {"conv2d": microseconds(partial(conv_step, x, w, b, stride))}
         for name, switch in (("python", "0"), ("C++ op", "1")):
-            os.environ["HARNESS_CPP"] = switch
+            os.environ[settings.variable("cpp")] = switch
+            settings.reload()
             times[name] = microseconds(partial(deform_step, x, offset, w, b, stride, mask))
         print(f"stride {stride}{' modulated' if modulated else ''}: "
               + ", ".join(f"{k} {v:.0f} us" for k, v in times.items()))
-    os.environ.pop("HARNESS_CPP")
+    os.environ.pop(settings.variable("cpp"))
+    settings.reload()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def test_applies_on_linux_and_is_idempotent(monkeypatch):
     assert allocator.steady_heap() is True
 
 
-def test_opt_out(monkeypatch):
+def test_opt_out(monkeypatch, harness_env):
     monkeypatch.setattr(allocator, "_applied", False)
-    monkeypatch.setenv("HARNESS_STEADY_HEAP", "0")
+    harness_env(steady_heap="0")
     assert allocator.steady_heap() is False

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from harness.config import RunConfig
 from harness.data import prepare_data
-from harness.spec import RunConfig
 from harness.train import fit
 
 

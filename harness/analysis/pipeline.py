@@ -3,10 +3,11 @@
 `analyze_model` does the computing (no MLflow): robustness under transforms, offset statistics,
 sampling-location figures and the effective receptive field, written as files into a directory and
 returned with the metrics. `analyze_runs` is what `harness eval` calls: for each FINISHED child run it
-reads the run's `config.yaml` artifact (falling back to its params), rebuilds the network, loads
-`<results>/checkpoints/<harness.config_hash>/last.pt`, prepares the run's val subset exactly as the
-runner did, analyses, and logs metrics, artifacts and the tag `harness.analysis` into the same run
-(which stays FINISHED). `after_training` is the runner's optional post-training hook.
+loads its checkpoint (`harness.checkpoints.checkpoint_path` of the run's config hash), takes the
+resolved config saved in it (else the run's `config.yaml` artifact, else its params), rebuilds the
+network, prepares the run's val subset exactly as the runner did, analyses, and logs metrics, artifacts
+and the tag `harness.analysis` into the same run (which stays FINISHED). `post_training_analysis` is
+the runner's optional hook after training (`analysis.enabled`).
 """
 
 from __future__ import annotations
@@ -30,14 +31,17 @@ from harness.analysis import offsets as offsets_mod
 from harness.analysis import plots
 from harness.analysis import robustness as robust_mod
 from harness.analysis.sampling import ConvGeometry, capture_offsets, compose_points, conv_geometry, default_chain
-from harness.data import BatchLoader, PreparedData, denormalize
-from harness.errors import HarnessError
+from harness.checkpoints import checkpoint_path, load_checkpoint
+from harness.config import RunConfig
+from harness.data import BatchLoader, DataCache, PreparedData, denormalize
+from harness.devices import resolve_device
+from harness.errors import HarnessError, one_line
+from harness.figures import fig_to_png
 from harness.models import DeformOptions, MultiLabelCNN, create_model
-from harness.spec import RunConfig
+from harness.tracking import names
+from harness.tracking.store import ChildRun, attach_run, find_finished_runs, log_artifact_dir, read_run_text
 
 PARTS = ("robustness", "offsets", "sampling", "erf")
-ANALYSIS_TAG = "harness.analysis"
-ARTIFACT_DIR = "analysis"
 Progress = Callable[[str, int, int], None]
 
 
@@ -171,6 +175,80 @@ def _out_hw(model: torch.nn.Module, x: torch.Tensor, layer: ConvGeometry) -> tup
     return shapes["hw"]
 
 
+def _robustness_part(model: MultiLabelCNN, loader: BatchLoader, options: AnalysisOptions, out_dir: Path,
+                     result: AnalysisResult, progress: Progress) -> None:
+    frame = robust_mod.robustness(
+        model, loader, options.families, progress=lambda d, t: progress("robustness", d, t)
+    )
+    frame.to_csv(out_dir / names.ANALYSIS_ROBUSTNESS, index=False)
+    result.metrics.update(robust_mod.robustness_metrics(frame))
+    result.robustness = frame
+
+
+def _offsets_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
+                  options: AnalysisOptions, out_dir: Path, title: str, result: AnalysisResult,
+                  progress: Progress) -> None:
+    progress("offset statistics", 0, 1)
+    images = _images(loader, options.offset_images)
+    boxes = [b for b, _ in data.boxes("val")][: images.shape[0]]
+    stats = offsets_mod.offset_statistics(model, images, boxes, data.image_size, loader.batch_size)
+    stats.table.to_csv(out_dir / names.ANALYSIS_OFFSET_STATS, index=False)
+    hist = stats.histogram_frame()
+    hist.to_csv(out_dir / names.ANALYSIS_OFFSET_HIST, index=False)
+    series = {
+        f"conv{layer} ({'per-tap' if geometry[layer].module.offset_channels == 'per_tap' else 'shared'})":
+        (part["bin_lo"].to_numpy(), part["count"].to_numpy())
+        for layer, part in hist.groupby("layer")
+    }
+    fig = plots.histogram_figure(series, f"|Δp| per deformable layer — {title}" if title else "")
+    (out_dir / names.ANALYSIS_OFFSET_HIST_PLOT).write_bytes(fig_to_png(fig))
+    result.metrics.update(stats.metrics())
+    result.offsets = stats
+    progress("offset statistics", 1, 1)
+
+
+def _sampling_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
+                   options: AnalysisOptions, out_dir: Path, title: str, result: AnalysisResult,
+                   progress: Progress) -> None:
+    chain = list(options.chain) if options.chain else default_chain(geometry)
+    bad = [i for i in chain if i >= len(geometry)]
+    if bad:
+        raise HarnessError(f"--chain conv{bad[0]}: the network has conv0..conv{len(geometry) - 1}")
+    progress("sampling locations", 0, 1)
+    panels = sampling_panels(model, data, loader, chain, options.sampling_images)
+    if panels:
+        kinds = ", ".join(
+            f"conv{i} {'deformable ' + geometry[i].module.offset_channels if geometry[i].deformable else 'fixed'}"
+            for i in sorted(chain)
+        )
+        fig = plots.sampling_figure(panels, chain, f"{title}: sampling locations ({kinds})" if title else kinds)
+        (out_dir / names.ANALYSIS_SAMPLING_PLOT).write_bytes(fig_to_png(fig, dpi=120))
+        points = [
+            {"label": p.label, "fixed": [lvl.tolist() for lvl in p.fixed],
+             "learned": [lvl.tolist() for lvl in p.learned]}
+            for p in panels
+        ]
+        (out_dir / names.ANALYSIS_SAMPLING_POINTS).write_text(json.dumps({"chain": chain, "panels": points}))
+    result.chain = chain
+    progress("sampling locations", 1, 1)
+
+
+def _erf_part(model: MultiLabelCNN, loader: BatchLoader, options: AnalysisOptions, out_dir: Path, title: str,
+              result: AnalysisResult, progress: Progress) -> None:
+    progress("effective receptive field", 0, 1)
+    images = _images(loader, options.erf_images)
+    erf = erf_mod.effective_receptive_field(model, images, batch_size=min(loader.batch_size, 32))
+    np.save(out_dir / names.ANALYSIS_ERF_MAP, erf.map.astype(np.float32))
+    fig = plots.erf_figure(
+        [erf.map], [f"{title or 'ERF'}"], [erf.centre],
+        f"ERF of conv{erf.layer}'s centre unit, {erf.images} val images; RMS radius {erf.rms_radius:.1f} px",
+    )
+    (out_dir / names.ANALYSIS_ERF_PLOT).write_bytes(fig_to_png(fig))
+    result.metrics.update(erf.metrics())
+    result.erf = erf
+    progress("effective receptive field", 1, 1)
+
+
 def analyze_model(
     model: MultiLabelCNN,
     config: RunConfig,
@@ -191,72 +269,20 @@ def analyze_model(
     result = AnalysisResult({}, out_dir)
 
     if "robustness" in options.parts:
-        frame = robust_mod.robustness(
-            model, loader, options.families, progress=lambda d, t: progress("robustness", d, t)
-        )
-        frame.to_csv(out_dir / "robustness.csv", index=False)
-        result.metrics.update(robust_mod.robustness_metrics(frame))
-        result.robustness = frame
+        _robustness_part(model, loader, options, out_dir, result, progress)
 
     if "offsets" in options.parts and deformable:
-        progress("offset statistics", 0, 1)
-        images = _images(loader, options.offset_images)
-        boxes = [b for b, _ in data.boxes("val")][: images.shape[0]]
-        stats = offsets_mod.offset_statistics(model, images, boxes, data.image_size, loader.batch_size)
-        stats.table.to_csv(out_dir / "offset_stats.csv", index=False)
-        hist = stats.histogram_frame()
-        hist.to_csv(out_dir / "offset_hist.csv", index=False)
-        series = {
-            f"conv{layer} ({'per-tap' if geometry[layer].module.offset_channels == 'per_tap' else 'shared'})":
-            (part["bin_lo"].to_numpy(), part["count"].to_numpy())
-            for layer, part in hist.groupby("layer")
-        }
-        fig = plots.histogram_figure(series, f"|Δp| per deformable layer — {title}" if title else "")
-        (out_dir / "offset_hist.png").write_bytes(plots.fig_to_png(fig))
-        result.metrics.update(stats.metrics())
-        result.offsets = stats
-        progress("offset statistics", 1, 1)
+        _offsets_part(model, data, loader, geometry, options, out_dir, title, result, progress)
     elif "offsets" in options.parts:
         result.notes.append("no deformable layers: no offset statistics")
 
     if "sampling" in options.parts and deformable:
-        chain = list(options.chain) if options.chain else default_chain(geometry)
-        bad = [i for i in chain if i >= len(geometry)]
-        if bad:
-            raise HarnessError(f"--chain conv{bad[0]}: the network has conv0..conv{len(geometry) - 1}")
-        progress("sampling locations", 0, 1)
-        panels = sampling_panels(model, data, loader, chain, options.sampling_images)
-        if panels:
-            kinds = ", ".join(
-                f"conv{i} {'deformable ' + geometry[i].module.offset_channels if geometry[i].deformable else 'fixed'}"
-                for i in sorted(chain)
-            )
-            fig = plots.sampling_figure(panels, chain, f"{title}: sampling locations ({kinds})" if title else kinds)
-            (out_dir / "sampling.png").write_bytes(plots.fig_to_png(fig, dpi=120))
-            points = [
-                {"label": p.label, "fixed": [lvl.tolist() for lvl in p.fixed],
-                 "learned": [lvl.tolist() for lvl in p.learned]}
-                for p in panels
-            ]
-            (out_dir / "sampling.json").write_text(json.dumps({"chain": chain, "panels": points}))
-        result.chain = chain
-        progress("sampling locations", 1, 1)
+        _sampling_part(model, data, loader, geometry, options, out_dir, title, result, progress)
     elif "sampling" in options.parts:
         result.notes.append("no deformable layers: no sampling-location figure")
 
     if "erf" in options.parts:
-        progress("effective receptive field", 0, 1)
-        images = _images(loader, options.erf_images)
-        erf = erf_mod.effective_receptive_field(model, images, batch_size=min(loader.batch_size, 32))
-        np.save(out_dir / "erf.npy", erf.map.astype(np.float32))
-        fig = plots.erf_figure(
-            [erf.map], [f"{title or 'ERF'}"], [erf.centre],
-            f"ERF of conv{erf.layer}'s centre unit, {erf.images} val images; RMS radius {erf.rms_radius:.1f} px",
-        )
-        (out_dir / "erf.png").write_bytes(plots.fig_to_png(fig))
-        result.metrics.update(erf.metrics())
-        result.erf = erf
-        progress("effective receptive field", 1, 1)
+        _erf_part(model, loader, options, out_dir, title, result, progress)
     return result
 
 
@@ -277,15 +303,20 @@ def _unflatten(params: Mapping[str, str]) -> dict[str, Any]:
     return nested
 
 
-def run_config(config_text: str | None, params: Mapping[str, str], run_name: str) -> RunConfig:
-    """The run's resolved config: its config.yaml artifact, else rebuilt from its params."""
+def run_config(
+    saved: Mapping[str, Any] | None, config_text: str | None, params: Mapping[str, str], run_name: str
+) -> RunConfig:
+    """The run's resolved config: the one saved in its checkpoint, else its config.yaml artifact, else
+    rebuilt from its params."""
     try:
+        if saved is not None:
+            return RunConfig.model_validate(saved)
         if config_text is not None:
             return RunConfig.model_validate(yaml.safe_load(config_text))
         if params:
             return RunConfig.model_validate(_unflatten(params))
     except (ValidationError, yaml.YAMLError) as exc:
-        raise HarnessError(f"run {run_name}: its config does not validate: {str(exc).splitlines()[0]}") from None
+        raise HarnessError(f"run {run_name}: its config does not validate: {one_line(exc, with_type=False)}") from None
     raise HarnessError(f"run {run_name} has neither a config.yaml artifact nor params to rebuild its config from")
 
 
@@ -297,26 +328,34 @@ def build_model(config: RunConfig, num_classes: int) -> MultiLabelCNN:
     )
 
 
-def load_trained(config: RunConfig, num_classes: int, checkpoint: Path, run_name: str) -> MultiLabelCNN:
+def read_checkpoint(checkpoint: Path, run_name: str) -> dict[str, Any]:
+    """A run's checkpoint (tensors and plain data only); a one-line error when it is missing or unreadable."""
     if not checkpoint.is_file():
         raise HarnessError(_no_checkpoint(run_name, checkpoint))
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model = build_model(config, num_classes)
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError, EOFError, OSError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return load_checkpoint(checkpoint)
+    except HarnessError:
+        raise
+    except Exception as exc:  # truncated file, not a checkpoint, or one that holds objects (not loaded)
+        reason = one_line(exc, with_type=False).removeprefix("Weights only load failed. ")
         raise HarnessError(f"checkpoint {checkpoint} of run {run_name} cannot be loaded: {reason}") from None
+
+
+def load_trained(config: RunConfig, num_classes: int, state: Mapping[str, Any], checkpoint: Path,
+                 run_name: str) -> MultiLabelCNN:
+    """The trained network: `config`'s architecture with the checkpoint's weights."""
+    model = build_model(config, num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        raise HarnessError(f"checkpoint {checkpoint} of run {run_name} cannot be loaded: "
+                           f"{one_line(exc, with_type=False)}") from None
     return model
 
 
 def _no_checkpoint(run_name: str, checkpoint: Path) -> str:
     return (f"run {run_name} has no checkpoint at {checkpoint} (trained with another --results-dir, "
             "or with train.checkpoint: false?)")
-
-
-def checkpoint_path(results_dir: Path, config_hash: str) -> Path:
-    return results_dir / "checkpoints" / config_hash / "last.pt"
 
 
 @dataclass
@@ -340,49 +379,45 @@ def analyze_runs(
 
     Every run is checked (config, checkpoint) before any is analysed, so a bad reference costs nothing.
     """
-    from harness.runner import DataCache
-    from harness.tracking.store import attach_run, find_finished_runs, log_artifact_dir, read_run_text
-    from harness.train import resolve_device
-
     options = options or AnalysisOptions()
     records = find_finished_runs(tracking_uri, ref)
     torch_device = resolve_device(device)
     plans = []
     for record in records:
         handle = attach_run(tracking_uri, record.run_id)
-        config = run_config(read_run_text(handle, "config.yaml"), record.params, record.name)
-        config_hash = record.tags.get("harness.config_hash")
+        config_hash = record.tags.get(names.CONFIG_HASH)
         if not config_hash:
-            raise HarnessError(f"run {record.name} ({record.run_id}) has no harness.config_hash tag")
+            raise HarnessError(f"run {record.name} ({record.run_id}) has no {names.CONFIG_HASH} tag")
         checkpoint = checkpoint_path(results_dir, config_hash)
-        if not checkpoint.is_file():
-            raise HarnessError(_no_checkpoint(record.name, checkpoint))
+        state = read_checkpoint(checkpoint, record.name)
+        saved = state.get("config")
+        config_text = None if saved is not None else read_run_text(handle, names.CONFIG_ARTIFACT)
+        config = run_config(saved, config_text, record.params, record.name)
         if data_root is not None and config.data.source == "coco":
             config.data.root = str(data_root)
-        plans.append((record, handle, config, checkpoint))
+        plans.append((record, handle, config, checkpoint, state))
 
     cache = DataCache(results_dir)
     done = []
-    for position, (record, handle, config, checkpoint) in enumerate(plans):
+    for position, (record, handle, config, checkpoint, state) in enumerate(plans):
         if on_run is not None:
             on_run(position, len(plans), record.name)
         data = cache.get(config.data, progress)
-        model = load_trained(config, data.num_classes, checkpoint, record.name)
-        title = record.tags.get("harness.group") or record.name
+        model = load_trained(config, data.num_classes, state, checkpoint, record.name)
+        title = record.tags.get(names.GROUP) or record.name
         with tempfile.TemporaryDirectory(prefix="harness-analysis-") as tmp:
             result = analyze_model(model, config, data, torch_device, Path(tmp), options, progress, title)
-            log_analysis(handle, result, options, data, log_artifact_dir)
+            log_analysis(handle, result, options, data)
         done.append(RunAnalysis(record.run_id, record.name, result))
     return done
 
 
-def log_analysis(handle: Any, result: AnalysisResult, options: AnalysisOptions, data: PreparedData,
-                 upload: Callable[[Any, Path, str], None]) -> None:
+def log_analysis(handle: ChildRun, result: AnalysisResult, options: AnalysisOptions, data: PreparedData) -> None:
     """Metrics (step 0), artifacts under analysis/ and the tag harness.analysis into one run."""
     handle.log_metrics(result.metrics, step=0)
     if any(result.files.iterdir()):
-        upload(handle, result.files, ARTIFACT_DIR)
-    handle.set_tags({ANALYSIS_TAG: json.dumps({
+        log_artifact_dir(handle, result.files, names.ANALYSIS_ARTIFACT_DIR)
+    handle.set_tags({names.ANALYSIS: json.dumps({
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "parts": list(options.parts),
         "val_images": int(data.val_images.shape[0]),
@@ -392,13 +427,29 @@ def log_analysis(handle: Any, result: AnalysisResult, options: AnalysisOptions, 
     })})
 
 
-def after_training(handle: Any, config: RunConfig, data: PreparedData, checkpoint: Path, device: torch.device,
-                   name: str, title: str = "") -> None:
-    """The runner's post-training hook: analyse the checkpoint just written and log into the open run."""
-    from harness.tracking.store import log_artifact_dir
+def post_training_analysis(
+    handle: ChildRun, config: RunConfig, data: PreparedData, checkpoint: Path, device: torch.device, name: str,
+    title: str = "", distributed: bool = False,
+) -> None:
+    """The runner's hook after a run's results are logged: analyse its checkpoint into the same MLflow run.
 
-    options = AnalysisOptions()
-    model = load_trained(config, data.num_classes, checkpoint, name)
-    with tempfile.TemporaryDirectory(prefix="harness-analysis-") as tmp:
-        result = analyze_model(model, config, data, device, Path(tmp), options, title=title or name)
-        log_analysis(handle, result, options, data, log_artifact_dir)
+    A no-op unless `analysis.enabled`. Never fails the run: an error is recorded in the tag
+    `harness.analysis_failure` (rerun it with `harness eval`). Skipped under torchrun (the other ranks
+    would wait at the next barrier); run `harness eval` afterwards.
+    """
+    if not config.analysis.enabled:
+        return
+    if distributed:
+        handle.set_tags({names.ANALYSIS_FAILURE: "skipped under torchrun; run harness eval"})
+        return
+    if not config.train.checkpoint or not checkpoint.is_file():
+        handle.set_tags({names.ANALYSIS_FAILURE: "no checkpoint to analyse (train.checkpoint: false)"})
+        return
+    try:
+        options = AnalysisOptions()
+        model = load_trained(config, data.num_classes, read_checkpoint(checkpoint, name), checkpoint, name)
+        with tempfile.TemporaryDirectory(prefix="harness-analysis-") as tmp:
+            result = analyze_model(model, config, data, device, Path(tmp), options, title=title or name)
+            log_analysis(handle, result, options, data)
+    except Exception as exc:  # the training result stands; the analysis can be redone with harness eval
+        handle.set_tags({names.ANALYSIS_FAILURE: one_line(exc)})

@@ -7,19 +7,14 @@ its text elements.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-
-from harness.report.plots import fig_to_svg, safe_text  # noqa: E402,F401  (shared with the report)
+from harness.figures import safe_text
 
 RC = {
     "svg.fonttype": "none",
@@ -31,13 +26,6 @@ RC = {
     "legend.frameon": False,
 }
 FINAL_COLOUR, MIDDLE_COLOUR, CENTRE_COLOUR = "#ff2020", "#00d0ff", "#ffe000"
-
-
-def fig_to_png(fig: plt.Figure, dpi: int = 110) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------------------- sampling

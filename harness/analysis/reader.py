@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from harness.tracking import query
+from harness.tracking import names, query
 
-_ROBUST = re.compile(r"^robust/(?P<family>[a-z]+)/(?P<magnitude>-?[0-9.eE+-]+)/(?P<metric>[a-z_0-9]+)$")
-_OFFSET = re.compile(r"^offset/conv(?P<layer>\d+)(?:/(?P<region>[a-z]+))?/(?P<stat>[a-z_]+)$")
-_ERF = re.compile(r"^erf/(?P<stat>[a-z_0-9]+)$")
+_ROBUST = re.compile(
+    rf"^{re.escape(names.ROBUST_PREFIX)}(?P<family>[a-z]+)/(?P<magnitude>-?[0-9.eE+-]+)/(?P<metric>[a-z_0-9]+)$"
+)
+_OFFSET = re.compile(rf"^{re.escape(names.OFFSET_PREFIX)}conv(?P<layer>\d+)(?:/(?P<region>[a-z]+))?/(?P<stat>[a-z_]+)$")
+_ERF = re.compile(rf"^{re.escape(names.ERF_PREFIX)}(?P<stat>[a-z_0-9]+)$")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class AnalysedRun:
 
     @property
     def analysed(self) -> bool:
-        return "harness.analysis" in self.tags
+        return names.ANALYSIS in self.tags
 
     @property
     def layout(self) -> str:
@@ -67,11 +69,11 @@ def load_runs(store: query.Store, run_ids: Iterable[str]) -> list[AnalysedRun]:
         except Exception:
             return None
         tags = dict(run.data.tags)
-        variant = tags.get("harness.variant") or (run.info.run_name or run_id).split("/", 1)[0]
+        variant = tags.get(names.VARIANT) or (run.info.run_name or run_id).split("/", 1)[0]
         return AnalysedRun(
             run_id=run_id, name=run.info.run_name or run_id, status=run.info.status, variant=variant,
-            group=tags.get("harness.group") or variant, seed=tags.get("harness.seed", ""),
-            baseline=tags.get("harness.baseline", "").lower() == "true", artifact_uri=run.info.artifact_uri,
+            group=tags.get(names.GROUP) or variant, seed=tags.get(names.SEED, ""),
+            baseline=tags.get(names.BASELINE, "").lower() == "true", artifact_uri=run.info.artifact_uri,
             start_time=int(run.info.start_time or 0),
             params=dict(run.data.params), metrics=dict(run.data.metrics), tags=tags,
         )

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.tracking import names
+from harness.train import evaluate
 
 FAMILIES: dict[str, tuple[float, ...]] = {
     "rotation": (0, 15, 30, 45, 60, 90),
@@ -121,8 +123,6 @@ def robustness(
     `index` is the magnitude's position in its family (sorted). `rel_map` is mAP relative to the
     family's identity magnitude (1.0 = no loss). `progress(done, total)` is called after each evaluation.
     """
-    from harness.train import evaluate
-
     checked = check_families(families)
     total = sum(len(v) for v in checked.values())
     rows = []
@@ -155,10 +155,11 @@ def robustness_metrics(frame: pd.DataFrame) -> dict[str, float]:
     """MLflow metrics: robust/<family>/<magnitude>/<metric> and robust/<family>/mean_map_drop."""
     out: dict[str, float] = {}
     for row in frame.itertuples(index=False):
+        point = f"{names.ROBUST_PREFIX}{row.family}/{magnitude_label(row.magnitude)}"
         for metric in METRICS:
-            out[f"robust/{row.family}/{magnitude_label(row.magnitude)}/{metric}"] = float(getattr(row, metric))
+            out[f"{point}/{metric}"] = float(getattr(row, metric))
     for family, part in frame.groupby("family", sort=False):
         moved = part[~part["identity"]]
         if len(moved) and np.isfinite(moved["rel_map"]).all():
-            out[f"robust/{family}/mean_map_drop"] = float(1.0 - moved["rel_map"].mean())
+            out[f"{names.ROBUST_PREFIX}{family}/mean_map_drop"] = float(1.0 - moved["rel_map"].mean())
     return out

@@ -10,7 +10,7 @@ model.deform_layers / model.offset_channels, the tags harness.group / harness.va
 harness.baseline, and the artifacts analysis/offset_hist.csv, analysis/sampling.png, analysis/erf.npy.
 Plots are inline SVG (matplotlib), the sampling figures PNG data URIs (the report's CSP allows
 `img-src data:`); the template has autoescape on, and user strings reach matplotlib only through
-`plots.safe_text`. Runs without analysis are left out; when none has any, the section says how to make it.
+`harness.figures.safe_text`. Runs without analysis are left out; when none has any, the section says how to make it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from markupsafe import Markup
 
 from harness.analysis import plots, reader
 from harness.analysis.robustness import IDENTITY, UNITS
-from harness.tracking import query
+from harness.figures import fig_to_svg, safe_text
+from harness.tracking import names, query
 
 BASELINE_COLOUR = "#3d3d3d"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -218,7 +219,7 @@ def _robust_figure(frame: pd.DataFrame, groups: Sequence[str], colours: dict[str
                     x = stats.index.to_numpy(dtype=float)
                     y = stats["mean"].to_numpy() * (100.0 if row else 1.0)
                     ax = axes[row, j]
-                    ax.plot(x, y, marker="o", markersize=3, color=colours[group], label=plots.safe_text(group, 40))
+                    ax.plot(x, y, marker="o", markersize=3, color=colours[group], label=safe_text(group, 40))
                     sd = stats["std"].to_numpy() * (100.0 if row else 1.0)
                     if (stats["count"] > 1).any():
                         ax.fill_between(x, y - np.nan_to_num(sd), y + np.nan_to_num(sd), color=colours[group],
@@ -232,7 +233,7 @@ def _robust_figure(frame: pd.DataFrame, groups: Sequence[str], colours: dict[str
         fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
                    bbox_to_anchor=(0.5, -0.02))
         fig.tight_layout(rect=(0, 0.07, 1, 1))
-        return plots.fig_to_svg(fig)
+        return fig_to_svg(fig)
 
 
 def _robust_rows(frame: pd.DataFrame, groups: Sequence[str], families: Sequence[str]) -> list[dict[str, Any]]:
@@ -289,7 +290,7 @@ def _hist_figure(store: query.Store, runs: Sequence[reader.AnalysedRun], groups:
 
     per_group: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]] = {}
     for run in runs:
-        table = reader.artifact_csv(store, run, "analysis/offset_hist.csv")
+        table = reader.artifact_csv(store, run, names.analysis_artifact(names.ANALYSIS_OFFSET_HIST))
         if table is None or not {"layer", "bin_lo", "count"} <= set(table.columns):
             continue
         for layer, part in table.groupby("layer"):
@@ -314,13 +315,13 @@ def _hist_figure(store: query.Store, runs: Sequence[reader.AnalysedRun], groups:
                 ax.stairs(counts / counts.sum(), edges, label=f"conv{layer}", linewidth=1.2)
                 right = max(right, float(edges[np.flatnonzero(counts)[-1] + 1]))
             ax.set_xlim(0, right * 1.05)
-            ax.set_title(plots.safe_text(group, 45))
+            ax.set_title(safe_text(group, 45))
             ax.set_xlabel("|Δp| (layer-input px)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
         axes[0, 0].set_ylabel("share of taps")
         fig.tight_layout()
-        return plots.fig_to_svg(fig)
+        return fig_to_svg(fig)
 
 
 # ---------------------------------------------------------------------------------------------- ERF
@@ -330,7 +331,7 @@ def _erf_section(store: query.Store, runs: Sequence[reader.AnalysedRun], groups:
                  ) -> tuple[str, list[dict[str, Any]]]:
     maps: dict[str, list[np.ndarray]] = {}
     for run in runs:
-        array = reader.artifact_npy(store, run, "analysis/erf.npy")
+        array = reader.artifact_npy(store, run, names.analysis_artifact(names.ANALYSIS_ERF_MAP))
         if array is not None:
             maps.setdefault(run.group, []).append(array.astype(np.float64))
     frame = reader.erf_frame(runs)
@@ -352,7 +353,7 @@ def _erf_section(store: query.Store, runs: Sequence[reader.AnalysedRun], groups:
     centres = [((m.shape[0] - 1) / 2, (m.shape[1] - 1) / 2) for m in mean_maps]
     titles = [f"{g} (n={len(maps[g])})" for g in shown]
     fig = plots.erf_figure(mean_maps, titles, centres)
-    return plots.fig_to_svg(fig), rows
+    return fig_to_svg(fig), rows
 
 
 # ------------------------------------------------------------------------------------------ section
@@ -377,7 +378,7 @@ def analysis_section(
     """
     opened = reader.open_reader(store)
     loaded = reader.load_runs(opened, _run_ids(runs_df))
-    runs = [r for r in loaded if r.analysed or any(k.startswith(("robust/", "offset/", "erf/")) for k in r.metrics)]
+    runs = [r for r in loaded if r.analysed or any(k.startswith(names.ANALYSIS_METRIC_PREFIXES) for k in r.metrics)]
     groups = _group_order(runs, baseline)
     base_groups = {r.group for r in runs if (r.variant == baseline if baseline else r.baseline)}
     colours = _colours(groups, base_groups)
@@ -407,7 +408,7 @@ def analysis_section(
         for group in groups:
             members = sorted((r for r in runs if r.group == group), key=lambda r: (r.seed, r.name))
             for run in members:
-                png = reader.artifact_bytes(opened, run, "analysis/sampling.png")
+                png = reader.artifact_bytes(opened, run, names.analysis_artifact(names.ANALYSIS_SAMPLING_PLOT))
                 if png is not None and png.startswith(b"\x89PNG"):
                     src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
                     sampling.append({"src": src, "group": group, "name": run.name})

@@ -6,23 +6,15 @@ User mistakes arrive as `HarnessError` and are printed as one line with exit sta
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import click
 import typer
 
-from harness.cli import bench as _bench  # noqa: F401  (registers commands)
+from harness import settings
+from harness.cli import bench, data, evaluate, report, run, tune  # noqa: F401  (each registers its commands)
 from harness.cli.app import app, err_console
 from harness.errors import HarnessError
-
-_OPTIONAL_COMMANDS = ("data", "run", "report", "tune", "evaluate")
-for _name in _OPTIONAL_COMMANDS:
-    try:
-        __import__(f"harness.cli.{_name}")
-    except ModuleNotFoundError as exc:  # a command module not written yet
-        if exc.name != f"harness.cli.{_name}":
-            raise
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -43,7 +35,7 @@ _CLICK_ERRORS = _click_errors()
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # mlflow sets its level when first imported
+    settings.apply_mlflow_defaults()  # before mlflow is first imported
     for noisy in ("mlflow", "alembic", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from harness import settings
 
 app = typer.Typer(
     name="harness",
@@ -29,4 +32,10 @@ TrackingUriOption = Annotated[
 ]
 DeviceOption = Annotated[
     str | None, typer.Option("--device", help="auto | cpu | cuda | mps (overrides train.device)")
+]
+DataRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root", help=f"COCO root (annotations/ + <split>/ images); or ${settings.variable('coco_root')}"
+    ),
 ]

@@ -17,6 +17,7 @@ from harness.bench import (
     LayerShape,
     bench_model,
     bench_ops,
+    bench_overhead,
     machine_description,
 )
 from harness.cli.app import bench_app, console
@@ -131,8 +132,6 @@ def overhead(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """What MLflow logging, checkpoints and the profiler window add to an epoch's wall-clock."""
-    from harness.bench import bench_overhead
-
     with console.status("measuring"):
         rows = bench_overhead(data_root, epochs, image_size, placement, threads)
     if as_json:

@@ -9,8 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from harness.analysis import AnalysisOptions, analyze_runs
 from harness.cli.app import TrackingUriOption, app, console
 from harness.errors import HarnessError
+from harness.tracking import names
 
 _PARTS = ("robustness", "offsets", "sampling", "erf")
 
@@ -66,8 +68,6 @@ def eval_command(
     ] = None,
 ) -> None:
     """Analyse trained runs and log the results into their MLflow runs (which stay FINISHED)."""
-    from harness.analysis.pipeline import AnalysisOptions, analyze_runs
-
     options = AnalysisOptions(
         parts=_parse_only(only), sampling_images=sampling_images, erf_images=erf_images, chain=_parse_chain(chain)
     )
@@ -106,4 +106,6 @@ def eval_command(
         dil = ", ".join(f"{v:.2f}" for v in offs["eff_dilation"]) if offs is not None else "—"
         table.add_row(item.name, val_map, worst, mean_abs, dil, f"{r.erf.rms_radius:.1f}" if r.erf else "—")
     console.print(table)
-    console.print(f"logged to MLflow ({len(done)} run(s)): metrics robust/*, offset/*, erf/*; artifacts analysis/*")
+    metrics = ", ".join(f"{prefix}*" for prefix in names.ANALYSIS_METRIC_PREFIXES)
+    artifacts = f"{names.ANALYSIS_ARTIFACT_DIR}/*"
+    console.print(f"logged to MLflow ({len(done)} run(s)): metrics {metrics}; artifacts {artifacts}")

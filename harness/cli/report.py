@@ -10,8 +10,13 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from harness.bench import machine_description
 from harness.cli.app import TrackingUriOption, app, bench_app, console
 from harness.errors import HarnessError
+from harness.report.bench import bench_report
+from harness.report.data import load_ablations
+from harness.report.render import comparison_csv, comparison_markdown, render_ablation_html, write_html_reports
+from harness.tracking.query import open_store
 
 FORMATS = ("html", "md", "csv")
 
@@ -43,15 +48,6 @@ def report(
     """Report on ablation runs stored in MLflow: one offline HTML page per ablation, or the comparison table."""
     if fmt not in FORMATS:
         raise HarnessError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    from harness.report.data import load_ablations
-    from harness.report.render import (
-        comparison_csv,
-        comparison_markdown,
-        render_ablation_html,
-        write_html_reports,
-    )
-    from harness.tracking.query import open_store
-
     store = open_store(tracking_uri)
     datas = load_ablations(store, ablations or None, baseline=baseline, with_artifacts=fmt == "html")
     if fmt in ("md", "csv"):
@@ -104,9 +100,6 @@ def bench_report_command(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Time `harness report` (HTML) end to end on a store of 100 runs × 50 epochs (docs/report.md)."""
-    from harness.bench import machine_description
-    from harness.report.bench import bench_report
-
     if runs < 1 or epochs < 1 or repeats < 1:
         raise HarnessError("--runs, --epochs and --repeats must be at least 1")
     with console.status("benchmarking") as status:

@@ -13,19 +13,18 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from harness.cli.app import DeviceOption, TrackingUriOption, app, console, err_console
+from harness.cli.app import DataRootOption, DeviceOption, TrackingUriOption, app, console, err_console
+from harness.config import flatten
 from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
+from harness.planning import PlannedRun, expand, load_ablation, parse_set, select, shard
 from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
-from harness.spec import PlannedRun, expand, load_ablation, parse_set, select, shard
+from harness.tracking.uri import check_store, resolve_uri
 
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="override a config key for every run: key.path=value (repeatable); "
                  "grid.<axis>=[..] replaces a grid axis"),
-]
-DataRootOption = Annotated[
-    Path | None, typer.Option("--data-root", help="COCO root (annotations/ + <split>/ images); or $HARNESS_COCO_ROOT")
 ]
 OnlyOption = Annotated[
     list[str] | None, typer.Option("--only", help="glob over variant or run names (repeatable)")
@@ -58,8 +57,6 @@ def list_runs(
 
 
 def _inline(data: dict) -> str:
-    from harness.spec import flatten
-
     return ", ".join(f"{k}={v}" for k, v in flatten(data).items()) or "—"
 
 
@@ -216,10 +213,8 @@ def ui(
     port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
 ) -> int:
     """Open the MLflow UI on the harness store, bound to 127.0.0.1."""
-    from harness.tracking.store import check_reachable, resolve_uri
-
     uri = resolve_uri(tracking_uri)
-    check_reachable(uri, create=False)
+    check_store(uri, create=False)
     console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port)]

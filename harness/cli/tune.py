@@ -12,19 +12,20 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from harness.cli.app import DeviceOption, TrackingUriOption, app, console
+from harness import settings
+from harness.cli.app import DataRootOption, DeviceOption, TrackingUriOption, app, console
 from harness.errors import HarnessError
-from harness.spec import expand, load_ablation, parse_set, select
+from harness.planning import expand, load_ablation, parse_set, select
+from harness.tracking.optuna_storage import DEFAULT_STORAGE, resolve_storage
+from harness.tracking.uri import mask_url
 from harness.tune import (
     PlannedStudy,
     StudyOutcome,
     TrialResult,
     TuneEvents,
     TuneOptions,
-    mask_url,
     plan_studies,
     resolve_search,
-    resolve_storage,
     split_overrides,
     tune,
 )
@@ -120,7 +121,7 @@ def tune_command(
     ] = None,
     storage: Annotated[
         str | None, typer.Option("--storage", help="Optuna storage URL shared by every worker; default "
-                                 "$HARNESS_OPTUNA_STORAGE or sqlite:///results/optuna.db")
+                                 f"${settings.variable('optuna_storage')} or {DEFAULT_STORAGE}")
     ] = None,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="trials run at once in threads of this process")] = 1,
     only: Annotated[list[str] | None, typer.Option("--only", help="glob over variant or run names (repeatable)")]
@@ -129,10 +130,7 @@ def tune_command(
         list[str] | None, typer.Option("--set", help="key.path=value (repeatable): config keys for every trial, "
                                        "grid.<axis>=[..], or search.<key> (e.g. search.pruner=none)")
     ] = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option("--data-root", help="COCO root (annotations/ + <split>/ images); or $HARNESS_COCO_ROOT"),
-    ] = None,
+    data_root: DataRootOption = None,
     tracking_uri: TrackingUriOption = None,
     device: DeviceOption = None,
     results_dir: Annotated[Path, typer.Option("--results-dir", help="data caches, generated data")] = Path("results"),

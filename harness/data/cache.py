@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from harness.data.coco import CocoSplit
-from harness.errors import HarnessError
+from harness.errors import HarnessError, one_line
 
 Progress = Callable[[str, int, int], None]
 
@@ -186,7 +186,7 @@ def decode_images(
             try:
                 out[i] = decode_image(paths[i], size, mode)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                reason = one_line(exc, limit=200)
                 if strict:
                     raise HarnessError(f"{paths[i]}: cannot read image ({reason})") from None
                 bad.append(DecodeFailure(i, int(ids[i]), str(paths[i]), reason))

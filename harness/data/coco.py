@@ -139,24 +139,8 @@ def _check_fields(path: Path, key: str, items: list[Any], fields: dict[str, tupl
                 raise _fail(path, f"{key}[{pos}].{name} = {value!r} has the wrong type")
 
 
-def load_split(
-    root: str | Path,
-    split: str = "val2017",
-    *,
-    drop_empty: bool = False,
-    include_crowd: bool = True,
-    check_image_dir: bool = True,
-) -> CocoSplit:
-    """Read `ROOT/annotations/instances_<split>.json` (through pycocotools) into a `CocoSplit`.
-
-    Images without (counted) annotations stay in as all-negative unless `drop_empty`; crowd boxes
-    count unless `include_crowd=False`. Raises `HarnessError` naming the path or key for a missing
-    root, annotation file or image folder, a file that is not COCO instances JSON, or an annotation
-    whose category_id or image_id is unknown.
-    """
-    from pycocotools.coco import COCO
-
-    root = Path(root)
+def _check_paths(root: Path, split: str, check_image_dir: bool) -> tuple[Path, Path]:
+    """The split's annotation file and image folder, after checking that they (and the root) exist."""
     if not root.is_dir():
         raise HarnessError(f"COCO root {root} does not exist or is not a directory")
     ann_file = annotation_path(root, split)
@@ -165,12 +149,12 @@ def load_split(
     img_dir = image_dir(root, split)
     if check_image_dir and not img_dir.is_dir():
         raise HarnessError(f"image directory {img_dir} not found (split {split!r})")
+    return ann_file, img_dir
 
-    data, digest = _read_instances(ann_file)
-    _check_fields(ann_file, "categories", data["categories"], {"id": (int,), "name": (str,)})
-    _check_fields(ann_file, "images", data["images"],
-                  {"id": (int,), "file_name": (str,), "width": (int,), "height": (int,)})
-    _check_fields(ann_file, "annotations", data["annotations"], {"image_id": (int,), "category_id": (int,)})
+
+def _index_instances(ann_file: Path, data: dict[str, Any]) -> Any:
+    """A pycocotools `COCO` index over the (field-checked) instances `data`; duplicate ids are errors."""
+    from pycocotools.coco import COCO
 
     coco = COCO()
     coco.dataset = data
@@ -180,33 +164,41 @@ def load_split(
         raise _fail(ann_file, "duplicate category ids in 'categories'")
     if len(coco.imgs) != len(data["images"]):
         raise _fail(ann_file, "duplicate image ids in 'images'")
+    return coco
 
-    cat_ids = sorted(coco.getCatIds())
-    categories = [
-        {"id": cid, "name": str(coco.cats[cid]["name"]), "index": index,
-         "supercategory": str(coco.cats[cid].get("supercategory", ""))}
-        for index, cid in enumerate(cat_ids)
-    ]
-    id_to_index = {cid: index for index, cid in enumerate(cat_ids)}
-    for pos, ann in enumerate(data["annotations"]):
+
+def _check_annotation_refs(ann_file: Path, annotations: list[dict[str, Any]], id_to_index: dict[int, int],
+                           images: dict[int, Any]) -> None:
+    """Every annotation names a known category and a known image."""
+    for pos, ann in enumerate(annotations):
         if ann["category_id"] not in id_to_index:
             raise _fail(
                 ann_file,
                 f"annotations[{pos}] (id {ann.get('id')}, image {ann['image_id']}) has category_id "
                 f"{ann['category_id']}, which is not in 'categories'",
             )
-        if ann["image_id"] not in coco.imgs:
+        if ann["image_id"] not in images:
             raise _fail(ann_file, f"annotations[{pos}] (id {ann.get('id')}) has unknown image_id {ann['image_id']}")
 
-    image_ids: list[int] = []
-    file_names: list[str] = []
-    widths: list[int] = []
-    heights: list[int] = []
-    rows: list[np.ndarray] = []
-    boxes: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    crowds: list[np.ndarray] = []
-    n_classes = len(categories)
+
+@dataclass
+class _ImageRows:
+    """The per-image columns of a `CocoSplit`, filled image by image."""
+
+    image_ids: list[int] = field(default_factory=list)
+    file_names: list[str] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    crowds: list[np.ndarray] = field(default_factory=list)
+
+
+def _image_rows(coco: Any, id_to_index: dict[int, int], *, include_crowd: bool, drop_empty: bool) -> _ImageRows:
+    """Targets, boxes, labels and crowd flags of every kept image, in ascending image id order."""
+    out = _ImageRows()
+    n_classes = len(id_to_index)
     for img_id in sorted(coco.getImgIds()):
         anns = coco.imgToAnns.get(img_id, [])
         if not include_crowd:
@@ -222,21 +214,59 @@ def load_split(
             bbox = a.get("bbox")
             if isinstance(bbox, list | tuple) and len(bbox) == 4:
                 box[k] = bbox
-        image_ids.append(int(img_id))
-        file_names.append(str(info["file_name"]))
-        widths.append(int(info["width"]))
-        heights.append(int(info["height"]))
-        rows.append(row)
-        boxes.append(box)
-        labels.append(lab)
-        crowds.append(np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool))
+        out.image_ids.append(int(img_id))
+        out.file_names.append(str(info["file_name"]))
+        out.widths.append(int(info["width"]))
+        out.heights.append(int(info["height"]))
+        out.rows.append(row)
+        out.boxes.append(box)
+        out.labels.append(lab)
+        out.crowds.append(np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool))
+    return out
 
-    targets = np.stack(rows) if rows else np.zeros((0, n_classes), dtype=np.float32)
+
+def load_split(
+    root: str | Path,
+    split: str = "val2017",
+    *,
+    drop_empty: bool = False,
+    include_crowd: bool = True,
+    check_image_dir: bool = True,
+) -> CocoSplit:
+    """Read `ROOT/annotations/instances_<split>.json` (through pycocotools) into a `CocoSplit`.
+
+    Images without (counted) annotations stay in as all-negative unless `drop_empty`; crowd boxes
+    count unless `include_crowd=False`. Raises `HarnessError` naming the path or key for a missing
+    root, annotation file or image folder, a file that is not COCO instances JSON, or an annotation
+    whose category_id or image_id is unknown.
+    """
+    root = Path(root)
+    ann_file, img_dir = _check_paths(root, split, check_image_dir)
+
+    data, digest = _read_instances(ann_file)
+    _check_fields(ann_file, "categories", data["categories"], {"id": (int,), "name": (str,)})
+    _check_fields(ann_file, "images", data["images"],
+                  {"id": (int,), "file_name": (str,), "width": (int,), "height": (int,)})
+    _check_fields(ann_file, "annotations", data["annotations"], {"image_id": (int,), "category_id": (int,)})
+    coco = _index_instances(ann_file, data)
+
+    cat_ids = sorted(coco.getCatIds())
+    categories = [
+        {"id": cid, "name": str(coco.cats[cid]["name"]), "index": index,
+         "supercategory": str(coco.cats[cid].get("supercategory", ""))}
+        for index, cid in enumerate(cat_ids)
+    ]
+    id_to_index = {cid: index for index, cid in enumerate(cat_ids)}
+    _check_annotation_refs(ann_file, data["annotations"], id_to_index, coco.imgs)
+
+    img = _image_rows(coco, id_to_index, include_crowd=include_crowd, drop_empty=drop_empty)
+    targets = np.stack(img.rows) if img.rows else np.zeros((0, len(categories)), dtype=np.float32)
     return CocoSplit(
         root=root, split=split, annotation_file=ann_file, image_dir=img_dir, annotation_sha256=digest,
-        categories=categories, image_ids=image_ids, file_names=file_names, widths=widths, heights=heights,
-        targets=targets, boxes=boxes, box_labels=labels, box_crowd=crowds,
-        num_annotations=int(sum(len(lab) for lab in labels)), include_crowd=include_crowd, drop_empty=drop_empty,
+        categories=categories, image_ids=img.image_ids, file_names=img.file_names, widths=img.widths,
+        heights=img.heights, targets=targets, boxes=img.boxes, box_labels=img.labels, box_crowd=img.crowds,
+        num_annotations=int(sum(len(lab) for lab in img.labels)), include_crowd=include_crowd,
+        drop_empty=drop_empty,
     )
 
 

@@ -85,6 +85,43 @@ def _content_range_total(value: str | None) -> tuple[int | None, int | None]:
     return start, total
 
 
+def _write_body(resp: http.client.HTTPResponse, part: Path, mode: str, have: int, total: int | None, label: str,
+                progress: Progress | None) -> None:
+    """Stream the response body into `part` ("ab" appends after `have` bytes, "wb" starts over)."""
+    with part.open(mode) as fh:
+        done = have
+        if progress:
+            progress(f"downloading {label}", done, total or 0)
+        while block := resp.read(_CHUNK):
+            fh.write(block)
+            done += len(block)
+            if progress:
+                progress(f"downloading {label}", done, total or 0)
+
+
+def _verify_part(part: Path, dest: Path, total: int | None, known: KnownFile | None,
+                 progress: Progress | None) -> None:
+    """Check the finished part file against the server's total and `known`'s size and checksum.
+
+    A part shorter or longer than the server announced is deleted; one with the wrong checksum is
+    moved to `<dest>.bad`.
+    """
+    label = dest.name
+    size = part.stat().st_size
+    if total is not None and size != total:
+        part.unlink(missing_ok=True)
+        raise HarnessError(f"{part}: {size} bytes, but the server announced {total}; deleted, run again")
+    if known and known.size is not None and size != known.size:
+        raise HarnessError(f"{part}: {size} bytes, expected {known.size} for {label} (wrong file or mirror?)")
+    if known and known.checksum:
+        algorithm, expected = known.checksum
+        actual = file_digest(part, algorithm, progress)
+        if actual.lower() != expected.lower():
+            bad = part.with_name(dest.name + ".bad")
+            os.replace(part, bad)
+            raise HarnessError(f"{bad}: {algorithm} {actual} does not match the known {expected} for {label}")
+
+
 def download_file(
     url: str,
     dest: str | Path,
@@ -126,15 +163,7 @@ def download_file(
                     length = resp.headers.get("Content-Length")
                     total = int(length) if length and length.isdigit() else None
                     have, mode = 0, "wb"
-                with part.open(mode) as fh:
-                    done = have
-                    if progress:
-                        progress(f"downloading {label}", done, total or 0)
-                    while block := resp.read(_CHUNK):
-                        fh.write(block)
-                        done += len(block)
-                        if progress:
-                            progress(f"downloading {label}", done, total or 0)
+                _write_body(resp, part, mode, have, total, label, progress)
             size = part.stat().st_size
             if total is not None and size < total:
                 raise _Incomplete(f"got {size} of {total} bytes")
@@ -156,19 +185,7 @@ def download_file(
     else:
         raise HarnessError(f"{url}: the server did not honour the resume request; delete {part} and retry")
 
-    size = part.stat().st_size
-    if total is not None and size != total:
-        part.unlink(missing_ok=True)
-        raise HarnessError(f"{part}: {size} bytes, but the server announced {total}; deleted, run again")
-    if known and known.size is not None and size != known.size:
-        raise HarnessError(f"{part}: {size} bytes, expected {known.size} for {label} (wrong file or mirror?)")
-    if known and known.checksum:
-        algorithm, expected = known.checksum
-        actual = file_digest(part, algorithm, progress)
-        if actual.lower() != expected.lower():
-            bad = part.with_name(dest.name + ".bad")
-            os.replace(part, bad)
-            raise HarnessError(f"{bad}: {algorithm} {actual} does not match the known {expected} for {label}")
+    _verify_part(part, dest, total, known, progress)
     os.replace(part, dest)
     return dest
 

@@ -23,6 +23,7 @@ import torch
 
 from harness.data import BatchLoader, load_split, prepare_data, synthesize
 from harness.data.cache import decode_images
+from harness.models import create_model
 
 
 def cached_load(work: Path, n: int = 5000, size: int = 64, reps: int = 3) -> dict[str, Any]:
@@ -67,8 +68,6 @@ def decode_throughput(coco: Path, size: int = 64, workers: tuple[int, ...] = (1,
 
 
 def loader_share(coco: Path, work: Path, epochs: int = 3, threads: int = 2) -> dict[str, Any]:
-    from harness.models import create_model
-
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     data = prepare_data(coco, image_size=64, cache_dir=work / "cache", val_size=32)

@@ -282,6 +282,105 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def _check_args(num_classes: int, max_objects: int, size: int, n_train: int, n_val: int, image_format: str) -> str:
+    """Validate `synthesize`'s arguments; returns the image file extension (png or jpg)."""
+    if not 1 <= num_classes <= len(SHAPES):
+        raise HarnessError(f"num_classes = {num_classes}: expected 1..{len(SHAPES)}")
+    if not 1 <= max_objects <= 4:
+        raise HarnessError(f"max_objects = {max_objects}: expected 1..4")
+    if size < 16:
+        raise HarnessError(f"size = {size}: synthetic images need at least 16 px")
+    if n_train < 0 or n_val < 0 or n_train + n_val == 0:
+        raise HarnessError(f"n_train = {n_train}, n_val = {n_val}: expected non-negative counts, not both 0")
+    ext = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}.get(image_format.lower())
+    if ext is None:
+        raise HarnessError(f"image_format = {image_format!r}: expected png or jpg")
+    return ext
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What every image of one `synthesize` call shares."""
+
+    seed: int
+    size: int
+    num_classes: int
+    max_objects: int
+    ext: str
+
+
+def _prepare_image_dir(img_dir: Path, overwrite: bool) -> None:
+    img_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # drop images of an earlier run (only files named like ours)
+        for old in img_dir.iterdir():
+            if re.fullmatch(r"\d{12}\.(png|jpg)", old.name):
+                old.unlink()
+
+
+def _save_chunk(spec: _Spec, split_code: int, chunk: int, b: int, img_dir: Path,
+                id0: int) -> list[list[dict[str, Any]]]:
+    """Render one chunk, write its image files and return its per-image annotations."""
+    pixels, anns = render_chunk(spec.seed, split_code, chunk, b, spec.size, spec.num_classes, spec.max_objects)
+    for j in range(b):
+        image_id = id0 + chunk * _CHUNK + j
+        im = Image.fromarray(pixels[j], "RGB")
+        if spec.ext == "png":
+            im.save(img_dir / f"{image_id:012d}.png", compress_level=1)
+        else:
+            im.save(img_dir / f"{image_id:012d}.jpg", quality=92)
+    return anns
+
+
+def _render_split(spec: _Spec, split_code: int, n: int, img_dir: Path, workers: int, progress: Progress | None,
+                  done: int, total: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Write the `n` images of one split; returns its COCO `images` and `annotations` lists.
+
+    `done` images of `total` are finished before this split (for `progress`).
+    """
+    id0 = 1 if split_code == 0 else _VAL_ID_OFFSET + 1
+    chunks = [(c, min(_CHUNK, n - c * _CHUNK)) for c in range((n + _CHUNK - 1) // _CHUNK)]
+
+    def make(job: tuple[int, int]) -> list[list[dict[str, Any]]]:
+        chunk, b = job
+        return _save_chunk(spec, split_code, chunk, b, img_dir, id0)
+
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harness-synth") as pool:
+        for (chunk, b), anns in zip(chunks, pool.map(make, chunks), strict=True):
+            for j in range(b):
+                image_id = id0 + chunk * _CHUNK + j
+                images.append({"id": image_id, "file_name": f"{image_id:012d}.{spec.ext}", "width": spec.size,
+                               "height": spec.size, "license": 0})
+                for a in anns[j]:
+                    annotations.append({
+                        "id": len(annotations) + 1 + (0 if split_code == 0 else _VAL_ID_OFFSET),
+                        "image_id": image_id, "category_id": a["category"] + 1, "bbox": a["bbox"],
+                        "area": a["area"], "iscrowd": 0, "segmentation": [],
+                    })
+            done += b
+            if progress:
+                progress("synthesizing", done, total)
+    return images, annotations
+
+
+def _instances(spec: _Spec, split: str, n: int, images: list[dict[str, Any]], annotations: list[dict[str, Any]],
+               categories: list[dict[str, Any]]) -> dict[str, Any]:
+    """The COCO instances JSON of one split."""
+    return {
+        "info": {
+            "description": "harness synthetic shapes: geometry decides the class",
+            "version": "1", "year": 2025, "contributor": "harness.data.synth",
+            "generator": {"seed": spec.seed, "size": spec.size, "n": n, "split": split,
+                          "num_classes": spec.num_classes, "max_objects": spec.max_objects},
+        },
+        "licenses": [{"id": 0, "name": "generated", "url": ""}],
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
+
+
 def synthesize(
     out: str | Path,
     n_train: int = 2000,
@@ -305,17 +404,7 @@ def synthesize(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if not 1 <= num_classes <= len(SHAPES):
-        raise HarnessError(f"num_classes = {num_classes}: expected 1..{len(SHAPES)}")
-    if not 1 <= max_objects <= 4:
-        raise HarnessError(f"max_objects = {max_objects}: expected 1..4")
-    if size < 16:
-        raise HarnessError(f"size = {size}: synthetic images need at least 16 px")
-    if n_train < 0 or n_val < 0 or n_train + n_val == 0:
-        raise HarnessError(f"n_train = {n_train}, n_val = {n_val}: expected non-negative counts, not both 0")
-    ext = {"png": "png", "jpg": "jpg", "jpeg": "jpg"}.get(image_format.lower())
-    if ext is None:
-        raise HarnessError(f"image_format = {image_format!r}: expected png or jpg")
+    ext = _check_args(num_classes, max_objects, size, n_train, n_val, image_format)
     ann_dir = out / "annotations"
     for split in (train_split, val_split):
         if (ann_dir / f"instances_{split}.json").exists() and not overwrite:
@@ -323,60 +412,15 @@ def synthesize(
     ann_dir.mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": SHAPES[i], "supercategory": "shape"} for i in range(num_classes)]
     workers = workers or max(1, min(8, os.cpu_count() or 1))
+    spec = _Spec(seed, size, num_classes, max_objects, ext)
     total = n_train + n_val
     done = 0
     if progress:
         progress("synthesizing", 0, total)
     for split_code, (split, n) in enumerate(((train_split, n_train), (val_split, n_val))):
         img_dir = out / split
-        img_dir.mkdir(parents=True, exist_ok=True)
-        if overwrite:  # drop images of an earlier run (only files named like ours)
-            for old in img_dir.iterdir():
-                if re.fullmatch(r"\d{12}\.(png|jpg)", old.name):
-                    old.unlink()
-        id0 = 1 if split_code == 0 else _VAL_ID_OFFSET + 1
-        chunks = [(c, min(_CHUNK, n - c * _CHUNK)) for c in range((n + _CHUNK - 1) // _CHUNK)]
-
-        def make(job: tuple[int, int], split_code: int = split_code, img_dir: Path = img_dir,
-                 id0: int = id0) -> list[list[dict[str, Any]]]:
-            chunk, b = job
-            pixels, anns = render_chunk(seed, split_code, chunk, b, size, num_classes, max_objects)
-            for j in range(b):
-                image_id = id0 + chunk * _CHUNK + j
-                im = Image.fromarray(pixels[j], "RGB")
-                if ext == "png":
-                    im.save(img_dir / f"{image_id:012d}.png", compress_level=1)
-                else:
-                    im.save(img_dir / f"{image_id:012d}.jpg", quality=92)
-            return anns
-
-        images: list[dict[str, Any]] = []
-        annotations: list[dict[str, Any]] = []
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="harness-synth") as pool:
-            for (chunk, b), anns in zip(chunks, pool.map(make, chunks), strict=True):
-                for j in range(b):
-                    image_id = id0 + chunk * _CHUNK + j
-                    images.append({"id": image_id, "file_name": f"{image_id:012d}.{ext}", "width": size,
-                                   "height": size, "license": 0})
-                    for a in anns[j]:
-                        annotations.append({
-                            "id": len(annotations) + 1 + (0 if split_code == 0 else _VAL_ID_OFFSET),
-                            "image_id": image_id, "category_id": a["category"] + 1, "bbox": a["bbox"],
-                            "area": a["area"], "iscrowd": 0, "segmentation": [],
-                        })
-                done += b
-                if progress:
-                    progress("synthesizing", done, total)
-        _write_json(ann_dir / f"instances_{split}.json", {
-            "info": {
-                "description": "harness synthetic shapes: geometry decides the class",
-                "version": "1", "year": 2025, "contributor": "harness.data.synth",
-                "generator": {"seed": seed, "size": size, "n": n, "split": split, "num_classes": num_classes,
-                              "max_objects": max_objects},
-            },
-            "licenses": [{"id": 0, "name": "generated", "url": ""}],
-            "images": images,
-            "annotations": annotations,
-            "categories": categories,
-        })
+        _prepare_image_dir(img_dir, overwrite)
+        images, annotations = _render_split(spec, split_code, n, img_dir, workers, progress, done, total)
+        done += n
+        _write_json(ann_dir / f"instances_{split}.json", _instances(spec, split, n, images, annotations, categories))
     return SynthResult(out, n_train, n_val, size, seed, categories, time.perf_counter() - t0)

@@ -16,20 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from harness.metrics import HIGHER_IS_BETTER
+from harness.report.data import load_ablations
+from harness.report.render import write_html_reports
+from harness.tracking import names as tracking_names
 from harness.tracking import query
 
-VAL_METRICS = (
-    "val_loss", "val_map", "val_micro_precision", "val_micro_recall", "val_micro_f1", "val_macro_precision",
-    "val_macro_recall", "val_macro_f1", "val_cp", "val_cr", "val_cf1", "val_op", "val_or", "val_of1",
-)
+VAL_METRICS = tuple(tracking_names.val_of(m) for m in HIGHER_IS_BETTER)  # val_loss, val_map, ...
 VARIANTS = ("conv", "deform_last1", "deform_first2", "deform_all")
 ENV_TAGS = {
-    "harness.git_commit": "synthetic",
-    "harness.device": "cpu",
-    "harness.host": "bench",
-    "harness.torch": "n/a",
-    "harness.cuda": "none",
-    "harness.version": "0.1.0",
+    tracking_names.GIT_COMMIT: "synthetic",
+    tracking_names.DEVICE: "cpu",
+    tracking_names.HOST: "bench",
+    tracking_names.TORCH: "n/a",
+    tracking_names.CUDA: "none",
+    tracking_names.VERSION: "0.1.0",
 }
 
 
@@ -49,31 +50,35 @@ def synthetic_runs(n_runs: int = 100, epochs: int = 50, seed: int = 0) -> list[q
         history: dict[str, list[float]] = {}
         base = quality * (1 - np.exp(-ep / (epochs / 5))) + rng.normal(0, 0.008, epochs)
         for m in VAL_METRICS:
-            history[m] = list(np.clip(base + rng.normal(0, 0.01, epochs) + (0.05 if m != "val_map" else 0), 0, 1))
+            offset = 0.05 if m != tracking_names.VAL_MAP else 0
+            history[m] = list(np.clip(base + rng.normal(0, 0.01, epochs) + offset, 0, 1))
         loss = 0.7 * np.exp(-ep / (epochs / 4)) + 0.2 - 0.1 * quality
-        history["val_loss"] = list(loss + rng.normal(0, 0.005, epochs))
-        history["train_loss"] = list(0.7 * np.exp(-ep / (epochs / 3)) + 0.05 + rng.normal(0, 0.004, epochs))
-        history["epoch_time_s"] = list(cost * (1 + rng.normal(0, 0.02, epochs)))
-        history["train_images_per_s"] = [size / t for t in history["epoch_time_s"]]
-        history["data_wait_s"] = list(np.full(epochs, 0.02 * cost))
-        history["lr"] = list(0.01 * 0.5 * (1 + np.cos(np.pi * ep / epochs)))
+        history[tracking_names.VAL_LOSS] = list(loss + rng.normal(0, 0.005, epochs))
+        history[tracking_names.TRAIN_LOSS] = list(
+            0.7 * np.exp(-ep / (epochs / 3)) + 0.05 + rng.normal(0, 0.004, epochs)
+        )
+        epoch_time = list(cost * (1 + rng.normal(0, 0.02, epochs)))
+        history[tracking_names.EPOCH_TIME] = epoch_time
+        history[tracking_names.TRAIN_IMAGES_PER_S] = [size / t for t in epoch_time]
+        history[tracking_names.DATA_WAIT] = list(np.full(epochs, 0.02 * cost))
+        history[tracking_names.LR] = list(0.01 * 0.5 * (1 + np.cos(np.pi * ep / epochs)))
         final: dict[str, float] = {}
         for m in VAL_METRICS:
             arr = np.asarray(history[m])
-            final[f"best_{m}"] = float(arr.min() if m == "val_loss" else arr.max())
-            final[f"final_{m}"] = float(arr[-1])
+            final[tracking_names.best_of(m)] = float(arr.min() if m == tracking_names.VAL_LOSS else arr.max())
+            final[tracking_names.final_of(m)] = float(arr[-1])
         share = 0.0 if vi == 0 else 0.15 * vi
-        final.update(
-            best_epoch=float(np.argmax(history["val_map"]) + 1),
-            mean_epoch_time_s=float(np.mean(history["epoch_time_s"])),
-            mean_train_images_per_s=float(np.mean(history["train_images_per_s"])),
-            total_data_wait_s=float(np.sum(history["data_wait_s"])),
-            peak_rss_mb=float(1000 + 150 * vi + rng.normal(0, 5)),
-            params=float(1.2e6 + 4e4 * vi),
-            flops_per_image=float(3e8 * (1 + 0.4 * vi)),
-            profile_deform_share=share,
-            profile_step_ms=40.0 * (1 + 0.5 * vi),
-        )
+        final.update({
+            tracking_names.BEST_EPOCH: float(np.argmax(history[tracking_names.VAL_MAP]) + 1),
+            tracking_names.MEAN_EPOCH_TIME: float(np.mean(epoch_time)),
+            tracking_names.MEAN_TRAIN_IMAGES_PER_S: float(np.mean(history[tracking_names.TRAIN_IMAGES_PER_S])),
+            tracking_names.TOTAL_DATA_WAIT: float(np.sum(history[tracking_names.DATA_WAIT])),
+            tracking_names.PEAK_RSS_MB: float(1000 + 150 * vi + rng.normal(0, 5)),
+            tracking_names.PARAMS: float(1.2e6 + 4e4 * vi),
+            tracking_names.FLOPS_PER_IMAGE: float(3e8 * (1 + 0.4 * vi)),
+            tracking_names.PROFILE_DEFORM_SHARE: share,
+            tracking_names.PROFILE_STEP_MS: 40.0 * (1 + 0.5 * vi),
+        })
         ops = [("aten::convolution_backward", 50.0), ("aten::mkldnn_convolution", 30.0), ("aten::addmm", 4.0)]
         if share:
             ops.append(("harness::deform_bilinear_sample", 84.0 * share / (1 - share)))
@@ -86,18 +91,18 @@ def synthetic_runs(n_runs: int = 100, epochs: int = 50, seed: int = 0) -> list[q
             query.FixtureRun(
                 name=f"{variant}/data.train_size={size}/seed={s}",
                 tags={
-                    "harness.variant": variant,
-                    "harness.group": f"{variant} · data.train_size={size}",
-                    "harness.grid": __import__("json").dumps(grid),
-                    "harness.seed": str(s),
-                    "harness.config_hash": f"{variant}-{size}-{s}",
-                    **({"harness.baseline": "true"} if variant == "conv" else {}),
+                    tracking_names.VARIANT: variant,
+                    tracking_names.GROUP: f"{variant} · data.train_size={size}",
+                    tracking_names.GRID: __import__("json").dumps(grid),
+                    tracking_names.SEED: str(s),
+                    tracking_names.CONFIG_HASH: f"{variant}-{size}-{s}",
+                    **({tracking_names.BASELINE: "true"} if variant == "conv" else {}),
                     **ENV_TAGS,
                 },
                 params={"model.deform_layers": variant, "data.train_size": size, "seed": s, "train.epochs": epochs},
                 history=history,
                 final=final,
-                artifacts={"profile/op_table.csv": op_csv, "config.yaml": f"seed: {s}\n"},
+                artifacts={tracking_names.OP_TABLE_ARTIFACT: op_csv, tracking_names.CONFIG_ARTIFACT: f"seed: {s}\n"},
             )
         )
     return runs
@@ -120,9 +125,6 @@ def write_synthetic_store(root: Path, n_runs: int = 100, epochs: int = 50) -> st
 
 def time_report(uri: str, out_dir: Path, names: list[str] | None = None) -> dict[str, float]:
     """Seconds for each stage of one full `harness report` (HTML) run on the store at `uri`."""
-    from harness.report.data import load_ablations
-    from harness.report.render import write_html_reports
-
     t0 = time.perf_counter()
     store = query.open_store(uri)
     t1 = time.perf_counter()

@@ -17,23 +17,25 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.report.stats import delta_vs_baseline, mean_std
+from harness.tracking import names as tracking_names
 from harness.tracking import query
 
 FINISHED, FAILED, RUNNING = "finished", "failed", "running"
 _STATE = {"FINISHED": FINISHED, "FAILED": FAILED, "KILLED": FAILED, "RUNNING": RUNNING, "SCHEDULED": RUNNING}
 
-OP_TABLE_ARTIFACT = "profile/op_table.csv"
-CURVE_KEYS = ("train_loss", "val_loss", "val_micro_f1", "val_map")
+OP_TABLE_ARTIFACT = tracking_names.OP_TABLE_ARTIFACT
+CURVE_KEYS = (tracking_names.TRAIN_LOSS, tracking_names.VAL_LOSS, tracking_names.VAL_MICRO_F1,
+              tracking_names.VAL_MAP)
 ENV_TAGS = {
-    "harness.git_commit": "git commit",
-    "harness.device": "device",
-    "harness.dcn_kernel": "DCN kernel",
-    "harness.host": "host",
-    "harness.version": "harness",
-    "harness.torch": "torch",
-    "harness.cuda": "CUDA",
-    "harness.python": "Python",
-    "harness.packages": "packages",
+    tracking_names.GIT_COMMIT: "git commit",
+    tracking_names.DEVICE: "device",
+    tracking_names.DCN_KERNEL: "DCN kernel",
+    tracking_names.HOST: "host",
+    tracking_names.VERSION: "harness",
+    tracking_names.TORCH: "torch",
+    tracking_names.CUDA: "CUDA",
+    tracking_names.PYTHON: "Python",
+    tracking_names.PACKAGES: "packages",
 }
 TRAIN_SIZE_AXIS = "data.train_size"
 # operator names that look like deformable sampling (the runner adds a row for its sampling scope)
@@ -53,24 +55,25 @@ class Column:
 
 
 ACCURACY_COLUMNS: tuple[Column, ...] = tuple(
-    Column(f"{which}_{metric}", which, section, metric != "val_loss", "loss" if metric == "val_loss" else "score")
+    Column(name_of(metric), which, section, metric != tracking_names.VAL_LOSS,
+           "loss" if metric == tracking_names.VAL_LOSS else "score")
     for metric, section in (
-        ("val_map", "val mAP"),
-        ("val_micro_f1", "val F1 (micro)"),
-        ("val_micro_precision", "val precision (micro)"),
-        ("val_micro_recall", "val recall (micro)"),
-        ("val_loss", "val loss"),
+        (tracking_names.VAL_MAP, "val mAP"),
+        (tracking_names.VAL_MICRO_F1, "val F1 (micro)"),
+        (tracking_names.VAL_MICRO_PRECISION, "val precision (micro)"),
+        (tracking_names.VAL_MICRO_RECALL, "val recall (micro)"),
+        (tracking_names.VAL_LOSS, "val loss"),
     )
-    for which in ("best", "final")
+    for which, name_of in (("best", tracking_names.best_of), ("final", tracking_names.final_of))
 )
 COST_COLUMNS: tuple[Column, ...] = (
-    Column("mean_epoch_time_s", "s/epoch", "cost", False, "seconds"),
-    Column("mean_train_images_per_s", "train img/s", "cost", True, "rate"),
-    Column("peak_cuda_mb", "peak GPU MiB", "cost", False, "mib"),
-    Column("peak_rss_mb", "peak RSS MiB", "cost", False, "mib"),
-    Column("params", "params", "cost", False, "count"),
-    Column("flops_per_image", "FLOPs/img", "cost", False, "flops"),
-    Column("profile_deform_share", "DCN share", "cost", False, "share", highlight=False),
+    Column(tracking_names.MEAN_EPOCH_TIME, "s/epoch", "cost", False, "seconds"),
+    Column(tracking_names.MEAN_TRAIN_IMAGES_PER_S, "train img/s", "cost", True, "rate"),
+    Column(tracking_names.PEAK_CUDA_MB, "peak GPU MiB", "cost", False, "mib"),
+    Column(tracking_names.PEAK_RSS_MB, "peak RSS MiB", "cost", False, "mib"),
+    Column(tracking_names.PARAMS, "params", "cost", False, "count"),
+    Column(tracking_names.FLOPS_PER_IMAGE, "FLOPs/img", "cost", False, "flops"),
+    Column(tracking_names.PROFILE_DEFORM_SHARE, "DCN share", "cost", False, "share", highlight=False),
 )
 DELTA_COLUMNS: tuple[Column, ...] = (ACCURACY_COLUMNS[0], ACCURACY_COLUMNS[1])  # best / final val mAP
 
@@ -135,6 +138,11 @@ def _seed(tag: Any, grid: dict[str, Any]) -> Any:
         return value
 
 
+def _tag(name: str) -> str:
+    """The column of tag `name` in `query.search_runs` output."""
+    return f"tags.{name}"
+
+
 def normalize_runs(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """Turn `query.search_runs` output into the report's run table and the list of non-seed grid axes.
 
@@ -144,29 +152,29 @@ def normalize_runs(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """
 
     def tag(row: pd.Series, key: str) -> Any:
-        value = row.get(f"tags.{key}")
+        value = row.get(_tag(key))
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
     records = []
     axes: list[str] = []
     for _, row in raw.iterrows():
         name = row.get("run_name") or ""
-        grid = _parse_grid(tag(row, "harness.grid"), name)
-        variant = tag(row, "harness.variant") or name.split("/", 1)[0] or row["run_id"][:8]
+        grid = _parse_grid(tag(row, tracking_names.GRID), name)
+        variant = tag(row, tracking_names.VARIANT) or name.split("/", 1)[0] or row["run_id"][:8]
         point = {k: v for k, v in grid.items() if k != "seed"}
         for k in point:
             if k not in axes:
                 axes.append(k)
         point_label = " · ".join(f"{k}={v}" for k, v in point.items())
-        group = tag(row, "harness.group") or (f"{variant} · {point_label}" if point_label else variant)
+        group = tag(row, tracking_names.GROUP) or (f"{variant} · {point_label}" if point_label else variant)
         state = _STATE.get(str(row["status"]), RUNNING)
-        failure = tag(row, "harness.failure")
+        failure = tag(row, tracking_names.FAILURE)
         if state == FAILED and not failure:
-            stale = tag(row, "harness.stale")
+            stale = tag(row, tracking_names.STALE)
             if row["status"] == "KILLED":
                 failure = f"killed: {stale}" if stale else "killed"
             else:
-                failure = "no reason recorded (tag harness.failure missing)"
+                failure = f"no reason recorded (tag {tracking_names.FAILURE} missing)"
         record = {
             "run_id": row["run_id"],
             "run_name": name,
@@ -177,16 +185,16 @@ def normalize_runs(raw: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             "grid_point": point_label,
             "grid": grid,
             "point": point,
-            "seed": _seed(tag(row, "harness.seed"), grid),
+            "seed": _seed(tag(row, tracking_names.SEED), grid),
             "failure": failure,
             "start_time": row.get("start_time"),
             "end_time": row.get("end_time"),
-            "is_baseline_tag": str(tag(row, "harness.baseline") or "").lower() == "true",
+            "is_baseline_tag": str(tag(row, tracking_names.BASELINE) or "").lower() == "true",
         }
         for key, value in row.items():
             if isinstance(key, str) and key.startswith("metrics."):
                 record[key[len("metrics.") :]] = value
-            elif isinstance(key, str) and key.startswith("tags.harness."):
+            elif isinstance(key, str) and key.startswith(_tag(tracking_names.PREFIX)):
                 record[key[len("tags.") :]] = value
         records.append(record)
     runs = pd.DataFrame.from_records(records)
@@ -212,10 +220,10 @@ def _resolve_baseline(exp_baseline: Any, override: str | None, runs: pd.DataFram
             raise HarnessError(f"--baseline {override!r} is not a variant of this ablation; variants: {known}")
         return override, "--baseline"
     if isinstance(exp_baseline, str) and exp_baseline:
-        return exp_baseline, "experiment tag harness.baseline"
+        return exp_baseline, f"experiment tag {tracking_names.BASELINE_VARIANT}"
     tagged = sorted(set(runs.loc[runs["is_baseline_tag"], "variant"])) if not runs.empty else []
     if tagged:
-        return tagged[0], "run tag harness.baseline"
+        return tagged[0], f"run tag {tracking_names.BASELINE}"
     return None, "none declared"
 
 
@@ -239,7 +247,8 @@ def load_ablations(
             raise HarnessError(f"unknown ablation {bad!r} in {store.uri}{hint}")
         exps = exps.set_index("name").loc[list(dict.fromkeys(names))].reset_index()
     elif exps.empty:
-        raise HarnessError(f"no harness runs in {store.uri} (nothing logged with tag harness.role=child)")
+        child = f"{tracking_names.ROLE}={tracking_names.CHILD}"
+        raise HarnessError(f"no harness runs in {store.uri} (nothing logged with tag {child})")
     out = []
     for exp in exps.itertuples(index=False):
         raw = query.search_runs(store, [exp.experiment_id])
@@ -279,7 +288,7 @@ def study_tables(store: query.Store, experiment_id: str) -> tuple[pd.DataFrame, 
     trials: study, variant, number, state (COMPLETE/PRUNED/FAIL/RUNNING), lr, value (the objective: the
     best value of the metric over the epochs the trial ran, pruned trials included), epochs.
     """
-    raw_studies = query.search_runs(store, [experiment_id], role="study")
+    raw_studies = query.search_runs(store, [experiment_id], role=tracking_names.STUDY_ROLE)
     if raw_studies.empty:
         return pd.DataFrame(), pd.DataFrame()
 
@@ -289,15 +298,16 @@ def study_tables(store: query.Store, experiment_id: str) -> tuple[pd.DataFrame, 
 
     studies = pd.DataFrame([
         {
-            "study": get(r, "tags.harness.study"), "variant": get(r, "tags.harness.variant"),
-            "metric": get(r, "tags.harness.metric") or "val_map",
-            "direction": get(r, "tags.harness.direction") or "maximize",
-            "best_lr": _float(get(r, "tags.harness.best_lr")), "best_value": _float(get(r, "tags.harness.best_value")),
-            "best_trial": get(r, "tags.harness.best_trial"),
+            "study": get(r, _tag(tracking_names.STUDY)), "variant": get(r, _tag(tracking_names.VARIANT)),
+            "metric": get(r, _tag(tracking_names.METRIC)) or tracking_names.VAL_MAP,
+            "direction": get(r, _tag(tracking_names.DIRECTION)) or "maximize",
+            "best_lr": _float(get(r, _tag(tracking_names.BEST_PARAM_PREFIX + "lr"))),
+            "best_value": _float(get(r, _tag(tracking_names.BEST_VALUE))),
+            "best_trial": get(r, _tag(tracking_names.BEST_TRIAL)),
         }
         for _, r in raw_studies.iterrows()
     ])
-    raw_trials = query.search_runs(store, [experiment_id], role="trial")
+    raw_trials = query.search_runs(store, [experiment_id], role=tracking_names.TRIAL_ROLE)
     if raw_trials.empty:
         return studies, pd.DataFrame()
     metric_of = dict(zip(studies["study"], studies["metric"], strict=True))
@@ -306,15 +316,15 @@ def study_tables(store: query.Store, experiment_id: str) -> tuple[pd.DataFrame, 
     histories = query.metric_histories(store, list(raw_trials["run_id"]), keys)
     rows = []
     for _, r in raw_trials.iterrows():
-        study = get(r, "tags.harness.study")
-        metric = metric_of.get(study, "val_map")
+        study = get(r, _tag(tracking_names.STUDY))
+        metric = metric_of.get(study, tracking_names.VAL_MAP)
         values = histories[(histories["run_id"] == r["run_id"]) & (histories["key"] == metric)]["value"]
         finite = [v for v in values if math.isfinite(v)]
         value = (max(finite) if maximize.get(study, True) else min(finite)) if finite else math.nan
-        state = get(r, "tags.harness.trial_state") or ("RUNNING" if r["status"] == "RUNNING" else "FAIL")
+        state = get(r, _tag(tracking_names.TRIAL_STATE)) or ("RUNNING" if r["status"] == "RUNNING" else "FAIL")
         rows.append({
-            "study": study, "variant": get(r, "tags.harness.variant"),
-            "number": int(float(get(r, "tags.harness.trial_number") or -1)),
+            "study": study, "variant": get(r, _tag(tracking_names.VARIANT)),
+            "number": int(float(get(r, _tag(tracking_names.TRIAL_NUMBER)) or -1)),
             "state": state, "lr": _float(get(r, "params.lr")), "value": value, "epochs": len(values),
         })
     trials = pd.DataFrame(rows).sort_values(["study", "number"]).reset_index(drop=True)
@@ -336,9 +346,10 @@ def table_columns(data: AblationData) -> list[Column]:
     fin = data.finished
     cols = list(ACCURACY_COLUMNS)
     for col in COST_COLUMNS:
-        if col.key == "peak_rss_mb" and "peak_cuda_mb" in fin and fin["peak_cuda_mb"].notna().any():
+        gpu_peak = tracking_names.PEAK_CUDA_MB
+        if col.key == tracking_names.PEAK_RSS_MB and gpu_peak in fin and fin[gpu_peak].notna().any():
             continue  # GPU runs: the GPU peak is the memory figure that matters
-        if col.key in ("peak_cuda_mb", "profile_deform_share") and (
+        if col.key in (tracking_names.PEAK_CUDA_MB, tracking_names.PROFILE_DEFORM_SHARE) and (
             col.key not in fin or not fin[col.key].notna().any()
         ):
             continue

@@ -1,27 +1,24 @@
 """Matplotlib figures for the report, returned as inline SVG strings (Agg backend, text kept as text).
 
-User strings (variant and group names) reach matplotlib only through `_text`, which turns off mathtext
-(`$`); matplotlib's SVG writer escapes `<`, `>` and `&` in <text>. Element ids are prefixed per figure
-so several SVGs can live in one HTML page.
+User strings (variant and group names) reach matplotlib only through `harness.figures.safe_text`, which
+turns off mathtext (`$`); matplotlib's SVG writer escapes `<`, `>` and `&` in <text>. Element ids are
+prefixed per figure so several SVGs can live in one HTML page.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
-import re
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from harness.figures import fig_to_svg, safe_text
+from harness.tracking import names as tracking_names
 
 BASELINE_COLOUR = "#3d3d3d"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -29,11 +26,12 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
 DEFORM_COLOUR = "#e8590c"
 OTHER_OP_COLOUR = "#8da0b6"
 CURVE_PANELS = (
-    ("train_loss", "train loss"),
-    ("val_loss", "val loss"),
-    ("val_micro_f1", "val F1 (micro)"),
-    ("val_map", "val mAP"),
+    (tracking_names.TRAIN_LOSS, "train loss"),
+    (tracking_names.VAL_LOSS, "val loss"),
+    (tracking_names.VAL_MICRO_F1, "val F1 (micro)"),
+    (tracking_names.VAL_MAP, "val mAP"),
 )
+_BEST_MAP = tracking_names.best_of(tracking_names.VAL_MAP)
 _RC = {
     "svg.fonttype": "none",
     "svg.hashsalt": "harness-report",
@@ -45,16 +43,6 @@ _RC = {
     "grid.alpha": 0.3,
     "legend.frameon": False,
 }
-_ID = re.compile(r'(\bid="|url\(#|href="#)([^")]+)')
-_counter = itertools.count()
-
-
-def safe_text(value: object, limit: int = 60) -> str:
-    """A user string made safe for matplotlib text: no mathtext, bounded length."""
-    text = str(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
-    return text.replace("$", r"\$")
 
 
 def colours_for(variants: Sequence[str], baseline: str | None) -> dict[str, str]:
@@ -64,19 +52,6 @@ def colours_for(variants: Sequence[str], baseline: str | None) -> dict[str, str]
     for v, c in zip(others, itertools.cycle(PALETTE), strict=False):
         out[v] = c
     return out
-
-
-def fig_to_svg(fig: plt.Figure, prefix: str | None = None, tight: bool = True) -> str:
-    """Render `fig` to an SVG element string (no XML prolog, no global <style>, ids prefixed)."""
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight" if tight else None, metadata={"Date": None, "Creator": None})
-    plt.close(fig)
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg") :]
-    svg = re.sub(r"<style[^>]*>.*?</style>", "", svg, flags=re.DOTALL)
-    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)
-    prefix = prefix or f"f{next(_counter)}"
-    return _ID.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", svg)
 
 
 def _new(rows: int, cols: int, width: float, row_height: float, **kw: object) -> tuple[plt.Figure, np.ndarray]:
@@ -135,7 +110,7 @@ def learning_curves(
                     ax.set_xlabel("epoch")
                 if c == 0 and point.grid_point:
                     ax.set_ylabel(safe_text(point.grid_point, 40), fontweight="bold")
-                ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         width, height = fig.get_figwidth(), fig.get_figheight()
         fig.legend(
             handles=_legend_handles(colours, baseline),
@@ -154,7 +129,7 @@ def learning_curves(
 
 def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None) -> str | None:
     """Best val mAP against s/epoch per group (±1 std error bars); colour = variant, marker = grid point."""
-    x_key, y_key = "mean_epoch_time_s", "best_val_map"
+    x_key, y_key = tracking_names.MEAN_EPOCH_TIME, _BEST_MAP
     if table.empty or f"{x_key}_mean" not in table or f"{y_key}_mean" not in table:
         return None
     ok = table[np.isfinite(table[f"{x_key}_mean"].astype(float)) & np.isfinite(table[f"{y_key}_mean"].astype(float))]
@@ -208,12 +183,13 @@ def scaling_curves(
         return None
     sizes = pd.to_numeric(table[col], errors="coerce")
     frame = table.assign(_x=sizes)[np.isfinite(sizes)]
-    frame = frame[np.isfinite(frame["best_val_map_mean"].astype(float))]
+    frame = frame[np.isfinite(frame[f"{_BEST_MAP}_mean"].astype(float))]
     if frame["_x"].nunique() < 2:
         return None
     other = [c for c in table.columns if c.startswith("grid.") and c != col]
     with plt.rc_context(_RC):
-        has_delta = "delta_best_val_map" in frame and np.isfinite(frame["delta_best_val_map"].astype(float)).any()
+        delta = f"delta_{_BEST_MAP}"
+        has_delta = delta in frame and np.isfinite(frame[delta].astype(float)).any()
         fig, axes = _new(1, 2 if has_delta else 1, 9.0 if has_delta else 5.0, 4.0)
         styles = itertools.cycle(["-", "--", ":", "-."])
         keyed = frame.groupby(["variant", *other], sort=False, dropna=False) if other else frame.groupby("variant")
@@ -224,16 +200,16 @@ def scaling_curves(
             colour = colours.get(variant, "#777777")
             ls = next(styles) if other else "-"
             x = part["_x"].to_numpy(float)
-            m = part["best_val_map_mean"].to_numpy(float)
-            sd = part["best_val_map_std"].to_numpy(float)
+            m = part[f"{_BEST_MAP}_mean"].to_numpy(float)
+            sd = part[f"{_BEST_MAP}_std"].to_numpy(float)
             ax = axes[0, 0]
             ax.plot(x, m, color=colour, ls=ls, marker="o", ms=4)
             if np.isfinite(sd).any():
                 ax.fill_between(x, m - np.nan_to_num(sd), m + np.nan_to_num(sd), color=colour, alpha=0.15, lw=0)
             if has_delta and variant != baseline:
-                d = part["delta_best_val_map"].to_numpy(float)
-                lo = part["delta_best_val_map_low"].to_numpy(float)
-                hi = part["delta_best_val_map_high"].to_numpy(float)
+                d = part[delta].to_numpy(float)
+                lo = part[f"{delta}_low"].to_numpy(float)
+                hi = part[f"{delta}_high"].to_numpy(float)
                 err = np.vstack([np.nan_to_num(d - lo), np.nan_to_num(hi - d)])
                 dodge = 1 + 0.02 * (i - (n_lines - 1) / 2)  # side by side, so the intervals do not hide each other
                 axes[0, 1].errorbar(x * dodge, d, yerr=err, color=colour, ls=ls, marker="o", ms=4, capsize=3)

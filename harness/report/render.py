@@ -18,6 +18,7 @@ from typing import Any
 import jinja2
 import pandas as pd
 
+from harness.analysis.section import analysis_section
 from harness.report import plots
 from harness.report.data import (
     DELTA_COLUMNS,
@@ -35,8 +36,12 @@ from harness.report.data import (
     table_columns,
 )
 from harness.report.stats import NO_CI, PAIRED, WELCH, mean_std
+from harness.tracking import names as tracking_names
 
 METHOD_MARK = {PAIRED: "p", WELCH: "w", NO_CI: ""}
+# the group_stats columns (`<metric>_mean`) the key findings read
+_BEST_MAP_MEAN = f"{tracking_names.best_of(tracking_names.VAL_MAP)}_mean"
+_EPOCH_TIME_MEAN = f"{tracking_names.MEAN_EPOCH_TIME}_mean"
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("harness.report", "templates"),
@@ -216,34 +221,34 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
             + (" Green/red: the interval excludes 0 (better/worse)." if html else "")
         )
     else:
-        notes.append("No baseline declared (experiment tag harness.baseline or --baseline), so no Δ columns.")
+        notes.append(
+            f"No baseline declared (experiment tag {tracking_names.BASELINE_VARIANT} or --baseline), so no Δ columns."
+        )
     return TableView(sections, headers, rows, notes)
 
 
 def _key_findings(data: AblationData, table: pd.DataFrame) -> list[dict[str, Any]]:
     """Per grid point: the non-baseline variant with the highest best val mAP, its Δ and cost ratio."""
-    if table.empty or data.baseline is None or "best_val_map_mean" not in table:
+    if table.empty or data.baseline is None or _BEST_MAP_MEAN not in table:
         return []
     out = []
     for _, part in table.groupby("point_rank", sort=True):
         base = part[part["is_baseline"]]
-        cands = part[~part["is_baseline"] & part["best_val_map_mean"].astype(float).notna()]
+        cands = part[~part["is_baseline"] & part[_BEST_MAP_MEAN].astype(float).notna()]
         if cands.empty or base.empty:
             continue
-        top = cands.loc[cands["best_val_map_mean"].astype(float).idxmax()]
+        top = cands.loc[cands[_BEST_MAP_MEAN].astype(float).idxmax()]
         b = base.iloc[0]
         ratio = None
-        if _finite(top.get("mean_epoch_time_s_mean")) and _finite(b.get("mean_epoch_time_s_mean")) and float(
-            b["mean_epoch_time_s_mean"]
-        ) > 0:
-            ratio = float(top["mean_epoch_time_s_mean"]) / float(b["mean_epoch_time_s_mean"])
+        if _finite(top.get(_EPOCH_TIME_MEAN)) and _finite(b.get(_EPOCH_TIME_MEAN)) and float(b[_EPOCH_TIME_MEAN]) > 0:
+            ratio = float(top[_EPOCH_TIME_MEAN]) / float(b[_EPOCH_TIME_MEAN])
         cell = _delta_cell(top, DELTA_COLUMNS[0])
         out.append(
             {
                 "grid_point": top["grid_point"],
                 "variant": top["variant"],
-                "value": fmt_value(top["best_val_map_mean"], "score"),
-                "baseline_value": fmt_value(b["best_val_map_mean"], "score"),
+                "value": fmt_value(top[_BEST_MAP_MEAN], "score"),
+                "baseline_value": fmt_value(b[_BEST_MAP_MEAN], "score"),
                 "delta": cell,
                 "ratio": f"{ratio:.2f}×" if ratio is not None else "",
             }
@@ -286,17 +291,15 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
         summaries = op_summary(data)
         shares = {}
         fin = data.finished
-        if "profile_deform_share" in fin:
+        if tracking_names.PROFILE_DEFORM_SHARE in fin:
             for v, part in fin.groupby("variant"):
-                m, s, _ = mean_std(list(part["profile_deform_share"]))
+                m, s, _ = mean_std(list(part[tracking_names.PROFILE_DEFORM_SHARE]))
                 shares[str(v)] = (m, s)
         ordered = {v: summaries[v] for v in variants if v in summaries}
         figures["ops"] = plots.op_bars(ordered, shares, colours)
     figures["studies"] = plots.study_plots(data.trials, data.studies, colours) if not data.trials.empty else None
     analysis = ""
     if finished and data.store is not None:
-        from harness.analysis.section import analysis_section
-
         analysis = analysis_section(data.runs, data.store, baseline=data.baseline, ablation=data.name)
     failed = runs[runs["state"] == FAILED] if not runs.empty else runs
     running = runs[runs["state"] == RUNNING] if not runs.empty else runs
@@ -336,7 +339,7 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
                 "group": r.group,
                 "seed": r.seed,
                 "started": _time_text(r.start_time),
-                "val_map": fmt_value(getattr(r, "val_map", None), "score"),
+                "val_map": fmt_value(getattr(r, tracking_names.VAL_MAP, None), "score"),
                 "run_id": r.run_id,
             }
             for r in running.itertuples(index=False)

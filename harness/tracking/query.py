@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
-import sqlite3
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,12 +22,14 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-from harness.errors import HarnessError
+from harness import settings
+from harness.errors import HarnessError, one_line
+from harness.tracking import names
+from harness.tracking.uri import check_store, resolve_uri
 
-DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
-ROLE_TAG = "harness.role"
-_CHILD_FILTER = "tags.`harness.role` = 'child'"
-_STUDY_FILTER = "tags.`harness.role` = 'study'"
+ROLE_TAG = names.ROLE
+_CHILD_FILTER = f"tags.`{names.ROLE}` = '{names.CHILD}'"
+_STUDY_FILTER = f"tags.`{names.ROLE}` = '{names.STUDY_ROLE}'"
 _PAGE = 1000
 _BULK_CHUNK = 400
 _RUN_COLUMNS = ["run_id", "experiment_id", "run_name", "status", "start_time", "end_time", "artifact_uri"]
@@ -38,59 +37,6 @@ _HISTORY_COLUMNS = ["run_id", "key", "step", "value", "timestamp"]
 
 
 # ----------------------------------------------------------------------------------------------- store
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """`uri`, else $MLFLOW_TRACKING_URI, else `sqlite:///results/mlflow.db`."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///` URI (None for other schemes or an in-memory database)."""
-    if not uri.startswith("sqlite:"):
-        return None
-    rest = uri[len("sqlite:") :].split("?", 1)[0]
-    if not rest.startswith("//"):
-        return None
-    rest = rest[2:]
-    if rest in ("", "/", ":memory:", "/:memory:"):
-        return None
-    # sqlite:///relative.db -> "/relative.db" -> relative; sqlite:////abs.db -> "//abs.db" -> /abs.db
-    return Path(unquote(rest[1:] if rest.startswith("/") else rest))
-
-
-def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
-    """Raise `HarnessError` when `uri` names nothing that can be read; never creates anything."""
-    if uri.startswith("sqlite:"):
-        path = sqlite_path(uri)
-        if path is None:
-            raise HarnessError(f"tracking URI {uri!r} names no database file to read runs from")
-        if not path.parent.is_dir():
-            raise HarnessError(f"no MLflow store at {uri}: directory {path.parent} does not exist")
-        if not path.is_file():
-            raise HarnessError(f"no MLflow store at {uri}: {path} does not exist")
-        try:
-            with sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True) as conn:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        except sqlite3.DatabaseError as exc:
-            raise HarnessError(f"{path} is not an MLflow sqlite store ({exc})") from None
-        if not {"experiments", "runs", "metrics"} <= tables:
-            raise HarnessError(f"{path} is not an MLflow store (no experiments/runs/metrics tables)")
-        return
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        host = parsed.hostname or "localhost"
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((host, port), timeout=timeout_s):
-                pass
-        except OSError as exc:
-            raise HarnessError(f"cannot reach MLflow tracking server {uri}: {exc}") from None
-        return
-    if parsed.scheme in ("", "file"):
-        path = Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-        if not path.is_dir():
-            raise HarnessError(f"no MLflow store at {uri}: {path} is not a directory")
 
 
 @dataclass
@@ -106,20 +52,12 @@ def _quiet_mlflow_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _mlflow_error_line(exc: BaseException) -> str:
-    text = str(getattr(exc, "message", None) or exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_store(uri: str | None = None) -> Store:
-    """Open the store at `uri` (see `resolve_tracking_uri`) for reading, or raise `HarnessError`."""
-    uri = resolve_tracking_uri(uri)
-    check_tracking_uri(uri)
+    """Open the store at `uri` (see `harness.tracking.uri.resolve_uri`) for reading, or raise `HarnessError`."""
+    uri = resolve_uri(uri)
+    check_store(uri, create=False)
     _quiet_mlflow_logs()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per op table
-    if urlparse(uri).scheme in ("http", "https"):
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    settings.apply_mlflow_defaults()
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -127,7 +65,7 @@ def open_store(uri: str | None = None) -> Store:
         client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except (MlflowException, OSError) as exc:
-        raise HarnessError(f"cannot read MLflow store {uri}: {_mlflow_error_line(exc)}") from None
+        raise HarnessError(f"cannot read MLflow store {uri}: {one_line(exc, with_type=False)}") from None
     return Store(uri=uri, client=client)
 
 
@@ -146,8 +84,8 @@ def experiments(store: Store) -> pd.DataFrame:
                 {
                     "experiment_id": exp.experiment_id,
                     "name": exp.name,
-                    "description": tags.get("harness.description", tags.get("mlflow.note.content", "")),
-                    "baseline": tags.get("harness.baseline"),
+                    "description": tags.get(names.DESCRIPTION, tags.get("mlflow.note.content", "")),
+                    "baseline": tags.get(names.BASELINE_VARIANT),
                     "artifact_location": exp.artifact_location,
                     "tags": tags,
                 }
@@ -362,6 +300,7 @@ def write_fixture_runs(
     For benchmarks and demos of the report (this module's only writer); creates the store if needed.
     """
     _quiet_mlflow_logs()
+    settings.apply_mlflow_defaults()
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
@@ -371,16 +310,16 @@ def write_fixture_runs(
         exp_id = client.create_experiment(experiment, artifact_location=artifact_location)
     else:
         exp_id = found.experiment_id
-    client.set_experiment_tag(exp_id, "harness.description", description)
+    client.set_experiment_tag(exp_id, names.DESCRIPTION, description)
     if baseline is not None:
-        client.set_experiment_tag(exp_id, "harness.baseline", baseline)
-    parent_tags = {ROLE_TAG: "parent", **(parent_tags or {})}
+        client.set_experiment_tag(exp_id, names.BASELINE_VARIANT, baseline)
+    parent_tags = {names.ROLE: names.PARENT, **(parent_tags or {})}
     parent = client.create_run(exp_id, run_name=f"{experiment}-parent", tags=parent_tags)
     parent_id = parent.info.run_id
     now = 1_700_000_000_000
     any_failed = False
     for run in runs:
-        tags = {ROLE_TAG: "child", "mlflow.parentRunId": parent_id, **run.tags}
+        tags = {names.ROLE: names.CHILD, names.MLFLOW_PARENT: parent_id, **run.tags}
         created = client.create_run(exp_id, run_name=run.name, tags=tags)
         run_id = created.info.run_id
         metrics = [

@@ -11,77 +11,19 @@ import os
 import socket
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from harness.errors import HarnessError
-
-DEFAULT_TRACKING_URI = "sqlite:///results/mlflow.db"
-ROLE, PARENT, CHILD = "harness.role", "parent", "child"
-
-# MLflow's HTTP client retries for minutes by default; a harness user wants a quick answer.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+from harness import settings
+from harness.errors import HarnessError, one_line
+from harness.tracking import names
+from harness.tracking.names import CHILD, PARENT, ROLE, STUDY_ROLE, TRIAL_ROLE
+from harness.tracking.uri import check_store, resolve_uri, sqlite_path
 
 
-def resolve_uri(uri: str | None) -> str:
-    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the embedded sqlite store under results/."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///"))
-
-
-def ensure_writable_dir(directory: Path, what: str) -> None:
-    """Create `directory` if needed; a one-line error naming `what` when it cannot be created or written."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HarnessError(f"{what}: cannot create {directory}: {exc.strerror}") from None
-    if not os.access(directory, os.W_OK):
-        raise HarnessError(f"{what}: {directory} is not writable")
-
-
-def check_reachable(uri: str, create: bool) -> None:
-    """Fail fast, in one line, when a store cannot be used (before anything is logged)."""
-    db = _sqlite_path(uri)
-    if db is not None:
-        if db.exists():
-            return
-        if not create:
-            raise HarnessError(f"no MLflow store at {db} (tracking URI {uri})")
-        ensure_writable_dir(db.parent, f"tracking URI {uri}")
-        return
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (user-given server)
-                if response.status >= 400:
-                    raise HarnessError(f"tracking server {uri} answered {response.status}")
-        except urllib.error.HTTPError as exc:
-            if exc.code >= 500:
-                raise HarnessError(f"tracking server {uri} answered {exc.code}") from None
-        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise HarnessError(f"tracking server {uri} is unreachable: {reason}") from None
-        return
-    if uri.startswith(("file:", "/", ".")) or "://" not in uri:
-        path = Path(uri.removeprefix("file://").removeprefix("file:"))
-        if not path.exists() and not create:
-            raise HarnessError(f"no MLflow store at {path}")
-        return
-    if uri.split("://", 1)[0] in ("postgresql", "mysql", "mssql", "sqlite") or "+" in uri.split("://", 1)[0]:
-        return  # database back ends: the first query below reports a connection problem
-    raise HarnessError(f"unsupported tracking URI {uri!r}")
-
-
-def _client(uri: str):
+def _client(uri: str) -> Any:
+    settings.apply_mlflow_defaults()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -89,7 +31,7 @@ def _client(uri: str):
 
 def _artifact_root(uri: str) -> str | None:
     """Artifacts of an embedded sqlite store live beside the database file."""
-    db = _sqlite_path(uri)
+    db = sqlite_path(uri)
     return (db.parent.resolve() / "mlartifacts").as_uri() if db is not None else None
 
 
@@ -127,7 +69,7 @@ class ChildRun:
         self.client.set_terminated(self.run_id, status=status)
 
     def fail(self, reason: str) -> None:
-        self.set_tags({"harness.failure": reason})
+        self.set_tags({names.FAILURE: reason})
         self.finish("FAILED")
 
 
@@ -136,7 +78,7 @@ class AblationStore:
 
     def __init__(self, uri: str | None, ablation: str, description: str = "", baseline: str = "") -> None:
         self.uri = resolve_uri(uri)
-        check_reachable(self.uri, create=True)
+        check_store(self.uri, create=True)
         self.client = _client(self.uri)
         try:
             experiment = self.client.get_experiment_by_name(ablation)
@@ -149,10 +91,10 @@ class AblationStore:
         except HarnessError:
             raise
         except Exception as exc:  # connection problems surface here for database back ends
-            raise HarnessError(f"tracking URI {self.uri}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+            raise HarnessError(f"tracking URI {self.uri}: {one_line(exc)}") from None
         self.experiment_id = experiment_id
-        self.client.set_experiment_tag(experiment_id, "harness.description", description)
-        self.client.set_experiment_tag(experiment_id, "harness.baseline", baseline)
+        self.client.set_experiment_tag(experiment_id, names.DESCRIPTION, description)
+        self.client.set_experiment_tag(experiment_id, names.BASELINE_VARIANT, baseline)
 
     def _children(self, status: str | None = None) -> list[Any]:
         query = f"tags.`{ROLE}` = '{CHILD}'" + (f" and attributes.status = '{status}'" if status else "")
@@ -166,11 +108,11 @@ class AblationStore:
 
     def finished_hashes(self) -> set[str]:
         """Config hashes of child runs that FINISHED: these are skipped on a rerun."""
-        return {r.data.tags.get("harness.config_hash") for r in self._children("FINISHED")}
+        return {r.data.tags.get(names.CONFIG_HASH) for r in self._children("FINISHED")}
 
     def child_by_hash(self, config_hash: str) -> Any | None:
         """The latest non-finished child run with this config hash, if any."""
-        matches = [r for r in self._children() if r.data.tags.get("harness.config_hash") == config_hash
+        matches = [r for r in self._children() if r.data.tags.get(names.CONFIG_HASH) == config_hash
                    and r.info.status != "FINISHED"]
         return max(matches, key=lambda r: r.info.start_time or 0) if matches else None
 
@@ -186,12 +128,12 @@ class AblationStore:
             tags = run.data.tags
             if run.info.run_id in (alive or set()):
                 continue
-            if tags.get("harness.host") != host:
+            if tags.get(names.HOST) != host:
                 continue
-            pid = int(tags.get("harness.pid", "0") or 0)
+            pid = int(tags.get(names.PID, "0") or 0)
             if pid and pid_alive(pid):
                 continue
-            self.client.set_tag(run.info.run_id, "harness.stale", "marked KILLED by a later harness run")
+            self.client.set_tag(run.info.run_id, names.STALE, "marked KILLED by a later harness run")
             self.client.set_terminated(run.info.run_id, status="KILLED")
             stale.append(run.info.run_name)
         return stale
@@ -213,7 +155,7 @@ class AblationStore:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={"mlflow.parentRunId": parent_id, ROLE: CHILD, **{k: str(v) for k, v in tags.items()}},
+            tags={names.MLFLOW_PARENT: parent_id, ROLE: CHILD, **{k: str(v) for k, v in tags.items()}},
         )
         child = ChildRun(self.client, run.info.run_id)
         batch = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -241,7 +183,6 @@ def pid_alive(pid: int) -> bool:
 
 
 # --- Optuna studies (harness tune): a parent run per study, a nested run per trial ----------------------------
-STUDY, TRIAL = "study", "trial"
 
 
 def start_study_run(store: AblationStore, study: str, tags: Mapping[str, Any]) -> str:
@@ -250,7 +191,7 @@ def start_study_run(store: AblationStore, study: str, tags: Mapping[str, Any]) -
     Callers that run concurrently on one study serialise this call themselves (harness.tune holds its
     storage lock), so a study gets exactly one parent run.
     """
-    query = f"tags.`{ROLE}` = '{STUDY}' and tags.`harness.study` = '{_quoted(study)}'"
+    query = f"tags.`{ROLE}` = '{STUDY_ROLE}' and tags.`{names.STUDY}` = '{_quoted(study)}'"
     found = store.client.search_runs(
         [store.experiment_id], query, max_results=1, order_by=["attributes.start_time ASC"]
     )
@@ -261,7 +202,7 @@ def start_study_run(store: AblationStore, study: str, tags: Mapping[str, Any]) -
         ChildRun(store.client, run_id).set_tags(clean)
         return run_id
     run = store.client.create_run(
-        store.experiment_id, run_name=f"study {study}", tags={ROLE: STUDY, "harness.study": study, **clean}
+        store.experiment_id, run_name=f"study {study}", tags={ROLE: STUDY_ROLE, names.STUDY: study, **clean}
     )
     return run.info.run_id
 
@@ -275,7 +216,7 @@ def start_trial_run(
     run = store.client.create_run(
         store.experiment_id,
         run_name=name,
-        tags={"mlflow.parentRunId": parent_id, ROLE: TRIAL, **{k: str(v) for k, v in tags.items()}},
+        tags={names.MLFLOW_PARENT: parent_id, ROLE: TRIAL_ROLE, **{k: str(v) for k, v in tags.items()}},
     )
     batch = [Param(k, _param_value(v)) for k, v in params.items()]
     for start in range(0, len(batch), 90):
@@ -314,7 +255,7 @@ class RunRecord:
 
 def _reader_client(uri: str | None) -> tuple[str, Any]:
     resolved = resolve_uri(uri)
-    check_reachable(resolved, create=False)
+    check_store(resolved, create=False)
     return resolved, _client(resolved)
 
 
@@ -340,7 +281,7 @@ def find_finished_runs(uri: str | None, ref: str) -> list[RunRecord]:
     try:
         experiment = client.get_experiment_by_name(ref)
     except Exception as exc:  # connection problems of database back ends surface here
-        raise HarnessError(f"tracking URI {resolved}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        raise HarnessError(f"tracking URI {resolved}: {one_line(exc)}") from None
     if experiment is not None and experiment.lifecycle_stage != "deleted":
         runs, total = _finished_children(client, experiment.experiment_id, f"tags.`{ROLE}` = '{CHILD}'")
         if not runs:
@@ -374,7 +315,6 @@ def attach_run(uri: str | None, run_id: str) -> ChildRun:
 
 def read_run_text(run: ChildRun, path: str) -> str | None:
     """A text artifact of `run` (e.g. config.yaml), or None when it has none."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bar per small file
     with tempfile.TemporaryDirectory(prefix="harness-read-") as tmp:
         try:
             local = run.client.download_artifacts(run.run_id, path, tmp)

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.analysis import analysis_requested
 from harness.cli import main
-from harness.spec import RunConfig
+from harness.config import RunConfig
 
 
 def _children(uri: str, experiment: str):
@@ -102,12 +101,9 @@ def test_post_training_hook_runs_only_when_asked(tmp_path, synth_root, monkeypat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     file = write_ablation(tmp_path / "hook.yaml", synth_root, name="hook",
                           variants='  deform: {model: {deform_layers: "first:1"}}\n', baseline="deform")
-    monkeypatch.delenv("HARNESS_ANALYSIS", raising=False)
-    config = RunConfig()
-    assert not analysis_requested(config)
-    args = ["run", str(file), "--no-profile", "--tracking-uri", uri, "--results-dir", str(tmp_path / "r")]
-    monkeypatch.setenv("HARNESS_ANALYSIS", "1")
-    assert analysis_requested(config)
+    assert not RunConfig().analysis.enabled
+    args = ["run", str(file), "--no-profile", "--tracking-uri", uri, "--results-dir", str(tmp_path / "r"),
+            "--set", "analysis.enabled=true"]
     assert main(args) == 0
     _, runs = _children(uri, "hook")
     m = runs["deform"].data.metrics

@@ -17,9 +17,9 @@ from harness.analysis.robustness import (
     robustness_metrics,
     warp,
 )
+from harness.config import RunConfig
 from harness.data import prepare_data
 from harness.errors import HarnessError
-from harness.spec import RunConfig
 from harness.train import evaluate
 
 MLFLOW_KEY = re.compile(r"^[A-Za-z0-9_\-. /]+$")

@@ -59,12 +59,23 @@ def test_deterministic_by_seed(tmp_path: Path, synth_root: Path) -> None:
     assert not np.array_equal(_pixels(synth_root, "train2017"), _pixels(tmp_path / "other", "train2017"))
 
 
-def test_prefix_stable_across_sizes() -> None:
-    a, anns_a = render_chunk(5, 0, 0, 8, 32, 8)
-    b, anns_b = render_chunk(5, 0, 0, 8, 32, 8)
-    assert np.array_equal(a, b) and anns_a == anns_b
-    c, _ = render_chunk(5, 0, 1, 8, 32, 8)
-    assert not np.array_equal(a, c)
+def test_prefix_stable_across_sizes(tmp_path: Path) -> None:
+    """Each chunk of 128 images draws from its own generator, seeded by (seed, split, chunk): a dataset of
+    another size (drawn by another number of workers, with another val size) starts with the same whole
+    chunks, pixel for pixel and annotation for annotation. A partial last chunk is not a prefix."""
+    small, large = tmp_path / "small", tmp_path / "large"
+    synthesize(small, n_train=130, n_val=8, size=16, seed=5, workers=1)
+    synthesize(large, n_train=300, n_val=16, size=16, seed=5, workers=2)
+    a, b = _pixels(small, "train2017"), _pixels(large, "train2017")
+    assert a.shape[0] == 130 and b.shape[0] == 300
+    assert np.array_equal(a[:128], b[:128])
+
+    def annotations(root: Path, last_id: int) -> list[dict]:
+        data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+        return [a for a in data["annotations"] if a["image_id"] <= last_id]
+
+    assert annotations(small, 128) and annotations(small, 128) == annotations(large, 128)
+    assert not np.array_equal(b[:128], b[128:256])  # chunk 1 is drawn afresh, not a repeat of chunk 0
 
 
 def test_colour_does_not_tell_the_class() -> None:

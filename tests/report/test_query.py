@@ -12,16 +12,6 @@ from harness.errors import HarnessError
 from harness.tracking import query
 
 
-def test_resolve_tracking_uri(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert query.resolve_tracking_uri() == "sqlite:///results/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x/y.db")
-    assert query.resolve_tracking_uri() == "sqlite:////x/y.db"
-    assert query.resolve_tracking_uri("http://h:5000") == "http://h:5000"
-    assert query.sqlite_path("sqlite:///results/mlflow.db") == Path("results/mlflow.db")
-    assert query.sqlite_path("sqlite:////abs/m.db") == Path("/abs/m.db")
-
-
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

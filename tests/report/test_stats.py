@@ -67,3 +67,54 @@ def test_delta_of_baseline_with_itself_is_zero() -> None:
     x = {1: 0.5, 2: 0.55, 3: 0.53}
     d = delta_vs_baseline(x, x)
     assert (d.estimate, d.low, d.high, d.method) == (0.0, 0.0, 0.0, PAIRED)
+
+
+# --- edge cases that mutation testing (scripts/mutation.sh) showed unpinned -----------------------------
+
+
+def test_mean_std_of_two_values() -> None:
+    mean, std, n = mean_std([0.5, 0.7])
+    assert (mean, n) == (pytest.approx(0.6), 2) and std == pytest.approx(statistics.stdev([0.5, 0.7]))
+
+
+def test_welch_with_no_spread_is_a_point() -> None:
+    assert welch_t([0.7, 0.7], [0.5, 0.5]) == pytest.approx((0.2, 0.2, 0.2))
+
+
+def test_delta_with_two_runs_a_side() -> None:
+    paired = delta_vs_baseline({1: 0.6, 2: 0.7}, {1: 0.5, 2: 0.55})  # two shared seeds are enough to pair
+    ci = st.ttest_rel([0.6, 0.7], [0.5, 0.55]).confidence_interval()
+    assert (paired.method, paired.n, paired.n_baseline) == (PAIRED, 2, 2)
+    assert (paired.estimate, paired.low, paired.high) == pytest.approx((0.125, ci.low, ci.high))
+    welch = delta_vs_baseline({1: 0.6, 2: 0.7}, {3: 0.5, 4: 0.55})  # two runs each side, none shared
+    ci = st.ttest_ind([0.6, 0.7], [0.5, 0.55], equal_var=False).confidence_interval()
+    assert (welch.method, welch.n, welch.n_baseline) == (WELCH, 2, 2)
+    assert (welch.estimate, welch.low, welch.high) == pytest.approx((0.125, ci.low, ci.high))
+
+
+@pytest.mark.parametrize("level", [0.9, 0.99])
+def test_delta_honours_the_level(level: float) -> None:
+    a, b = [0.60, 0.62, 0.58], [0.55, 0.56, 0.57]
+    paired = delta_vs_baseline(dict(enumerate(a)), dict(enumerate(b)), level)
+    ci = st.ttest_rel(a, b).confidence_interval(level)
+    assert (paired.low, paired.high) == pytest.approx((ci.low, ci.high))
+    welch = delta_vs_baseline({1: 0.6, 2: 0.7}, {3: 0.5, 4: 0.52, 5: 0.49}, level)
+    ci = st.ttest_ind([0.6, 0.7], [0.5, 0.52, 0.49], equal_var=False).confidence_interval(level)
+    assert (welch.low, welch.high) == pytest.approx((ci.low, ci.high))
+
+
+def test_delta_leaves_out_non_finite_values() -> None:
+    d = delta_vs_baseline({1: 0.6, 2: float("nan"), 3: 0.7, 4: float("inf")}, {1: 0.5, 2: 0.4, 3: 0.55})
+    assert (d.method, d.n) == (PAIRED, 2) and d.estimate == pytest.approx(0.125)
+
+
+def _fields(d) -> tuple:
+    return tuple("nan" if isinstance(v, float) and math.isnan(v) else v
+                 for v in (d.estimate, d.low, d.high, d.method, d.n, d.n_baseline))
+
+
+def test_delta_without_an_interval_reports_every_field() -> None:
+    assert _fields(delta_vs_baseline({}, {1: 0.5})) == ("nan", "nan", "nan", NO_CI, 0, 1)
+    assert _fields(delta_vs_baseline({1: 0.5, 2: 0.6}, {})) == ("nan", "nan", "nan", NO_CI, 2, 0)
+    one = delta_vs_baseline({1: 0.6}, {1: 0.5, 2: 0.52})
+    assert _fields(one)[1:] == ("nan", "nan", NO_CI, 1, 2) and one.estimate == pytest.approx(0.09)

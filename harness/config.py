@@ -1,0 +1,291 @@
+"""The configuration of one training run and of a search, as plain data (pydantic models), and its identity.
+
+A `RunConfig` is everything one run depends on; `config_hash` is its stable identity (what resume and
+"already FINISHED" key on). Behaviour lives in the functions that take these models, not in them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from harness.models import MODELS
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticConfig(Strict):
+    """The generated geometry task (`harness data synth`), used when data.source is synthetic."""
+
+    n_train: Annotated[int, Field(ge=8)] = 2000
+    n_val: Annotated[int, Field(ge=8)] = 500
+    seed: int = 0
+
+
+class DataConfig(Strict):
+    source: Literal["coco", "synthetic"] = "coco"
+    root: str | None = None
+    train_split: str = "train2017"
+    val_split: str = "val2017"
+    train_size: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    val_size: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    subset_seed: int = 0
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 64
+    resize: Literal["squash", "center-crop", "letterbox"] = "squash"
+    drop_empty: bool = False
+    include_crowd: bool = True
+    strict_images: bool = False
+    hflip: bool = True
+    random_resized_crop: tuple[float, float] | None = None
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _crop_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"random_resized_crop must be (low, high) with 0 < low <= high <= 1, given {value}")
+        return value
+
+
+class ModelConfig(Strict):
+    arch: str = "unet_encoder"
+    width: Annotated[float, Field(gt=0, le=4)] = 0.25
+    deform_layers: str | list[int] = "none"
+    offset_channels: Literal["shared", "per_tap"] = "per_tap"
+    modulated: bool = False
+    offset_groups: Annotated[int, Field(ge=1)] = 1
+    backend: Literal["native", "torchvision"] = "native"
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in MODELS:
+            raise ValueError(f"unknown arch {value!r}; known: {', '.join(sorted(MODELS))}")
+        return value
+
+
+class FromStudy(Strict):
+    """`lr: {from_study: NAME}`: train with the best learning rate an Optuna study found."""
+
+    from_study: str
+
+
+class TrainConfig(Strict):
+    epochs: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0)] | FromStudy = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    schedule: Literal["cosine", "step", "none"] = "cosine"
+    step_size: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0, le=1)] = 0.1
+    offset_lr_mult: Annotated[float, Field(ge=0)] = 1.0
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: Annotated[int, Field(ge=1)] | None = None
+    checkpoint: bool = True
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+
+
+class ProfileConfig(Strict):
+    enabled: bool = True
+    wait: Annotated[int, Field(ge=0)] = 1
+    warmup: Annotated[int, Field(ge=0)] = 1
+    active: Annotated[int, Field(ge=1)] = 3
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+    top_n: Annotated[int, Field(ge=1)] = 25
+
+
+class AnalysisConfig(Strict):
+    """After training, analyse the run (`harness eval`): robustness, offsets, sampling points, ERF."""
+
+    enabled: bool = False
+
+
+class RunConfig(Strict):
+    """Everything one training run depends on."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    profile: ProfileConfig = ProfileConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
+
+
+# The validation metrics `fit` reports each epoch: what a search may optimise (docs/tuning.md).
+SEARCH_METRICS = (
+    "val_loss", "val_map", "val_micro_f1", "val_micro_precision", "val_micro_recall", "val_macro_f1",
+    "val_macro_precision", "val_macro_recall", "val_cp", "val_cr", "val_cf1", "val_op", "val_or", "val_of1",
+)
+
+
+class FloatRange(Strict):
+    """A searched float: `{low, high, log}` (log-uniform by default)."""
+
+    low: float
+    high: float
+    log: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (low is {self.low}); set log: false to search from 0")
+        return self
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+
+class IntChoices(Strict):
+    """A searched integer picked from a list: `{choices: [16, 32, 64]}`."""
+
+    choices: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+    @field_validator("choices")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"choices must be distinct, given {value}")
+        return value
+
+    def contains(self, value: float) -> bool:
+        return value in self.choices
+
+
+class Objective(Strict):
+    """What a trial scores: the best value over epochs of one validation metric."""
+
+    metric: str = "val_map"
+    direction: Literal["maximize", "minimize"] | None = None  # default: minimize val_loss, maximize the rest
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value not in SEARCH_METRICS:
+            raise ValueError(f"unknown metric {value!r}; valid: {', '.join(SEARCH_METRICS)}")
+        return value
+
+    @property
+    def goal(self) -> Literal["maximize", "minimize"]:
+        if self.direction is not None:
+            return self.direction
+        return "minimize" if self.metric == "val_loss" else "maximize"
+
+
+def _named(value: Any) -> Any:
+    """`median` is short for `{name: median}` (samplers and pruners)."""
+    return {"name": value} if isinstance(value, str) else value
+
+
+class SamplerSpec(Strict):
+    name: Literal["tpe"] = "tpe"
+    seed: int = 0
+    n_startup_trials: Annotated[int, Field(ge=0)] = 10
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return _named(value)
+
+
+class MedianPrunerSpec(Strict):
+    name: Literal["median"] = "median"
+    n_startup_trials: Annotated[int, Field(ge=0)] = 5
+    n_warmup_steps: Annotated[int, Field(ge=0)] = 0
+    interval_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class HyperbandPrunerSpec(Strict):
+    name: Literal["hyperband"]
+    min_resource: Annotated[int, Field(ge=1)] = 1
+    max_resource: Annotated[int, Field(ge=1)] | None = None  # default: train.epochs
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+
+
+class NoPrunerSpec(Strict):
+    name: Literal["none"]
+
+
+PrunerSpec = Annotated[MedianPrunerSpec | HyperbandPrunerSpec | NoPrunerSpec, Field(discriminator="name")]
+
+
+class SearchSpec(Strict):
+    """The `search:` section: one Optuna study per variant (and non-seed grid point), `harness tune`."""
+
+    lr: FloatRange
+    weight_decay: FloatRange | None = None
+    batch_size: IntChoices | None = None
+    offset_lr_mult: FloatRange | None = None
+    objective: Objective = Objective()
+    n_trials: Annotated[int, Field(ge=1)] = 20
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = MedianPrunerSpec()
+    enqueue: list[dict[str, float]] = Field(default_factory=list)
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_shorthand(cls, value: Any) -> Any:
+        return _named(value)
+
+    @property
+    def space(self) -> dict[str, FloatRange | IntChoices]:
+        """The searched train.* keys and their ranges, in a fixed order (lr first)."""
+        names = ("lr", "weight_decay", "batch_size", "offset_lr_mult")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+    @model_validator(mode="after")
+    def _enqueued_in_space(self) -> SearchSpec:
+        space = self.space
+        for index, params in enumerate(self.enqueue):
+            for key, value in params.items():
+                if key not in space:
+                    raise ValueError(f"enqueue[{index}]: {key!r} is not searched (searched: {', '.join(space)})")
+                if not space[key].contains(value):
+                    raise ValueError(f"enqueue[{index}]: {key}={value:g} is outside its range")
+        return self
+
+
+# Keys that change how a run executes but not what it computes: left out of the identity hash.
+EXECUTION_KEYS = ("profile", "analysis", "train.device", "train.threads", "train.checkpoint", "train.channels_last")
+
+
+def _drop_path(data: dict[str, Any], dotted: str) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.get(key, {})
+    node.pop(keys[-1], None)
+
+
+def config_hash(config: RunConfig) -> str:
+    """Stable 12-hex-digit identity of what a run computes (execution-only keys left out)."""
+    data = config.model_dump(mode="json")
+    for key in EXECUTION_KEYS:
+        _drop_path(data, key)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr': 1e-3}} → {'train.lr': 1e-3} (lists and None kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,168 @@
+"""One planned run, executed: its MLflow child run started (or reopened to resume), its data prepared,
+`harness.train.fit` called with its checkpoint and profiler trace, its results logged, and a failure
+recorded on the run instead of stopping the grid.
+
+The local runner, torchrun ranks and Ray workers all execute runs through `run_one`; what they share
+(options, outcomes, the events a caller draws) lives here too.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from harness.analysis import post_training_analysis
+from harness.checkpoints import checkpoint_path, saved_epoch
+from harness.config import RunConfig, flatten
+from harness.data import DataCache, PreparedData
+from harness.distributed import DistContext, barrier
+from harness.errors import HarnessError, one_line
+from harness.planning import PlannedRun, resolve_lr
+from harness.tracking import names
+from harness.tracking.store import AblationStore, ChildRun
+from harness.train import FitResult, fit
+
+
+class RunnerEvents:
+    """What the runner reports while it works; these defaults ignore it (the CLI draws it with rich)."""
+
+    def plan(self, total: int, to_run: int, skipped: list[str], stale: list[str]) -> None: ...
+    def run_started(self, run: PlannedRun, index: int, resumed_from: int) -> None: ...
+    def data_progress(self, phase: str, done: int, total: int) -> None: ...
+    def step(self, step: int, steps: int) -> None: ...
+    def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None: ...
+    def run_finished(self, outcome: RunOutcome) -> None: ...
+
+
+@dataclass
+class RunOutcome:
+    run: PlannedRun
+    status: str  # finished | failed | skipped | killed
+    reason: str = ""
+    summary: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""
+
+
+@dataclass
+class RunnerOptions:
+    tracking_uri: str | None = None
+    device: str | None = None  # overrides train.device
+    profile: bool = True
+    results_dir: Path = Path("results")
+    source_file: str = ""
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
+
+
+def execution_config(run: PlannedRun, options: RunnerOptions) -> RunConfig:
+    """The run's config with the invocation's execution-only overrides (device, profiling) applied."""
+    config = run.config.model_copy(deep=True)
+    if options.device:
+        config.train.device = options.device  # type: ignore[assignment]
+    if not options.profile:
+        config.profile.enabled = False
+    return config
+
+
+def trace_dir(results_dir: Path, run: PlannedRun) -> Path:
+    """Where the run's profiler trace goes: results/profiles/<run name>-<config hash>."""
+    name = f"{run.name}-{run.config_hash}"
+    return results_dir / "profiles" / "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name)
+
+
+def run_tags(run: PlannedRun, config: RunConfig, env: dict[str, str], trace: Path) -> dict[str, str]:
+    tags = {
+        **env,
+        names.VARIANT: run.variant,
+        names.GROUP: run.group,
+        names.GRID: json.dumps(run.grid),
+        names.SEED: str(config.seed),
+        names.CONFIG_HASH: run.config_hash,
+        names.BASELINE: str(run.baseline).lower(),
+        names.TRACE_DIR: str(trace),
+    }
+    if config.model.backend == "torchvision":  # the ablation compares against torchvision's op
+        tags[names.DCN_KERNEL] = "torchvision.ops.deform_conv2d"
+    return tags
+
+
+def _open_child(
+    run: PlannedRun, config: RunConfig, store: AblationStore, parent_id: str, tags: dict[str, str], checkpoint: Path
+) -> tuple[ChildRun, bool]:
+    """The run's MLflow record: the interrupted one reopened when its checkpoint is there, else a new one."""
+    previous = store.child_by_hash(run.config_hash) if checkpoint.exists() else None
+    if previous is not None:
+        return store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id}), True
+    checkpoint.unlink(missing_ok=True)  # a checkpoint without its run cannot be resumed honestly
+    child = store.start_child(parent_id, run.name, flatten(config.model_dump(mode="json")), tags)
+    child.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), names.CONFIG_ARTIFACT)
+    return child, False
+
+
+def run_one(
+    run: PlannedRun, index: int, store: AblationStore, parent_id: str, env: dict[str, str],
+    device: torch.device, data_cache: DataCache, options: RunnerOptions, events: RunnerEvents,
+    context: DistContext,
+) -> RunOutcome:
+    """Train one planned run into its MLflow child run; a failure ends that run FAILED and is returned."""
+    config = execution_config(run, options)
+    checkpoint = checkpoint_path(options.results_dir, run.config_hash)
+    trace = trace_dir(options.results_dir, run)
+    child, resumed = _open_child(run, config, store, parent_id, run_tags(run, config, env, trace), checkpoint)
+    try:
+        data = data_cache.get(config.data, events.data_progress)
+        barrier(context)  # the other ranks read the data from the cache now
+        lr = resolve_lr(config)
+        logged = child.logged_steps(names.VAL_MAP) if resumed else set()
+        events.run_started(run, index, saved_epoch(checkpoint))
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            logged.add(epoch)
+            events.epoch(run, epoch, record)
+
+        result = fit(
+            config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace,
+            on_epoch=on_epoch, on_step=events.step, context=context,
+        )
+        # epochs trained before an interruption whose metrics never reached the store
+        for record in result.history:
+            epoch = int(record["epoch"])
+            if epoch not in logged:
+                child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        log_result(child, result, data, lr)
+        post_training_analysis(child, config, data, checkpoint, device, run.name, run.group, context.enabled)
+    except KeyboardInterrupt:
+        child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})
+        child.finish("KILLED")
+        raise
+    except HarnessError as exc:
+        child.fail(str(exc))
+        return RunOutcome(run, "failed", str(exc), run_id=child.run_id)
+    except Exception as exc:  # a failing run must not stop the grid
+        reason = one_line(exc)
+        child.fail(reason)
+        child.log_text(traceback.format_exc(), names.TRACEBACK_ARTIFACT)
+        return RunOutcome(run, "failed", reason, run_id=child.run_id)
+    child.finish()
+    return RunOutcome(run, "finished", summary=result.summary, run_id=child.run_id)
+
+
+def log_result(child: ChildRun, result: FitResult, data: PreparedData, lr: float) -> None:
+    """A run's summary metrics (step 0), its model summary and op table, and where it resumed from."""
+    summary = dict(result.summary)
+    summary[names.LR_USED] = lr
+    summary[names.TRAIN_IMAGES] = float(data.train_images.shape[0])
+    summary[names.VAL_IMAGES] = float(data.val_images.shape[0])
+    summary[names.SKIPPED_IMAGES] = float(data.skipped)
+    child.log_metrics(summary, step=0)
+    child.log_text(result.model_summary, names.MODEL_SUMMARY_ARTIFACT)
+    if result.profile is not None:
+        child.log_text(result.profile.op_table_csv(), names.OP_TABLE_ARTIFACT)
+    if result.resumed_from:
+        child.set_tags({names.RESUMED_FROM_EPOCH: result.resumed_from})

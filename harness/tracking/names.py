@@ -1,0 +1,156 @@
+"""Every name the harness writes to a store: MLflow tags, metric keys and artifact paths, Optuna attributes.
+
+Writers (runner, tune, analysis) and readers (report, eval) import these; docs/tracking.md lists them
+with their meaning. A name changed here changes in both places at once.
+"""
+
+from __future__ import annotations
+
+PREFIX = "harness."
+
+# --- run roles (tag ROLE) -----------------------------------------------------------------------------
+ROLE = "harness.role"
+PARENT, CHILD, STUDY_ROLE, TRIAL_ROLE = "parent", "child", "study", "trial"
+MLFLOW_PARENT = "mlflow.parentRunId"
+
+# --- experiment tags -------------------------------------------------------------------------------------
+DESCRIPTION = "harness.description"
+BASELINE_VARIANT = "harness.baseline"  # on the experiment: the baseline variant's name
+
+# --- the environment a run ran in (every parent, child and study run) -------------------------------------
+GIT_COMMIT = "harness.git_commit"
+DEVICE = "harness.device"
+DCN_KERNEL = "harness.dcn_kernel"
+SETTINGS = "harness.settings"
+HOST = "harness.host"
+PID = "harness.pid"
+TORCH = "harness.torch"
+CUDA = "harness.cuda"
+VERSION = "harness.version"
+PYTHON = "harness.python"
+PACKAGES = "harness.packages"
+WORLD_SIZE = "harness.world_size"
+EXECUTOR = "harness.executor"
+
+# --- parent runs ----------------------------------------------------------------------------------------
+ABLATION_FILE = "harness.ablation_file"
+PLANNED_RUNS = "harness.planned_runs"
+
+# --- child (training) runs ------------------------------------------------------------------------------
+VARIANT = "harness.variant"
+GROUP = "harness.group"
+GRID = "harness.grid"
+SEED = "harness.seed"
+CONFIG_HASH = "harness.config_hash"
+BASELINE = "harness.baseline"  # on a child run: "true" for the baseline variant's runs
+TRACE_DIR = "harness.trace_dir"
+FAILURE = "harness.failure"
+STALE = "harness.stale"
+RESUMED_BY = "harness.resumed_by"
+RESUMED_FROM_EPOCH = "harness.resumed_from_epoch"
+ANALYSIS = "harness.analysis"
+ANALYSIS_FAILURE = "harness.analysis_failure"
+
+# --- Optuna studies mirrored in MLflow (study and trial runs) -------------------------------------------
+STUDY = "harness.study"
+TRIAL_NUMBER = "harness.trial_number"
+TRIAL_STATE = "harness.trial_state"
+PRUNED_AT_EPOCH = "harness.pruned_at_epoch"
+METRIC = "harness.metric"
+DIRECTION = "harness.direction"
+N_TRIALS = "harness.n_trials"
+OPTUNA_STORAGE = "harness.optuna_storage"
+SAMPLER = "harness.sampler"
+PRUNER = "harness.pruner"
+BEST_TRIAL = "harness.best_trial"
+BEST_VALUE = "harness.best_value"
+BEST_PARAMS = "harness.best_params"
+BEST_PARAM_PREFIX = "harness.best_"  # + a searched parameter's name, e.g. harness.best_lr
+LAST_WORKER_END = "harness.last_worker_end"
+
+# --- Optuna user attributes -----------------------------------------------------------------------------
+# on trials
+TRIAL_HOST = HOST
+TRIAL_PID = PID
+TRIAL_RUN_ID = "harness.mlflow_run_id"
+TRIAL_FAILURE = FAILURE
+TRIAL_INTERRUPTED = "harness.interrupted"
+TRIAL_PRUNED_AT = PRUNED_AT_EPOCH
+# on studies
+STUDY_METRIC = METRIC
+STUDY_DIRECTION = DIRECTION
+STUDY_ABLATION = "harness.ablation"
+STUDY_VARIANT = VARIANT
+STUDY_GRID = GRID
+STUDY_ENQUEUED = "harness.enqueued"
+
+# --- metrics --------------------------------------------------------------------------------------------
+# Per epoch (step = epoch): train_loss, every val_* metric of harness.metrics, and these costs.
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+VAL_MAP = "val_map"
+EPOCH_TIME = "epoch_time_s"
+TRAIN_IMAGES_PER_S = "train_images_per_s"
+DATA_WAIT = "data_wait_s"
+LR = "lr"
+# the val metrics the report names; every harness.metrics name m is logged as val_of(m)
+VAL_MICRO_F1 = "val_micro_f1"
+VAL_MICRO_PRECISION = "val_micro_precision"
+VAL_MICRO_RECALL = "val_micro_recall"
+VAL_PREFIX = "val_"
+# Once per run (step 0): best_<val metric>, final_<val metric>, and these.
+BEST_EPOCH = "best_epoch"
+MEAN_EPOCH_TIME = "mean_epoch_time_s"
+MEAN_TRAIN_IMAGES_PER_S = "mean_train_images_per_s"
+TOTAL_DATA_WAIT = "total_data_wait_s"
+PEAK_RSS_MB = "peak_rss_mb"
+PEAK_CUDA_MB = "peak_cuda_mb"
+PARAMS = "params"
+FLOPS_PER_IMAGE = "flops_per_image"
+PROFILE_DEFORM_SHARE = "profile_deform_share"
+PROFILE_STEP_MS = "profile_step_ms"
+LR_USED = "lr_used"
+TRAIN_IMAGES = "train_images"
+VAL_IMAGES = "val_images"
+SKIPPED_IMAGES = "skipped_images"
+OBJECTIVE = "objective"  # a trial's score
+STUDY_BEST_VALUE = "best_value"  # on a study's run, step = trial number
+# harness eval (step 0): robust/…, offset/…, erf/…
+ANALYSIS_METRIC_PREFIXES = ("robust/", "offset/", "erf/")
+ROBUST_PREFIX, OFFSET_PREFIX, ERF_PREFIX = ANALYSIS_METRIC_PREFIXES
+
+# --- artifacts ------------------------------------------------------------------------------------------
+CONFIG_ARTIFACT = "config.yaml"
+MODEL_SUMMARY_ARTIFACT = "model_summary.txt"
+OP_TABLE_ARTIFACT = "profile/op_table.csv"
+TRACEBACK_ARTIFACT = "traceback.txt"
+ANALYSIS_ARTIFACT_DIR = "analysis"
+# the files of harness eval under ANALYSIS_ARTIFACT_DIR; analysis_artifact(name) is their artifact path
+ANALYSIS_ROBUSTNESS = "robustness.csv"
+ANALYSIS_OFFSET_STATS = "offset_stats.csv"
+ANALYSIS_OFFSET_HIST = "offset_hist.csv"
+ANALYSIS_OFFSET_HIST_PLOT = "offset_hist.png"
+ANALYSIS_SAMPLING_PLOT = "sampling.png"
+ANALYSIS_SAMPLING_POINTS = "sampling.json"
+ANALYSIS_ERF_MAP = "erf.npy"
+ANALYSIS_ERF_PLOT = "erf.png"
+
+
+def best_of(metric: str) -> str:
+    """The run-level metric holding `metric`'s best epoch value, e.g. best_val_map."""
+    return f"best_{metric}"
+
+
+def final_of(metric: str) -> str:
+    """The run-level metric holding `metric`'s last epoch value, e.g. final_val_map."""
+    return f"final_{metric}"
+
+
+def val_of(metric: str) -> str:
+    """The per-epoch metric of a `harness.metrics` name, e.g. val_map for map."""
+    return f"{VAL_PREFIX}{metric}"
+
+
+def analysis_artifact(name: str) -> str:
+    """The artifact path of a `harness eval` file, e.g. analysis/erf.npy for ANALYSIS_ERF_MAP."""
+    return f"{ANALYSIS_ARTIFACT_DIR}/{name}"
