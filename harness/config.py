@@ -12,11 +12,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.models import MODELS
+from harness.errors import HarnessError
+from harness.models import MODELS, conv_layer_count, resolve_deform_layers
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys and non-finite numbers (.inf, .nan) are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SyntheticConfig(Strict):
@@ -68,6 +71,15 @@ class ModelConfig(Strict):
         if value not in MODELS:
             raise ValueError(f"unknown arch {value!r}; known: {', '.join(sorted(MODELS))}")
         return value
+
+    @model_validator(mode="after")
+    def _placement_fits_the_network(self) -> ModelConfig:
+        """deform_layers names layers the chosen network has ("first:99" on 11 layers is an error here)."""
+        try:
+            resolve_deform_layers(self.deform_layers, conv_layer_count(self.arch))
+        except HarnessError as exc:
+            raise ValueError(f"{exc} ({self.arch})") from None
+        return self
 
 
 class FromStudy(Strict):

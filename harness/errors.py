@@ -22,3 +22,7 @@ def one_line(exc: BaseException, *, with_type: bool = True, limit: int = 500) ->
         return type(exc).__name__
     line = f"{type(exc).__name__}: {first}" if with_type else first
     return line[:limit]
+
+
+class HarnessWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI prints it as one line)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from harness import checkpoints
 from harness.analysis import post_training_analysis
 from harness.checkpoints import checkpoint_path, saved_epoch
 from harness.config import RunConfig, flatten
@@ -25,7 +26,7 @@ from harness.errors import HarnessError, one_line
 from harness.planning import PlannedRun, resolve_lr
 from harness.tracking import names
 from harness.tracking.store import AblationStore, ChildRun
-from harness.train import FitResult, fit
+from harness.train import DivergedError, FitResult, fit
 
 
 class RunnerEvents:
@@ -86,6 +87,8 @@ def run_tags(run: PlannedRun, config: RunConfig, env: dict[str, str], trace: Pat
         names.BASELINE: str(run.baseline).lower(),
         names.TRACE_DIR: str(trace),
     }
+    if run.lr_study:
+        tags[names.LR_FROM_STUDY] = run.lr_study
     if config.model.backend == "torchvision":  # the ablation compares against torchvision's op
         tags[names.DCN_KERNEL] = "torchvision.ops.deform_conv2d"
     return tags
@@ -93,13 +96,23 @@ def run_tags(run: PlannedRun, config: RunConfig, env: dict[str, str], trace: Pat
 
 def _open_child(
     run: PlannedRun, config: RunConfig, store: AblationStore, parent_id: str, tags: dict[str, str], checkpoint: Path
-) -> tuple[ChildRun, bool]:
-    """The run's MLflow record: the interrupted one reopened when its checkpoint is there, else a new one."""
-    previous = store.child_by_hash(run.config_hash) if checkpoint.exists() else None
+) -> tuple[ChildRun, bool] | str:
+    """The run's MLflow record, owned by this process: the interrupted one reopened when its checkpoint is
+    there, else a new one. Or why not: another process finished it, trains it, or took it just now."""
+    if run.config_hash in store.finished_hashes():
+        return "already FINISHED with this config hash (by another process)"
+    owner = store.busy_hashes().get(run.config_hash)
+    if owner is not None:
+        return f"running in another process ({owner.rsplit(' ', 1)[0] if owner.count(' ') == 2 else owner})"
+    previous = store.child_by_hash(run.config_hash) if checkpoints.exists(checkpoint) else None
     if previous is not None:
+        if not store.claim(previous.info.run_id):
+            return "another process took it to resume at the same moment"
         return store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id}), True
-    checkpoint.unlink(missing_ok=True)  # a checkpoint without its run cannot be resumed honestly
     child = store.start_child(parent_id, run.name, flatten(config.model_dump(mode="json")), tags)
+    if not store.first_claim(child, run.config_hash):
+        return "another process started it at the same moment"
+    checkpoints.remove(checkpoint)  # a checkpoint without its run cannot be resumed honestly
     child.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), names.CONFIG_ARTIFACT)
     return child, False
 
@@ -111,9 +124,12 @@ def run_one(
 ) -> RunOutcome:
     """Train one planned run into its MLflow child run; a failure ends that run FAILED and is returned."""
     config = execution_config(run, options)
-    checkpoint = checkpoint_path(options.results_dir, run.config_hash)
+    checkpoint = checkpoint_path(options.results_dir, store.ablation, run.config_hash)
     trace = trace_dir(options.results_dir, run)
-    child, resumed = _open_child(run, config, store, parent_id, run_tags(run, config, env, trace), checkpoint)
+    opened = _open_child(run, config, store, parent_id, run_tags(run, config, env, trace), checkpoint)
+    if isinstance(opened, str):
+        return RunOutcome(run, "skipped", opened)
+    child, resumed = opened
     try:
         data = data_cache.get(config.data, events.data_progress)
         barrier(context)  # the other ranks read the data from the cache now
@@ -126,10 +142,11 @@ def run_one(
             logged.add(epoch)
             events.epoch(run, epoch, record)
 
-        result = fit(
-            config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace,
-            on_epoch=on_epoch, on_step=events.step, context=context,
-        )
+        with child.keep_alive():
+            result = fit(
+                config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace,
+                on_epoch=on_epoch, on_step=events.step, context=context,
+            )
         # epochs trained before an interruption whose metrics never reached the store
         for record in result.history:
             epoch = int(record["epoch"])
@@ -141,7 +158,7 @@ def run_one(
         child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})
         child.finish("KILLED")
         raise
-    except HarnessError as exc:
+    except (HarnessError, DivergedError) as exc:  # the run's own failure, said in one line: no traceback
         child.fail(str(exc))
         return RunOutcome(run, "failed", str(exc), run_id=child.run_id)
     except Exception as exc:  # a failing run must not stop the grid

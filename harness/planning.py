@@ -10,24 +10,28 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from harness import settings
-from harness.config import RunConfig, SearchSpec, Strict, config_hash
-from harness.errors import HarnessError, one_line
+from harness.config import FromStudy, RunConfig, SearchSpec, Strict, config_hash, flatten
+from harness.errors import HarnessError
+from harness.safeyaml import load_yaml, load_yaml_file, short_repr
 from harness.tracking.studies import best_lr_from_study
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+MAX_NAME_LENGTH = 64  # ablation and variant names become file names, MLflow names and Optuna study names
+MAX_RUNS = 256  # a grid larger than this is refused unless the caller raises the limit (--max-runs)
+MAX_DESCRIPTION = 5000  # characters: the description is an MLflow tag on the experiment and on every parent run
 
 
 class AblationSpec(Strict):
-    name: Annotated[str, Field(pattern=NAME_PATTERN)]
-    description: str = ""
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
+    description: Annotated[str, Field(max_length=MAX_DESCRIPTION)] = ""
     baseline: str | None = None
     base: dict[str, Any] = Field(default_factory=dict)
     variants: dict[str, dict[str, Any] | None] = Field(default_factory=lambda: {"default": {}})
@@ -40,7 +44,9 @@ class AblationSpec(Strict):
             raise ValueError("variants is empty: name at least one variant")
         for variant in self.variants:
             if not _matches(NAME_PATTERN, variant):
-                raise ValueError(f"variant name {variant!r} may hold only letters, digits, '_', '-' and '.'")
+                raise ValueError(f"variant name {short_repr(variant)} may hold only letters, digits, '_', '-' and '.'")
+            if len(variant) > MAX_NAME_LENGTH:
+                raise ValueError(f"variant name {short_repr(variant)} is longer than {MAX_NAME_LENGTH} characters")
         if self.baseline is not None and self.baseline not in self.variants:
             raise ValueError(f"baseline {self.baseline!r} is not a variant (variants: {', '.join(self.variants)})")
         for axis, values in self.grid.items():
@@ -66,6 +72,7 @@ class PlannedRun(BaseModel):
     config: RunConfig
     config_hash: str
     baseline: bool = False
+    lr_study: str | None = None  # the Optuna study train.lr was read from (`lr: {from_study: NAME}`)
 
     @property
     def group(self) -> str:
@@ -74,9 +81,14 @@ class PlannedRun(BaseModel):
         return " · ".join([self.variant, *parts])
 
 
+def _loc_part(part: Any) -> bool:
+    """Keys and list indices, not pydantic's names for the member of a union that failed."""
+    return part != "" and (isinstance(part, int) or str(part).replace("_", "a").isalnum())
+
+
 def format_validation_error(source: str, exc: ValidationError, prefix: str = "") -> str:
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]) if p != "")
+    loc = ".".join(str(p) for p in (*([prefix] if prefix else []), *first["loc"]) if _loc_part(p))
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
@@ -84,7 +96,7 @@ def format_validation_error(source: str, exc: ValidationError, prefix: str = "")
     else:
         message = first["msg"].removeprefix("Value error, ")
         if "input" in first and first["type"] not in ("model_type",):
-            message += f" (given {first['input']!r})"
+            message += f" (given {short_repr(first['input'])})"
     more = len(exc.errors()) - 1
     return f"{source}: {loc}: {message}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
@@ -94,13 +106,7 @@ def load_ablation(path: str | Path) -> AblationSpec:
     path = Path(path)
     if not path.is_file():
         raise HarnessError(f"ablation file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or one_line(exc, with_type=False)
-        raise HarnessError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    raw = load_yaml_file(path)
     if not isinstance(raw, dict):
         raise HarnessError(f"{path}: an ablation file must be a mapping with name, base, variants, grid")
     try:
@@ -118,9 +124,9 @@ def parse_set(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise HarnessError(f"bad --set {item!r}: expected key.path=value, e.g. train.epochs=2")
         try:
-            result[key] = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise HarnessError(f"bad --set {item!r}: the value is not valid YAML") from None
+            result[key] = load_yaml(text, f"--set {key}") if text.strip() else None
+        except HarnessError:
+            raise HarnessError(f"bad --set {short_repr(item)}: the value is not valid YAML") from None
     return result
 
 
@@ -149,19 +155,8 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
     return merged
 
 
-def expand(
-    spec: AblationSpec,
-    overrides: dict[str, Any] | None = None,
-    data_root: str | Path | None = None,
-    source: str = "ablation",
-) -> list[PlannedRun]:
-    """Every (variant × grid point) run with its validated config, in file order.
-
-    `overrides` come from `--set`: `grid.<axis>` keys replace a grid axis, every other key is applied
-    to each run's config last. `data_root` (or the `coco_root` switch of harness.settings) fills
-    `data.root` where unset.
-    """
-    overrides = dict(overrides or {})
+def _grid_with_overrides(spec: AblationSpec, overrides: dict[str, Any]) -> dict[str, list[Any]]:
+    """The grid with `--set grid.<axis>=[...]` applied (those keys are popped from `overrides`)."""
     grid = dict(spec.grid)
     for key in [k for k in overrides if k.startswith("grid.")]:
         values = overrides.pop(key)
@@ -175,10 +170,75 @@ def expand(
         raise HarnessError(
             f"--set {clash[0]} clashes with the grid axis of the same name: use --set grid.{clash[0]}=[...]"
         )
+    return grid
 
+
+def _check_overrides_keep_variants(spec: AblationSpec, overrides: dict[str, Any]) -> None:
+    """`--set` applies to every run; where it would replace what a variant sets, the variants being compared
+    would no longer be the ones declared, so that needs `override_variants`."""
+    for variant, override in spec.variants.items():
+        declared = flatten(override or {})
+        for key, value in overrides.items():
+            for path, own in declared.items():
+                same_key = path == key
+                related = path.startswith(key + ".") or key.startswith(path + ".")
+                if (same_key and own != value) or related:
+                    raise HarnessError(
+                        f"--set {key}={short_repr(value)} would replace what variant {variant!r} sets "
+                        f"({path}={short_repr(own)}): the variants would no longer be the ones the file "
+                        "declares; pass --override-variants to do it anyway"
+                    )
+
+
+class _StudyRates:
+    """`lr: {from_study: NAME}` resolved once per study, before any run is planned."""
+
+    def __init__(self, storage: str | None) -> None:
+        self.storage = storage
+        self.rates: dict[str, float] = {}
+
+    def resolve(self, config: RunConfig) -> str | None:
+        lr = config.train.lr
+        if not isinstance(lr, FromStudy):
+            return None
+        if lr.from_study not in self.rates:
+            self.rates[lr.from_study] = best_lr_from_study(lr.from_study, self.storage)
+        config.train.lr = self.rates[lr.from_study]
+        return lr.from_study
+
+
+def expand(
+    spec: AblationSpec,
+    overrides: dict[str, Any] | None = None,
+    data_root: str | Path | None = None,
+    source: str = "ablation",
+    *,
+    max_runs: int | None = None,
+    override_variants: bool = False,
+    storage: str | None = None,
+) -> list[PlannedRun]:
+    """Every (variant × grid point) run with its validated config, in file order: the one validation
+    pass that `list`, `--dry-run`, `run`, `tune` and the Ray executor share.
+
+    `overrides` come from `--set`: `grid.<axis>` keys replace a grid axis, every other key is applied
+    to each run's config last (refused where a variant sets the key, unless `override_variants`).
+    `data_root` (or the `coco_root` switch of harness.settings) fills `data.root` where unset.
+    `lr: {from_study: NAME}` is resolved here from the Optuna `storage`, so the rate enters the config
+    hash. More than `max_runs` (default MAX_RUNS) runs, or two runs with one config hash, are refused.
+    """
+    overrides = dict(overrides or {})
+    grid = _grid_with_overrides(spec, overrides)
+    if not override_variants:
+        _check_overrides_keep_variants(spec, overrides)
+    limit = MAX_RUNS if max_runs is None else max_runs
+    total = len(spec.variants) * math.prod(len(values) for values in grid.values())
+    if total > limit:
+        raise HarnessError(f"{source}: the grid expands to {total:,} runs, more than {limit:,}: "
+                           f"pass --max-runs {total} to run them all, or --only to choose")
     root = str(data_root) if data_root is not None else settings.current().coco_root
     axes = list(grid)
     points = [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*(grid[a] for a in axes))]
+    rates = _StudyRates(storage)
     runs: list[PlannedRun] = []
     for variant, variant_override in spec.variants.items():
         for point in points:
@@ -191,14 +251,28 @@ def expand(
                 config.data.root = str(data_root)
             elif config.data.root is None and root and config.data.source == "coco":
                 config.data.root = root
+            study = rates.resolve(config)
             name = "/".join([variant, *(f"{k}={v}" for k, v in point.items())])
             runs.append(
                 PlannedRun(
                     name=name, variant=variant, grid=point, config=config, config_hash=config_hash(config),
-                    baseline=variant == spec.baseline_variant,
+                    baseline=variant == spec.baseline_variant, lr_study=study,
                 )
             )
+    _check_distinct(runs, source)
     return runs
+
+
+def _check_distinct(runs: list[PlannedRun], source: str) -> None:
+    """Two planned runs with one config hash would train the same model under two names."""
+    seen: dict[str, str] = {}
+    for run in runs:
+        if run.config_hash in seen:
+            raise HarnessError(
+                f"{source}: runs {seen[run.config_hash]!r} and {run.name!r} have the same config "
+                f"(hash {run.config_hash}): they would train the same model; make them differ or drop one"
+            )
+        seen[run.config_hash] = run.name
 
 
 def select(runs: list[PlannedRun], patterns: list[str] | None) -> list[PlannedRun]:

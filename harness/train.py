@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from harness.allocator import steady_heap
-from harness.checkpoints import load_checkpoint, save_checkpoint
+from harness.checkpoints import load_resumable, save_checkpoint
 from harness.config import RunConfig
 from harness.data import BatchLoader, PreparedData
 from harness.distributed import SINGLE, DistContext, barrier, gather_cat, mean_over_ranks
@@ -148,6 +148,17 @@ def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss: the run failed (its rate is too high, or its data is bad)."""
+
+
+def check_finite(record: dict[str, float], epoch: int) -> None:
+    """A non-finite train or val loss ends the run: no later epoch, checkpoint or metric is trusted."""
+    for key in ("train_loss", "val_loss"):
+        if not math.isfinite(record[key]):
+            raise DivergedError(f"diverged at epoch {epoch}: {key.replace('_', ' ')} is {record[key]}")
+
+
 @dataclass
 class Trainer:
     """What one optimisation step needs. `model` is the network itself (checkpoints, evaluation);
@@ -205,7 +216,7 @@ def train_epoch(
             try:
                 loss = train_step(trainer, x, y)
             except FloatingPointError as exc:
-                raise FloatingPointError(f"{exc} at epoch {epoch}, step {step}") from None
+                raise DivergedError(f"diverged at epoch {epoch}: train {exc} at step {step}") from None
             loss_sum += loss.item() * y.shape[0]
             seen += y.shape[0]
             if window is not None:
@@ -247,8 +258,11 @@ def _checkpoint_state(
 def _restore(
     path: Path, trainer: Trainer, scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
 ) -> tuple[int, list[dict[str, float]], ProfileSummary | None]:
-    """Load a checkpoint into the training state: (last epoch, history, profile summary)."""
-    state = load_checkpoint(path, map_location=trainer.device)
+    """Load the run's newest readable checkpoint into the training state: (last epoch, history, profile
+    summary); (0, [], None) when there is none (an unreadable one is moved aside with a warning)."""
+    state = load_resumable(path, map_location=trainer.device)
+    if state is None:
+        return 0, [], None
     trainer.model.load_state_dict(state["model"])
     trainer.optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -313,7 +327,7 @@ def fit(
     history: list[dict[str, float]] = []
     profile: ProfileSummary | None = None
     resumed_from = 0
-    if checkpoint_path is not None and checkpoint_path.exists():
+    if checkpoint_path is not None:
         resumed_from, history, profile = _restore(checkpoint_path, trainer, scheduler, generator)
 
     if device.type == "cuda":
@@ -339,6 +353,7 @@ def fit(
                 "data_wait_s": float(train_loader.wait_seconds),
                 "lr": trainer.optimizer.param_groups[0]["lr"],
             }
+            check_finite(record, epoch)
             history.append(record)
             scheduler.step()
             if checkpoint_path is not None and config.train.checkpoint and context.is_main:

@@ -137,3 +137,94 @@ def test_shipped_ablations_are_valid(path):
     if spec.name != "quickstart":
         assert len(spec.grid.get("seed", [])) >= 3, "real ablations run at least 3 seeds"
         assert all(r.config.data.source == "coco" for r in runs)
+
+
+# --- the one validation pass: what is declared is what runs ------------------------------------------------
+
+
+def test_set_may_not_silently_replace_what_a_variant_sets(tmp_path):
+    spec = load_ablation(write(tmp_path, BASIC))
+    with pytest.raises(HarnessError, match=r"--set model.deform_layers='first:3' would replace what variant "
+                                           r"'standard' sets \(model.deform_layers='none'\)"):
+        expand(spec, parse_set(["model.deform_layers=first:3"]))
+    with pytest.raises(HarnessError, match="variant 'standard' sets"):
+        expand(spec, parse_set(["model={width: 0.5}"]))  # a parent of the variant's key
+    with pytest.raises(HarnessError, match="have the same config"):  # forced: a model compared with itself
+        expand(spec, parse_set(["model.deform_layers=first:3"]), override_variants=True)
+    nine = BASIC.replace("standard: {model: {deform_layers: none}}",
+                         "standard: {model: {deform_layers: none}, train: {epochs: 9}}")
+    epochs = load_ablation(write(tmp_path, nine))
+    with pytest.raises(HarnessError, match="variant 'standard' sets"):
+        expand(epochs, parse_set(["train.epochs=1"]))
+    runs = expand(epochs, parse_set(["train.epochs=1"]), override_variants=True)
+    assert {r.config.train.epochs for r in runs} == {1}
+    # --set of a key no variant sets, or to the value the variant already has, is fine
+    assert expand(spec, parse_set(["model.width=0.5"]))[0].config.model.width == 0.5
+    same = expand(load_ablation(write(tmp_path, BASIC.replace('"first:2"', "none").replace(
+        "deform: {model: {deform_layers: none}}", "deform: {model: {deform_layers: none, width: 0.5}}"))),
+        parse_set(["model.deform_layers=none"]))
+    assert len({r.config_hash for r in same}) == len(same)
+
+
+def test_two_runs_with_one_config_are_refused(tmp_path):
+    text = BASIC.replace('deform: {model: {deform_layers: "first:2"}}', "again: {model: {deform_layers: none}}")
+    with pytest.raises(HarnessError, match=r"runs 'standard/data.train_size=100/seed=0' and "
+                                           r"'again/data.train_size=100/seed=0' have the same config"):
+        expand(load_ablation(write(tmp_path, text)))
+
+
+def test_large_grids_need_max_runs(tmp_path):
+    text = BASIC.replace("seed: [0, 1]", "seed: " + str(list(range(5000))))
+    spec = load_ablation(write(tmp_path, text))
+    with pytest.raises(HarnessError, match=r"expands to 20,000 runs, more than 256: pass --max-runs 20000"):
+        expand(spec)
+    assert len(expand(spec, parse_set(["grid.seed=[0, 1, 2]"]), max_runs=12)) == 12
+    with pytest.raises(HarnessError, match="more than 11"):
+        expand(spec, parse_set(["grid.seed=[0, 1, 2]"]), max_runs=11)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.inf", r"train.lr: Input should be a finite number"),
+        ("train.lr=.nan", r"train.lr: Input should be a finite number"),
+        ("model.width=.inf", r"model.width: Input should be a finite number"),
+        ("model.deform_layers=[99]", r"deform_layers indices \[99\] are outside 0..10 \(unet_encoder\)"),
+        ("model.deform_layers=first:99", r"'first:99': the network has 11 conv layers"),
+        ("model.deform_layers=bogus", r"'bogus' is not one of none, all"),
+    ],
+)
+def test_values_that_would_fail_at_run_time_fail_here(tmp_path, override, message):
+    spec = load_ablation(write(tmp_path, BASIC))
+    with pytest.raises(HarnessError, match=message):
+        expand(spec, parse_set([override]), override_variants=True)
+
+
+def test_names_are_bounded(tmp_path):
+    long = "v" * 1000
+    with pytest.raises(HarnessError, match="longer than 64 characters"):
+        load_ablation(write(tmp_path, BASIC.replace("  standard:", f"  {long}:")))
+    with pytest.raises(HarnessError) as caught:
+        load_ablation(write(tmp_path, BASIC.replace("name: demo", f"name: {long}")))
+    assert "name" in str(caught.value) and len(str(caught.value)) < 400  # the value is shown shortened
+
+
+def test_from_study_is_resolved_before_the_hash(tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    lr = optuna.distributions.FloatDistribution(1e-5, 1.0, log=True)
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.01}, distributions={"lr": lr}, value=0.5))
+    with_study = BASIC.replace("train: {epochs: 3}", "train: {epochs: 3, lr: {from_study: s}}")
+    spec = load_ablation(write(tmp_path, with_study))
+    first = expand(spec, storage=storage)
+    assert {r.config.train.lr for r in first} == {0.01} and {r.lr_study for r in first} == {"s"}
+    study.add_trial(optuna.trial.create_trial(params={"lr": 0.003}, distributions={"lr": lr}, value=0.9))
+    second = expand(spec, storage=storage)
+    assert {r.config.train.lr for r in second} == {0.003}
+    assert not {r.config_hash for r in first} & {r.config_hash for r in second}  # a rerun is not "same config"
+    with pytest.raises(HarnessError, match="no Optuna study 'missing'"):
+        expand(load_ablation(write(tmp_path, BASIC.replace("train: {epochs: 3}",
+                                                           "train: {epochs: 3, lr: {from_study: missing}}"))),
+               storage=storage)

@@ -9,7 +9,7 @@ import torch
 
 from harness.config import RunConfig
 from harness.data import prepare_data
-from harness.train import fit
+from harness.train import DivergedError, fit
 
 
 @pytest.fixture(scope="module")
@@ -42,5 +42,5 @@ def test_resume_continues_from_the_checkpoint(data, tmp_path):
 
 
 def test_nan_loss_raises_with_epoch_and_step(data):
-    with pytest.raises(FloatingPointError, match="at epoch 1, step"):
+    with pytest.raises(DivergedError, match=r"diverged at epoch 1: train loss is (nan|inf) at step \d"):
         fit(config(), data, lr=1e12, device=torch.device("cpu"))

@@ -31,7 +31,7 @@ from harness.analysis import offsets as offsets_mod
 from harness.analysis import plots
 from harness.analysis import robustness as robust_mod
 from harness.analysis.sampling import ConvGeometry, capture_offsets, compose_points, conv_geometry, default_chain
-from harness.checkpoints import checkpoint_path, load_checkpoint
+from harness.checkpoints import find_checkpoint, load_checkpoint
 from harness.config import RunConfig
 from harness.data import BatchLoader, DataCache, PreparedData, denormalize
 from harness.devices import resolve_device
@@ -292,6 +292,8 @@ def analyze_model(
 def _unflatten(params: Mapping[str, str]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, text in params.items():
+        if key.startswith(names.PREFIX):  # the harness's own bookkeeping (claims), not config keys
+            continue
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -388,7 +390,7 @@ def analyze_runs(
         config_hash = record.tags.get(names.CONFIG_HASH)
         if not config_hash:
             raise HarnessError(f"run {record.name} ({record.run_id}) has no {names.CONFIG_HASH} tag")
-        checkpoint = checkpoint_path(results_dir, config_hash)
+        checkpoint = find_checkpoint(results_dir, record.experiment, config_hash)
         state = read_checkpoint(checkpoint, record.name)
         saved = state.get("config")
         config_text = None if saved is not None else read_run_text(handle, names.CONFIG_ARTIFACT)

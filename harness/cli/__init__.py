@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 import typer
@@ -14,7 +15,7 @@ import typer
 from harness import settings
 from harness.cli import bench, data, evaluate, report, run, tune  # noqa: F401  (each registers its commands)
 from harness.cli.app import app, err_console
-from harness.errors import HarnessError
+from harness.errors import HarnessError, HarnessWarning
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -33,9 +34,21 @@ def _click_errors() -> tuple[type[Exception], ...]:
 _CLICK_ERRORS = _click_errors()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """The harness's own warnings as one line each; others as Python prints them."""
+    if issubclass(category, HarnessWarning):
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI with `argv` (default: sys.argv) and return the exit status."""
     settings.apply_mlflow_defaults()  # before mlflow is first imported
+    warnings.showwarning = _show_warning
     for noisy in ("mlflow", "alembic", "optuna"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -15,7 +15,13 @@ from harness.cli.app import TrackingUriOption, app, bench_app, console
 from harness.errors import HarnessError
 from harness.report.bench import bench_report
 from harness.report.data import load_ablations
-from harness.report.render import comparison_csv, comparison_markdown, render_ablation_html, write_html_reports
+from harness.report.render import (
+    comparison_csv,
+    comparison_markdown,
+    render_ablation_html,
+    write_html_reports,
+    write_text_atomic,
+)
 from harness.tracking.query import open_store
 
 FORMATS = ("html", "md", "csv")
@@ -48,6 +54,8 @@ def report(
     """Report on ablation runs stored in MLflow: one offline HTML page per ablation, or the comparison table."""
     if fmt not in FORMATS:
         raise HarnessError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    one_file = fmt in ("md", "csv") or out == "-" or (out is not None and out.endswith(".html"))
+    _check_out(out, fmt, one_file)  # before the store is read: a wrong --out fails at once
     store = open_store(tracking_uri)
     datas = load_ablations(store, ablations or None, baseline=baseline, with_artifacts=fmt == "html")
     if fmt in ("md", "csv"):
@@ -57,13 +65,10 @@ def report(
             sys.stdout.flush()
             return
         path = Path(out)
-        if path.is_dir():
-            raise HarnessError(f"--out {out} is a directory; give a file name for --format {fmt}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_text_atomic(path, text, "Markdown report" if fmt == "md" else "CSV report")
         console.print(f"wrote {path}", highlight=False)
         return
-    if out == "-" or (out is not None and out.endswith(".html")):
+    if one_file:
         if len(datas) != 1:
             raise HarnessError(f"--out {out} takes exactly one ablation, got {len(datas)}; give a directory instead")
         html = render_ablation_html(datas[0])
@@ -72,8 +77,7 @@ def report(
             sys.stdout.flush()
             return
         path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(html, encoding="utf-8")
+        write_text_atomic(path, html, "HTML report")
         console.print(f"wrote {path}", highlight=False)
         return
     paths = write_html_reports(datas, Path(out or "reports"))
@@ -87,6 +91,20 @@ def report(
         )
     for path in paths:
         console.print(f"wrote {path}", highlight=False, markup=False)
+
+
+def _check_out(out: str | None, fmt: str, one_file: bool) -> None:
+    """A one-line error when --out names a directory where a file is written, or a file where a directory is."""
+    if out is None or out == "-":
+        return
+    path = Path(out)
+    if one_file and path.is_dir():
+        raise HarnessError(f"--out {out} is a directory; give a file name for --format {fmt}")
+    if not one_file and path.exists() and not path.is_dir():
+        raise HarnessError(
+            f"--out {out} is a file; --format html writes one page per ablation into a directory "
+            "(or name a .html file for one ablation)"
+        )
 
 
 @bench_app.command("report")

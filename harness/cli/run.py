@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +19,7 @@ from harness.cli.app import DataRootOption, DeviceOption, TrackingUriOption, app
 from harness.config import flatten
 from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
-from harness.planning import PlannedRun, expand, load_ablation, parse_set, select, shard
+from harness.planning import MAX_RUNS, PlannedRun, expand, load_ablation, parse_set, select, shard
 from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
 from harness.tracking.uri import check_store, resolve_uri
 
@@ -29,12 +31,19 @@ SetOption = Annotated[
 OnlyOption = Annotated[
     list[str] | None, typer.Option("--only", help="glob over variant or run names (repeatable)")
 ]
+MaxRunsOption = Annotated[
+    int | None, typer.Option("--max-runs", help=f"allow a grid of more than {MAX_RUNS} runs (up to this many)")
+]
+OverrideVariantsOption = Annotated[
+    bool, typer.Option("--override-variants", help="let --set replace keys that variants set themselves")
+]
 
 
 def _plan(file: Path, set_items: list[str] | None, data_root: Path | None, only: list[str] | None,
-          shard_spec: str | None = None):
+          shard_spec: str | None = None, max_runs: int | None = None, override_variants: bool = False):
     spec = load_ablation(file)
-    runs = expand(spec, parse_set(set_items), data_root, source=str(file))
+    runs = expand(spec, parse_set(set_items), data_root, source=str(file), max_runs=max_runs,
+                  override_variants=override_variants)
     return spec, shard(select(runs, only), shard_spec)
 
 
@@ -44,9 +53,11 @@ def list_runs(
     set_items: SetOption = None,
     data_root: DataRootOption = None,
     only: OnlyOption = None,
+    max_runs: MaxRunsOption = None,
+    override_variants: OverrideVariantsOption = False,
 ) -> None:
     """Print the runs an ablation file expands to: name, overrides, config hash."""
-    spec, runs = _plan(file, set_items, data_root, only)
+    spec, runs = _plan(file, set_items, data_root, only, None, max_runs, override_variants)
     table = Table(title=f"{spec.name}: {len(runs)} runs (baseline: {spec.baseline_variant})")
     for col in ("#", "run", "variant overrides", "hash"):
         table.add_column(col)
@@ -152,6 +163,8 @@ def run(
     nproc: Annotated[
         int, typer.Option("--nproc", help="data-parallel processes per run (starts torchrun; gloo on CPU, NCCL on GPU)")
     ] = 1,
+    max_runs: MaxRunsOption = None,
+    override_variants: OverrideVariantsOption = False,
 ) -> int:
     """Train every run of an ablation file under torch.profiler and log it to MLflow (resumable)."""
     if device is not None and device not in ("auto", "cpu", "cuda", "mps"):
@@ -162,9 +175,9 @@ def run(
         raise HarnessError("--executor ray and --nproc cannot be combined: Ray runs one process per run")
     if nproc < 1:
         raise HarnessError(f"--nproc {nproc}: expected a positive number of processes")
-    spec, runs = _plan(file, set_items, data_root, only, shard_spec)
+    spec, runs = _plan(file, set_items, data_root, only, shard_spec, max_runs, override_variants)
     if dry_run:
-        list_runs(file, set_items, data_root, only)
+        list_runs(file, set_items, data_root, only, max_runs, override_variants)
         console.print("dry run: nothing trained")
         return 0
     if nproc > 1 and not launched_by_torchrun():
@@ -173,10 +186,11 @@ def run(
             for value in values or []:
                 forwarded += [flag, value]
         for flag, value in (("--tracking-uri", tracking_uri), ("--device", device), ("--data-root", data_root),
-                            ("--shard", shard_spec)):
+                            ("--shard", shard_spec), ("--max-runs", max_runs)):
             if value is not None:
                 forwarded += [flag, str(value)]
         forwarded += ["--no-profile"] if no_profile else []
+        forwarded += ["--override-variants"] if override_variants else []
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "harness", "run", *forwarded]
         console.print(f"starting {nproc} data-parallel processes: torchrun --nproc_per_node {nproc} -m harness run ...")
@@ -210,15 +224,94 @@ def run(
 @app.command("ui")
 def ui(
     tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store to browse")] = None,
-    port: Annotated[int, typer.Option(help="port on 127.0.0.1")] = 5000,
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
+    host: Annotated[str, typer.Option(help="interface to bind; 0.0.0.0 exposes the UI to the network")] = "127.0.0.1",
+    workers: Annotated[int, typer.Option(help="MLflow server worker processes")] = 1,
 ) -> int:
-    """Open the MLflow UI on the harness store, bound to 127.0.0.1."""
+    """Open the MLflow UI on the harness store (bound to 127.0.0.1 unless --host says otherwise)."""
+    if not 0 < port < 65536:
+        raise HarnessError(f"--port {port}: expected a port number between 1 and 65535")
+    if workers < 1:
+        raise HarnessError(f"--workers {workers}: expected a positive number of worker processes")
     uri = resolve_uri(tracking_uri)
     check_store(uri, create=False)
-    console.print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port)]
+    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)", highlight=False)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
+               "--port", str(port), "--workers", str(workers)]
+    return _serve(command)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_STOP_GRACE_S = 10.0
+
+
+class _StopRequested(Exception):
+    """Raised by the signal handler of `_serve` to leave the wait for the server."""
+
+
+def _serve(command: list[str], grace_s: float = _STOP_GRACE_S) -> int:
+    """Run `command` (a server) in its own session until it exits or this process gets SIGTERM, SIGINT or
+    SIGHUP; then stop the server's whole process group (it forks workers). The exit status of the server,
+    or 0 when it was stopped on request."""
+    received: list[int] = []
+    armed = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signum)
+        if armed and len(received) == 1:
+            raise _StopRequested
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS} if in_main_thread else {}
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
+        # its own session: a terminal's Ctrl-C reaches only the harness, which stops the group in order
+        proc = subprocess.Popen(command, start_new_session=True)
+        try:
+            armed = True
+            if not received:  # a signal that came while the server was starting
+                proc.wait()
+        except _StopRequested:
+            pass
+        finally:
+            armed = False
+            _stop_group(proc, grace_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        console.print(f"stopped the MLflow UI ({signal.Signals(received[0]).name})", highlight=False)
         return 0
+    return proc.returncode
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member we may not signal still exists
+        return True
+    return True
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group led by `proc`, SIGKILL it when anything is left after `grace_s`; reap `proc`."""
+    pgid = proc.pid  # start_new_session: the server leads its own group
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        proc.wait()
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, or it would count as alive
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        err_console.print(f"MLflow server did not stop within {grace_s:.0f}s of SIGTERM; killing it", highlight=False)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

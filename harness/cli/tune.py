@@ -145,7 +145,7 @@ def tune_command(
     spec = load_ablation(file)
     search_overrides, config_overrides = split_overrides(parse_set(set_items))
     search = resolve_search(spec, search_overrides, source=str(file))
-    runs = select(expand(spec, config_overrides, data_root, source=str(file)), only)
+    runs = select(expand(spec, config_overrides, data_root, source=str(file), storage=storage), only)
     studies = plan_studies(spec, search, runs)
     quiet_optuna()
     options = TuneOptions(storage, tracking_uri, n_trials, n_jobs, device, results_dir, str(file))

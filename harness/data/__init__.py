@@ -30,7 +30,7 @@ from harness.data.download import (
 )
 from harness.data.pipeline import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, denormalize, normalize_u8
 from harness.data.prepare import PreparedData, prepare_data
-from harness.data.sources import DataCache, check_data_roots, data_root
+from harness.data.sources import DataCache, check_datasets, data_root
 from harness.data.subsets import nested_subset, permutation, resolve_size
 from harness.data.synth import SHAPES, SynthResult, render_chunk, synthesize
 
@@ -54,7 +54,7 @@ __all__ = [
     "SynthResult",
     "annotation_path",
     "cache_key",
-    "check_data_roots",
+    "check_datasets",
     "data_root",
     "decode_image",
     "decode_images",

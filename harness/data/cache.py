@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from harness.data.coco import CocoSplit
-from harness.errors import HarnessError, one_line
+from harness.errors import HarnessError, HarnessWarning, one_line
 
 Progress = Callable[[str, int, int], None]
 
@@ -45,7 +45,7 @@ _RESAMPLE = Image.Resampling.BILINEAR  # antialiased when downscaling
 _STALE_TEMP_SECONDS = 3600.0
 
 
-class SkippedImagesWarning(UserWarning):
+class SkippedImagesWarning(HarnessWarning):
     """Some images could not be read and were left out (see `PreparedData.skipped`)."""
 
 

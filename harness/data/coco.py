@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,10 @@ def _read_instances(path: Path) -> tuple[dict[str, Any], str]:
     digest = hashlib.sha256(raw).hexdigest()
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _fail(path, f"not valid JSON ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except UnicodeDecodeError as exc:
+        raise _fail(path, f"not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not isinstance(data, dict):
         raise _fail(path, "not a COCO instances file (the top level is not an object)")
     missing = [k for k in ("images", "annotations", "categories") if k not in data]
@@ -150,6 +153,75 @@ def _check_paths(root: Path, split: str, check_image_dir: bool) -> tuple[Path, P
     if check_image_dir and not img_dir.is_dir():
         raise HarnessError(f"image directory {img_dir} not found (split {split!r})")
     return ann_file, img_dir
+
+
+def image_files(img_dir: Path) -> dict[str, bool] | None:
+    """Name → whether it is a symbolic link, for every entry of `img_dir` (one `os.scandir`, no stat per
+    file); None when the folder cannot be listed."""
+    try:
+        with os.scandir(img_dir) as entries:
+            return {entry.name: entry.is_symlink() for entry in entries}
+    except OSError:
+        return None
+
+
+def _plain_name(name: str) -> bool:
+    """A single path component that names something inside its folder (the common, fast case)."""
+    return "/" not in name and "\x00" not in name and name not in ("", ".", "..")
+
+
+def _relative_inside(name: str) -> bool:
+    """`name` is a relative path with no `..` component that names something below its folder."""
+    if "\x00" in name or os.path.isabs(name):
+        return False
+    return ".." not in name.split("/") and os.path.normpath(name) != "."
+
+
+def _check_file_names(ann_file: Path, img_dir: Path, images: list[dict[str, Any]],
+                      files: dict[str, bool] | None) -> None:
+    """Every image's file_name resolves inside `img_dir`: no absolute paths, no `..`, no symbolic link
+    that leads out (the folder itself may be a link). `files` is `image_files(img_dir)`."""
+    real_dir: str | None = None
+    for info in images:
+        name = info["file_name"]
+        if _plain_name(name):
+            if not (files and files.get(name)):
+                continue  # a plain file (or a missing one): inside by construction
+        elif not _relative_inside(name):
+            raise _outside(ann_file, img_dir, info)
+        if real_dir is None:
+            real_dir = os.path.realpath(img_dir)
+        real = os.path.realpath(os.path.join(img_dir, name))
+        if real == real_dir or os.path.commonpath([real_dir, real]) != real_dir:
+            raise _outside(ann_file, img_dir, info)
+
+
+def _outside(ann_file: Path, img_dir: Path, info: dict[str, Any]) -> HarnessError:
+    return _fail(ann_file, f"image id {info['id']} has file_name {info['file_name']!r}, which is not inside "
+                           f"the image folder {img_dir}")
+
+
+def category_difference(a: CocoSplit, b: CocoSplit, limit: int = 5) -> str | None:
+    """Which categories differ between two splits, as a short phrase; None when ids and names agree."""
+    names_a = {c["id"]: c["name"] for c in a.categories}
+    names_b = {c["id"]: c["name"] for c in b.categories}
+
+    def listed(items: list[str]) -> str:
+        more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+        return ", ".join(items[:limit]) + more
+
+    parts = []
+    only_a = [f"{cid} {names_a[cid]!r}" for cid in sorted(names_a.keys() - names_b.keys())]
+    only_b = [f"{cid} {names_b[cid]!r}" for cid in sorted(names_b.keys() - names_a.keys())]
+    renamed = [f"{cid} {names_a[cid]!r} vs {names_b[cid]!r}"
+               for cid in sorted(names_a.keys() & names_b.keys()) if names_a[cid] != names_b[cid]]
+    if only_a:
+        parts.append(f"ids only in {a.split}: {listed(only_a)}")
+    if only_b:
+        parts.append(f"ids only in {b.split}: {listed(only_b)}")
+    if renamed:
+        parts.append(f"names differ: {listed(renamed)}")
+    return "; ".join(parts) or None
 
 
 def _index_instances(ann_file: Path, data: dict[str, Any]) -> Any:
@@ -195,7 +267,8 @@ class _ImageRows:
     crowds: list[np.ndarray] = field(default_factory=list)
 
 
-def _image_rows(coco: Any, id_to_index: dict[int, int], *, include_crowd: bool, drop_empty: bool) -> _ImageRows:
+def _image_rows(ann_file: Path, coco: Any, id_to_index: dict[int, int], *, include_crowd: bool,
+                drop_empty: bool) -> _ImageRows:
     """Targets, boxes, labels and crowd flags of every kept image, in ascending image id order."""
     out = _ImageRows()
     n_classes = len(id_to_index)
@@ -213,7 +286,10 @@ def _image_rows(coco: Any, id_to_index: dict[int, int], *, include_crowd: bool, 
         for k, a in enumerate(anns):
             bbox = a.get("bbox")
             if isinstance(bbox, list | tuple) and len(bbox) == 4:
-                box[k] = bbox
+                try:
+                    box[k] = bbox
+                except (TypeError, ValueError):
+                    raise _fail(ann_file, f"annotation id {a['id']} has bbox {bbox!r}: not 4 numbers") from None
         out.image_ids.append(int(img_id))
         out.file_names.append(str(info["file_name"]))
         out.widths.append(int(info["width"]))
@@ -237,8 +313,9 @@ def load_split(
 
     Images without (counted) annotations stay in as all-negative unless `drop_empty`; crowd boxes
     count unless `include_crowd=False`. Raises `HarnessError` naming the path or key for a missing
-    root, annotation file or image folder, a file that is not COCO instances JSON, or an annotation
-    whose category_id or image_id is unknown.
+    root, annotation file or image folder, a file that is not COCO instances JSON, an annotation
+    whose category_id or image_id is unknown, or an image whose file_name does not resolve inside the
+    image folder (absolute, `..`, or a symbolic link leading out), so no path outside it is ever read.
     """
     root = Path(root)
     ann_file, img_dir = _check_paths(root, split, check_image_dir)
@@ -247,7 +324,9 @@ def load_split(
     _check_fields(ann_file, "categories", data["categories"], {"id": (int,), "name": (str,)})
     _check_fields(ann_file, "images", data["images"],
                   {"id": (int,), "file_name": (str,), "width": (int,), "height": (int,)})
-    _check_fields(ann_file, "annotations", data["annotations"], {"image_id": (int,), "category_id": (int,)})
+    _check_file_names(ann_file, img_dir, data["images"], image_files(img_dir))
+    _check_fields(ann_file, "annotations", data["annotations"],
+                  {"id": (int,), "image_id": (int,), "category_id": (int,)})
     coco = _index_instances(ann_file, data)
 
     cat_ids = sorted(coco.getCatIds())
@@ -259,7 +338,7 @@ def load_split(
     id_to_index = {cid: index for index, cid in enumerate(cat_ids)}
     _check_annotation_refs(ann_file, data["annotations"], id_to_index, coco.imgs)
 
-    img = _image_rows(coco, id_to_index, include_crowd=include_crowd, drop_empty=drop_empty)
+    img = _image_rows(ann_file, coco, id_to_index, include_crowd=include_crowd, drop_empty=drop_empty)
     targets = np.stack(img.rows) if img.rows else np.zeros((0, len(categories)), dtype=np.float32)
     return CocoSplit(
         root=root, split=split, annotation_file=ann_file, image_dir=img_dir, annotation_sha256=digest,

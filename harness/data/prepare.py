@@ -19,7 +19,7 @@ from harness.data.cache import (
     transform_boxes,
     warn_skipped,
 )
-from harness.data.coco import CocoSplit, load_split
+from harness.data.coco import CocoSplit, category_difference, load_split
 from harness.data.subsets import SubsetSize, nested_subset
 from harness.errors import HarnessError
 
@@ -79,13 +79,13 @@ class PreparedData:
         }
 
 
-def _same_categories(a: CocoSplit, b: CocoSplit) -> None:
-    ka = [(c["id"], c["name"]) for c in a.categories]
-    kb = [(c["id"], c["name"]) for c in b.categories]
-    if ka != kb:
+def same_categories(train: CocoSplit, val: CocoSplit) -> None:
+    """Train and val have the same categories (ids and names), else one line saying which differ."""
+    difference = category_difference(train, val)
+    if difference:
         raise HarnessError(
-            f"{a.annotation_file} and {b.annotation_file} have different categories "
-            f"({len(ka)} vs {len(kb)}); train and val must share one class list"
+            f"{train.annotation_file} and {val.annotation_file} have different categories ({difference}); "
+            "train and val must share one class list"
         )
 
 
@@ -142,7 +142,7 @@ def prepare_data(
                                   skip=len(val_idx))
     else:
         val = load_split(root, val_split, drop_empty=drop_empty, include_crowd=include_crowd)
-        _same_categories(train, val)
+        same_categories(train, val)
         train_idx = nested_subset(len(train), train_size, subset_seed, train_split, key="train_size")
         val_idx = nested_subset(len(val), val_size, subset_seed, val_split, key="val_size")
 

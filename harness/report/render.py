@@ -6,9 +6,12 @@ no data. Every user string goes through jinja2's autoescaping (or matplotlib's S
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
 import re
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +22,7 @@ import jinja2
 import pandas as pd
 
 from harness.analysis.section import analysis_section
+from harness.errors import HarnessError
 from harness.report import plots
 from harness.report.data import (
     DELTA_COLUMNS,
@@ -37,6 +41,7 @@ from harness.report.data import (
 )
 from harness.report.stats import NO_CI, PAIRED, WELCH, mean_std
 from harness.tracking import names as tracking_names
+from harness.tracking.uri import ensure_writable_dir
 
 METHOD_MARK = {PAIRED: "p", WELCH: "w", NO_CI: ""}
 # the group_stats columns (`<metric>_mean`) the key findings read
@@ -417,22 +422,62 @@ def report_filename(name: str, taken: set[str] | None = None) -> str:
     return candidate
 
 
+def _ensure_folder(folder: Path, what: str) -> None:
+    """Create `folder` (with its parents); a one-line error when a file stands in the way or it is not writable."""
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if ancestor == folder and not ancestor.is_dir():
+                raise HarnessError(f"{what}: {folder} is a file, not a directory")
+            if not ancestor.is_dir():
+                raise HarnessError(f"{what}: cannot create {folder}: {ancestor} is a file")
+            break
+    ensure_writable_dir(folder, what)
+
+
+def write_text_atomic(path: Path, text: str, what: str = "report") -> None:
+    """Write `text` to `path` whole or not at all: into a temporary file in the same folder, then `os.replace`.
+
+    Creates the folder when needed. A one-line `HarnessError` naming `what`, the path and the reason when the
+    folder cannot be created or the file cannot be written; no temporary file is left behind.
+    """
+    _ensure_folder(path.parent, f"{what} {path}")
+    if path.is_dir():
+        raise HarnessError(f"{what} {path}: is a directory, not a file")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        # os.open with 0o666 so the report gets the usual umask-derived mode (mkstemp would make it 0600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise HarnessError(f"{what} {path}: cannot write: {exc.strerror or exc}") from None
+        raise
+
+
 def write_html_reports(datas: Sequence[AblationData], out_dir: Path, now: datetime | None = None) -> list[Path]:
-    """Write one page per ablation into `out_dir` (plus index.html when there are several); return the paths."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write one page per ablation into `out_dir` (plus index.html when there are several); return the paths.
+
+    Every page is rendered before the first is written, and each is written atomically (`write_text_atomic`):
+    a failure leaves no partial page. A one-line `HarnessError` when `out_dir` is a file or cannot be written.
+    """
+    _ensure_folder(out_dir, "HTML reports")
     taken: set[str] = set()
     names = [report_filename(d.name, taken) for d in datas]
     several = len(datas) > 1
-    paths = []
-    for data, name in zip(datas, names, strict=True):
-        path = out_dir / name
-        path.write_text(render_ablation_html(data, "index.html" if several else None, now), encoding="utf-8")
-        paths.append(path)
-    if several:
-        index = out_dir / "index.html"
-        index.write_text(render_index_html(datas, names, now), encoding="utf-8")
-        paths.insert(0, index)
-    return paths
+    pages = [
+        (out_dir / name, render_ablation_html(data, "index.html" if several else None, now))
+        for data, name in zip(datas, names, strict=True)
+    ]
+    if several:  # the index last: it links pages that exist by then
+        pages.append((out_dir / "index.html", render_index_html(datas, names, now)))
+    for path, html in pages:
+        write_text_atomic(path, html, "HTML report")
+    paths = [path for path, _ in pages]
+    return paths[-1:] + paths[:-1] if several else paths
 
 
 def comparison_frame(data: AblationData) -> pd.DataFrame:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from harness.checkpoints import checkpoint_path
-from harness.data import DataCache, check_data_roots
+from harness.data import DataCache, check_datasets
 from harness.devices import resolve_device
 from harness.distributed import DistContext, barrier, broadcast, init_from_env, shutdown
 from harness.errors import HarnessError
@@ -26,6 +26,7 @@ from harness.runner.ray_executor import run_on_ray
 from harness.tracking import names
 from harness.tracking.environment import environment_tags
 from harness.tracking.store import AblationStore
+from harness.tracking.uri import ensure_writable_dir
 from harness.train import fit
 
 
@@ -44,7 +45,7 @@ def run_ablation(
     if context.is_main:
         outcomes = _lead(spec, runs, options, events, device, context)
     else:
-        outcomes = _follow(runs, device, options, context)
+        outcomes = _follow(spec.name, runs, device, options, context)
     shutdown(context)  # after a normal end only: after an error the ranks may never meet again
     return outcomes
 
@@ -54,15 +55,18 @@ def _lead(
     context: DistContext,
 ) -> list[RunOutcome]:
     """Rank 0 (or the only process): plan, log to MLflow, train."""
-    check_data_roots((run.name, run.config.data) for run in runs)
+    check_datasets((run.name, run.config.data) for run in runs)
+    ensure_writable_dir(options.results_dir, "--results-dir")
     store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
     stale = store.mark_stale_running()
-    finished = store.finished_hashes()
+    finished, busy = store.finished_hashes(), store.busy_hashes()
     outcomes: list[RunOutcome] = []
     pending = []
     for run in runs:
         if run.config_hash in finished:
             outcomes.append(RunOutcome(run, "skipped", "already FINISHED with this config hash"))
+        elif run.config_hash in busy:
+            outcomes.append(RunOutcome(run, "skipped", f"running in another process ({busy[run.config_hash]})"))
         else:
             pending.append(run)
     broadcast([r.config_hash for r in pending], context)
@@ -85,11 +89,12 @@ def _lead(
             outcome = run_one(run, index, store, parent_id, env, device, data_cache, options, events, context)
             outcomes.append(outcome)
             events.run_finished(outcome)
-            if outcome.status != "finished":
+            if outcome.status == "failed":
                 parent_status = "FAILED"
-                if context.enabled:  # the other ranks cannot skip ahead in step: stop the job
-                    store.finish_parent(parent_id, parent_status)
-                    raise HarnessError(f"run {run.name} failed under torchrun: {outcome.reason}; rerun to resume")
+            if outcome.status != "finished" and context.enabled:  # the other ranks cannot skip ahead: stop
+                store.finish_parent(parent_id, "FAILED")
+                raise HarnessError(f"run {run.name} {outcome.status} under torchrun: {outcome.reason}; "
+                                   "rerun to resume")
     except KeyboardInterrupt:
         store.finish_parent(parent_id, "KILLED")
         raise
@@ -121,7 +126,7 @@ def _run_on_ray(
 
 
 def _follow(
-    runs: list[PlannedRun], device: torch.device, options: RunnerOptions, context: DistContext
+    ablation: str, runs: list[PlannedRun], device: torch.device, options: RunnerOptions, context: DistContext
 ) -> list[RunOutcome]:
     """Ranks > 0 under torchrun: train the runs rank 0 chose, in step with it; log nothing."""
     pending_hashes = broadcast(None, context)
@@ -134,6 +139,6 @@ def _follow(
         data = data_cache.get(config.data, lambda *_: None)
         fit(
             config, data, lr=resolve_lr(config), device=device,
-            checkpoint_path=checkpoint_path(options.results_dir, run.config_hash), context=context,
+            checkpoint_path=checkpoint_path(options.results_dir, ablation, run.config_hash), context=context,
         )
     return []

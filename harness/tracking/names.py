@@ -50,6 +50,9 @@ RESUMED_BY = "harness.resumed_by"
 RESUMED_FROM_EPOCH = "harness.resumed_from_epoch"
 ANALYSIS = "harness.analysis"
 ANALYSIS_FAILURE = "harness.analysis_failure"
+LR_FROM_STUDY = "harness.lr_from_study"  # the Optuna study whose best rate train.lr holds
+OWNER = "harness.owner"  # host:pid of the process that trains the run now (its lease)
+HEARTBEAT = "harness.heartbeat"  # Unix time of the owner's last sign of life
 
 # --- Optuna studies mirrored in MLflow (study and trial runs) -------------------------------------------
 STUDY = "harness.study"

@@ -6,18 +6,22 @@ and several workers on one store stay unambiguous. What is written is listed in 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from harness import settings
 from harness.errors import HarnessError, one_line
 from harness.tracking import names
+from harness.tracking.locks import StorageLock
 from harness.tracking.names import CHILD, PARENT, ROLE, STUDY_ROLE, TRIAL_ROLE
 from harness.tracking.uri import check_store, resolve_uri, sqlite_path
 
@@ -40,6 +44,64 @@ def _param_value(value: Any) -> str:
     return text[:6000]
 
 
+# --- ownership: one live process trains a run ----------------------------------------------------------------
+# A process owns a child run through a claim: a param `harness.claim.<n>` = "<host> <pid> <unix time>".
+# MLflow refuses to log a param twice with different values, so of two processes claiming the same
+# run at once exactly one succeeds. A claim is live while its process runs (same host: the pid exists;
+# another host: its heartbeat tag, or the claim itself, is younger than STALE_AFTER_S).
+CLAIM_PREFIX = "harness.claim."
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+def this_process() -> tuple[str, int]:
+    return socket.gethostname(), os.getpid()
+
+
+def _claim_value() -> str:
+    host, pid = this_process()
+    return f"{host} {pid} {time.time():.0f}"
+
+
+def latest_claim(params: Mapping[str, str]) -> tuple[int, str] | None:
+    """(index, value) of a run's newest claim, if it has any."""
+    claims = [(int(k.removeprefix(CLAIM_PREFIX)), v) for k, v in params.items()
+              if k.startswith(CLAIM_PREFIX) and k.removeprefix(CLAIM_PREFIX).isdigit()]
+    return max(claims) if claims else None
+
+
+def owner_alive(owner: str, heartbeat: str | None = None, now: float | None = None) -> bool:
+    """Whether the process a claim names still runs: its pid on this host, a recent sign of life elsewhere."""
+    host, _, rest = owner.partition(" ")
+    pid_text, _, since_text = rest.partition(" ")
+    if host == socket.gethostname():
+        return pid_text.isdigit() and pid_alive(int(pid_text))
+    signs = [float(t) for t in (since_text, heartbeat) if t and t.replace(".", "", 1).isdigit()]
+    if not signs:
+        return True  # another host that leaves no sign of life: assume it works, never take its run
+    return (now or time.time()) - max(signs) < STALE_AFTER_S
+
+
+def run_owner(run: Any) -> str | None:
+    """'<host> <pid> <since>' of the process that owns `run` by its latest claim, else by its host/pid tags."""
+    claim = latest_claim(run.data.params)
+    if claim is not None:
+        return claim[1]
+    tags = run.data.tags
+    return f"{tags[names.HOST]} {tags.get(names.PID, '0')}" if names.HOST in tags else None
+
+
+def owned_by_another_live_process(run: Any) -> str | None:
+    """The owner of a RUNNING run when that is a live process other than this one, else None."""
+    owner = run_owner(run)
+    if owner is None:
+        return None
+    host, pid = this_process()
+    if owner.split(" ")[:2] == [host, str(pid)]:
+        return None
+    return owner if owner_alive(owner, run.data.tags.get(names.HEARTBEAT)) else None
+
+
 class ChildRun:
     """One expanded run's MLflow record."""
 
@@ -50,7 +112,7 @@ class ChildRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and v == v]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
         for start in range(0, len(batch), 900):
             self.client.log_batch(self.run_id, metrics=batch[start : start + 900], synchronous=True)
 
@@ -66,28 +128,52 @@ class ChildRun:
         self.client.log_text(self.run_id, text, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run; a run that FINISHED drops the failure and stale marks of its earlier attempts."""
+        if status == "FINISHED":
+            tags = self.client.get_run(self.run_id).data.tags
+            for key in (names.FAILURE, names.STALE):
+                if key in tags:
+                    self.client.delete_tag(self.run_id, key)
         self.client.set_terminated(self.run_id, status=status)
 
     def fail(self, reason: str) -> None:
         self.set_tags({names.FAILURE: reason})
         self.finish("FAILED")
 
+    def heartbeat(self) -> None:
+        self.set_tags({names.HEARTBEAT: f"{time.time():.0f}"})
+
+    @contextlib.contextmanager
+    def keep_alive(self, interval_s: float = HEARTBEAT_S) -> Iterator[None]:
+        """Beat every `interval_s` while the body runs, so processes on other hosts see this run is owned."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(interval_s):
+                with contextlib.suppress(Exception):  # a missed beat is not a failure of the run
+                    self.heartbeat()
+
+        self.heartbeat()
+        thread = threading.Thread(target=beat, daemon=True, name="harness-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
 
 class AblationStore:
     """An ablation's experiment: its parent runs, child runs and resume bookkeeping."""
 
     def __init__(self, uri: str | None, ablation: str, description: str = "", baseline: str = "") -> None:
+        self.ablation = ablation
         self.uri = resolve_uri(uri)
         check_store(self.uri, create=True)
-        self.client = _client(self.uri)
         try:
-            experiment = self.client.get_experiment_by_name(ablation)
-            if experiment is None:
-                experiment_id = self.client.create_experiment(ablation, artifact_location=_artifact_root(self.uri))
-            else:
-                if experiment.lifecycle_stage == "deleted":
-                    self.client.restore_experiment(experiment.experiment_id)
-                experiment_id = experiment.experiment_id
+            with StorageLock(self.uri):  # two processes on a new store: one creates its schema and experiment
+                self.client = _client(self.uri)
+                experiment_id = self._experiment_id(ablation)
         except HarnessError:
             raise
         except Exception as exc:  # connection problems surface here for database back ends
@@ -95,6 +181,14 @@ class AblationStore:
         self.experiment_id = experiment_id
         self.client.set_experiment_tag(experiment_id, names.DESCRIPTION, description)
         self.client.set_experiment_tag(experiment_id, names.BASELINE_VARIANT, baseline)
+
+    def _experiment_id(self, ablation: str) -> str:
+        experiment = self.client.get_experiment_by_name(ablation)
+        if experiment is None:
+            return self.client.create_experiment(ablation, artifact_location=_artifact_root(self.uri))
+        if experiment.lifecycle_stage == "deleted":
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
 
     def _children(self, status: str | None = None) -> list[Any]:
         query = f"tags.`{ROLE}` = '{CHILD}'" + (f" and attributes.status = '{status}'" if status else "")
@@ -116,27 +210,67 @@ class AblationStore:
                    and r.info.status != "FINISHED"]
         return max(matches, key=lambda r: r.info.start_time or 0) if matches else None
 
-    def mark_stale_running(self, alive: set[str] | None = None) -> list[str]:
-        """Mark RUNNING runs whose process is gone as KILLED; return their names.
+    def mark_stale_running(self) -> list[str]:
+        """Mark RUNNING runs whose owner is gone as KILLED; return their names.
 
-        A run records its host and pid; on this host a dead pid means the run is stale. Runs of
-        other hosts are left alone unless their host is this one.
+        On this host a dead pid means the run is stale; on another host, a heartbeat older than
+        STALE_AFTER_S. Runs without an owner (study runs) and runs of this process are left alone.
         """
-        host = socket.gethostname()
         stale = []
         for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000):
-            tags = run.data.tags
-            if run.info.run_id in (alive or set()):
+            owner = run_owner(run)
+            if owner is None or owner.split(" ")[:2] == [str(p) for p in this_process()]:
                 continue
-            if tags.get(names.HOST) != host:
-                continue
-            pid = int(tags.get(names.PID, "0") or 0)
-            if pid and pid_alive(pid):
+            if owner_alive(owner, run.data.tags.get(names.HEARTBEAT)):
                 continue
             self.client.set_tag(run.info.run_id, names.STALE, "marked KILLED by a later harness run")
             self.client.set_terminated(run.info.run_id, status="KILLED")
             stale.append(run.info.run_name)
         return stale
+
+    def busy_hashes(self) -> dict[str, str]:
+        """Config hash → owner of every RUNNING child run that a live process other than this one trains."""
+        busy = {}
+        for run in self._children("RUNNING"):
+            owner = owned_by_another_live_process(run)
+            if owner is not None:
+                busy[run.data.tags.get(names.CONFIG_HASH, "")] = owner
+        return busy
+
+    def claim(self, run_id: str) -> bool:
+        """Take an interrupted child run to resume it. False when a live process owns it, or claimed it at
+        the same moment (MLflow keeps only the first value of a param: exactly one claim succeeds)."""
+        from mlflow.exceptions import MlflowException
+
+        run = self.client.get_run(run_id)
+        latest = latest_claim(run.data.params)
+        if latest is not None:
+            owner = owned_by_another_live_process(run)
+            since = float(latest[1].split(" ")[2]) if latest[1].count(" ") == 2 else 0.0
+            if owner is not None and (run.info.status == "RUNNING" or time.time() - since < 60):
+                return False
+        index = 0 if latest is None else latest[0] + 1
+        try:
+            self.client.log_param(run_id, f"{CLAIM_PREFIX}{index}", _claim_value())
+        except MlflowException:
+            return False
+        return True
+
+    def first_claim(self, child: ChildRun, config_hash: str) -> bool:
+        """After a new child run is created: True when no live process trains an earlier run of the same
+        config; otherwise the new run is deleted and False returned (processes that created runs of one
+        config at the same moment all agree which is first: the earliest by start time, then run id)."""
+        mine = self.client.get_run(child.run_id)
+
+        def order(run: Any) -> tuple[int, str]:
+            return run.info.start_time or 0, run.info.run_id
+
+        rivals = [r for r in self._children("RUNNING") if r.data.tags.get(names.CONFIG_HASH) == config_hash
+                  and r.info.run_id != child.run_id and owned_by_another_live_process(r) is not None]
+        if any(order(r) < order(mine) for r in rivals):
+            self.client.delete_run(child.run_id)
+            return False
+        return True
 
     def start_parent(self, name: str, tags: Mapping[str, Any]) -> str:
         run = self.client.create_run(
@@ -158,7 +292,7 @@ class AblationStore:
             tags={names.MLFLOW_PARENT: parent_id, ROLE: CHILD, **{k: str(v) for k, v in tags.items()}},
         )
         child = ChildRun(self.client, run.info.run_id)
-        batch = [Param(k, _param_value(v)) for k, v in params.items()]
+        batch = [Param(k, _param_value(v)) for k, v in {**params, f"{CLAIM_PREFIX}0": _claim_value()}.items()]
         for start in range(0, len(batch), 90):
             self.client.log_batch(run.info.run_id, params=batch[start : start + 90])
         return child

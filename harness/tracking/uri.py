@@ -129,7 +129,10 @@ def check_store(uri: str, *, create: bool, timeout_s: float = 5.0) -> None:
         return
     if uri.startswith(("file:", "/", ".")) or "://" not in uri:
         path = Path(unquote(urlparse(uri).path) if uri.startswith("file:") else uri)
-        if not create and not path.is_dir():
+        if create:
+            raise HarnessError(f"tracking URI {uri}: MLflow's file store takes no new runs (it is in maintenance "
+                               "mode); use sqlite:///PATH or a tracking server (http://HOST:PORT)")
+        if not path.is_dir():
             raise HarnessError(f"no MLflow store at {uri}: {path} is not a directory")
         return
     if scheme in DATABASE_FAMILIES:

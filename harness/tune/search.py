@@ -7,16 +7,17 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from harness.config import RunConfig
-from harness.data import DataCache
+from harness.data import DataCache, check_datasets
 from harness.devices import resolve_device
 from harness.errors import HarnessError
 from harness.planning import AblationSpec
 from harness.tracking import names
 from harness.tracking.environment import environment_tags
-from harness.tracking.optuna_storage import StorageLock, open_storage, resolve_storage
+from harness.tracking.locks import StorageLock
+from harness.tracking.optuna_storage import open_storage, resolve_storage
 from harness.tracking.store import AblationStore, start_study_run
 from harness.tracking.studies import best_trial, state_counts
-from harness.tracking.uri import mask_url
+from harness.tracking.uri import ensure_writable_dir, mask_url
 from harness.tune.planning import PlannedStudy
 from harness.tune.results import StudyOutcome, TrialResult, TuneEvents, TuneOptions
 from harness.tune.trials import (
@@ -50,6 +51,8 @@ def tune(
         raise HarnessError(f"--n-trials {options.n_trials}: give at least 1")
     if options.n_jobs < 1:
         raise HarnessError(f"--n-jobs {options.n_jobs}: give at least 1")
+    check_datasets((study.name, study.run.config.data) for study in studies)
+    ensure_writable_dir(options.results_dir, "--results-dir")
     url = resolve_storage(options.storage)
     storage = open_storage(url, create=True)
     with StorageLock(url):  # workers started together must not race to create the MLflow tables and experiment

@@ -23,7 +23,8 @@ from harness.config import FloatRange, HyperbandPrunerSpec, MedianPrunerSpec, Ru
 from harness.data import PreparedData
 from harness.errors import one_line
 from harness.tracking import names
-from harness.tracking.optuna_storage import StorageLock, set_trial_attrs
+from harness.tracking.locks import StorageLock
+from harness.tracking.optuna_storage import set_trial_attrs
 from harness.tracking.store import AblationStore, ChildRun, pid_alive, start_trial_run, study_run
 from harness.tracking.studies import best_trial, state_counts
 from harness.train import fit

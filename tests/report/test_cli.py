@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -91,3 +93,115 @@ def test_bench_report_small(capsys) -> None:
     result = json.loads(out)
     assert result["runs"] == 4 and result["median"]["total_s"] > 0 and result["html_bytes"] > 10_000
     assert "cpu" in result["machine"]
+
+
+# ------------------------------------------------------------------------------------ unwritable --out
+
+
+def _one_error(rc: int, err: str, *parts: str) -> None:
+    assert rc == 2 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for part in parts:
+        assert part in err, err
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _read_only_dir(path: Path) -> Path:
+    """`path` made read-only; skips the test where that does not stop writes (root ignores permission bits)."""
+    path.mkdir()
+    path.chmod(0o555)
+    if os.geteuid() == 0 or os.access(path, os.W_OK):
+        path.chmod(0o755)
+        pytest.skip("running as root: a read-only folder is writable anyway (the tests under a file cover it)")
+    return path
+
+
+@pytest.fixture
+def blocker(tmp_path: Path) -> Path:
+    """A regular file: nothing can be created under it, not even by root."""
+    path = tmp_path / "blocker"
+    path.write_text("keep me\n")
+    return path
+
+
+def test_html_out_is_an_existing_file(report_store: ReportStore, tmp_path: Path, blocker: Path, capsys) -> None:
+    rc, _, err = _run(capsys, "report", "--tracking-uri", report_store.uri, "--out", str(blocker))
+    _one_error(rc, err, f"--out {blocker} is a file", "directory")
+    assert blocker.read_text() == "keep me\n" and _files(tmp_path) == ["blocker"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "out", "message"),
+    [
+        ("html", "{b}/site", "HTML reports: cannot create {b}/site: {b} is a file"),
+        ("html", "{b}/x/xss.html", "HTML report {b}/x/xss.html: cannot create {b}/x: {b} is a file"),
+        ("md", "{b}/table.md", "Markdown report {b}/table.md: {b} is a file, not a directory"),
+        ("csv", "{b}/a/table.csv", "CSV report {b}/a/table.csv: cannot create {b}/a: {b} is a file"),
+    ],
+)
+def test_out_under_a_file(report_store: ReportStore, tmp_path: Path, blocker: Path, capsys, fmt, out, message) -> None:
+    out, message = out.format(b=blocker), message.format(b=blocker)
+    rc, _, err = _run(capsys, "report", "xss", "--tracking-uri", report_store.uri, "--format", fmt, "--out", out)
+    _one_error(rc, err, message)
+    assert blocker.read_text() == "keep me\n" and _files(tmp_path) == ["blocker"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "out", "message"),
+    [
+        ("html", "{ro}", "HTML reports: {ro} is not writable"),
+        ("html", "{ro}/site", "HTML reports: cannot create {ro}/site: Permission denied"),
+        ("html", "{ro}/xss.html", "HTML report {ro}/xss.html: {ro} is not writable"),
+        ("md", "{ro}/table.md", "Markdown report {ro}/table.md: {ro} is not writable"),
+        ("csv", "{ro}/sub/table.csv", "CSV report {ro}/sub/table.csv: cannot create {ro}/sub: Permission denied"),
+    ],
+)
+def test_out_in_a_read_only_folder(report_store: ReportStore, tmp_path: Path, capsys, fmt, out, message) -> None:
+    ro = _read_only_dir(tmp_path / "ro")
+    try:
+        out, message = out.format(ro=ro), message.format(ro=ro)
+        rc, _, err = _run(capsys, "report", "xss", "--tracking-uri", report_store.uri, "--format", fmt, "--out", out)
+        _one_error(rc, err, message)
+        assert _files(tmp_path) == ["ro"]
+    finally:
+        ro.chmod(0o755)
+
+
+def test_html_write_failure_leaves_the_old_page(report_store: ReportStore, tmp_path: Path, monkeypatch,
+                                                capsys) -> None:
+    """A write that fails half-way (here: the disk fills before the rename) keeps the previous page whole
+    and leaves no temporary file."""
+    from harness.report import render
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "xss.html").write_text("old page\n")
+    real_replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst).endswith(".html"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(render.os, "replace", full_disk)
+    rc, _, err = _run(capsys, "report", "xss", "--tracking-uri", report_store.uri, "--out", str(site))
+    _one_error(rc, err, f"HTML report {site / 'xss.html'}: cannot write: No space left on device")
+    assert _files(site) == ["xss.html"] and (site / "xss.html").read_text() == "old page\n"
+    rc, _, err = _run(capsys, "report", "xss", "--tracking-uri", report_store.uri, "--format", "csv",
+                      "--out", str(site / "t.html"))
+    assert rc == 2 and _files(site) == ["xss.html"]
+    monkeypatch.undo()
+    rc, _, _ = _run(capsys, "report", "xss", "--tracking-uri", report_store.uri, "--out", str(site))
+    assert rc == 0 and _files(site) == ["xss.html"]  # overwritten in place, no temporary file left
+    page = site / "xss.html"
+    assert page.read_text().startswith("<!DOCTYPE html>")
+    assert page.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from harness.checkpoints import checkpoint_path
 from harness.cli import main
 from harness.ops import kernel_summary
 from harness.planning import expand, load_ablation, parse_set
@@ -96,9 +99,11 @@ def test_run_logs_everything_and_rerun_skips(tmp_path, synth_root, capsys):
     assert len(again) == 2
 
 
-def test_failed_run_is_isolated_and_exit_is_nonzero(tmp_path, synth_root, capsys):
+def test_a_diverged_run_fails_alone_and_exit_is_nonzero(tmp_path, synth_root, capsys):
+    """A non-finite loss ends that run FAILED ("diverged at epoch N"); the grid goes on; nothing non-finite
+    reaches the store as a number."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    file = ablation(tmp_path, synth_root, epochs=1, extra_variant="  broken: {model: {deform_layers: [99]}}")
+    file = ablation(tmp_path, synth_root, epochs=2, extra_variant="  broken: {train: {lr: 1.0e+12}}")
     code = main(["run", str(file), "--tracking-uri", uri, "--results-dir", str(tmp_path / "results"), "--no-profile"])
     assert code == 1
     assert "broken/seed=0" in capsys.readouterr().err
@@ -106,7 +111,28 @@ def test_failed_run_is_isolated_and_exit_is_nonzero(tmp_path, synth_root, capsys
     status = {r.info.run_name: r.info.status for r in runs}
     assert status == {"standard/seed=0": "FINISHED", "deform/seed=0": "FINISHED", "broken/seed=0": "FAILED"}
     failed = next(r for r in runs if r.info.status == "FAILED")
-    assert "outside 0..2" in failed.data.tags["harness.failure"]
+    assert re.fullmatch(r"diverged at epoch 1: (train loss is (nan|inf) at step \d+|val loss is (nan|inf))",
+                        failed.data.tags["harness.failure"]), failed.data.tags["harness.failure"]
+    assert "traceback.txt" not in [a.path for a in client.list_artifacts(failed.info.run_id)]
+    every = [m.value for r in runs for key in r.data.metrics for m in client.get_metric_history(r.info.run_id, key)]
+    assert every and all(math.isfinite(v) for v in every)
+
+
+def test_a_run_that_finishes_after_failing_loses_its_failure_tag(tmp_path, synth_root):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    file = ablation(tmp_path, synth_root, epochs=1)
+    args = ["run", str(file), "--tracking-uri", uri, "--results-dir", str(tmp_path / "results"), "--no-profile"]
+    assert main(args) == 0
+    client, runs = children(uri)
+    run = runs[0]
+    client.set_tag(run.info.run_id, "harness.failure", "an earlier attempt failed")
+    client.set_tag(run.info.run_id, "harness.stale", "marked KILLED by a later harness run")
+    client.set_terminated(run.info.run_id, "FAILED")
+    from harness.tracking.store import ChildRun
+
+    ChildRun(client, run.info.run_id).finish()
+    tags = client.get_run(run.info.run_id).data.tags
+    assert "harness.failure" not in tags and "harness.stale" not in tags
 
 
 @pytest.mark.parametrize(
@@ -117,18 +143,30 @@ def test_failed_run_is_isolated_and_exit_is_nonzero(tmp_path, synth_root, capsys
         (["--set", "train.epochs=zero"], "train.epochs"),
         (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach"),
         (["--device", "tpu"], "--device 'tpu'"),
+        (["--set", "train.lr=.inf"], "train.lr: Input should be a finite number"),
+        (["--set", "model.deform_layers=[99]", "--override-variants"], "indices [99] are outside 0..2 (small3)"),
+        (["--set", "model.deform_layers=first:99", "--override-variants"], "the network has 3 conv layers"),
+        (["--set", "model.deform_layers=bogus", "--override-variants"], "'bogus' is not one of none, all"),
+        (["--set", "model.deform_layers=first:1"], "would replace what variant 'standard' sets"),
+        (["--set", f"grid.seed={list(range(300))}"], "expands to 600 runs, more than 256"),
+        (["--set", "train.lr={from_study: missing}"], "no Optuna"),
+        (["--tracking-uri", "file:///{tmp}/mlruns"], "MLflow's file store takes no new runs"),
+        (["--results-dir", "{tmp}/tiny.yaml/results"], "--results-dir: cannot create"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path, synth_root, capsys, args, message):
+def test_bad_input_is_one_line_exit_2_and_logs_nothing(tmp_path, synth_root, capsys, args, message, harness_env):
+    harness_env(optuna_storage=f"sqlite:///{tmp_path}/optuna.db")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     file = ablation(tmp_path, synth_root)
-    full = ["run", str(file), *args]
+    full = ["run", str(file), *(a.replace("{tmp}", str(tmp_path)) for a in args)]
     if "--tracking-uri" not in args:
         full += ["--tracking-uri", uri]
+    before = sorted(p.name for p in tmp_path.iterdir())
     assert main(full) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not (tmp_path / "mlflow.db").exists()
+    assert len(err.strip().splitlines()) == 1 or message in err.strip().splitlines()[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing logged, no store, no results"
 
 
 @pytest.mark.parametrize("missing", ["root", "annotations"])
@@ -150,7 +188,7 @@ def test_sigkill_mid_epoch_resumes_and_redoes_no_finished_run(tmp_path, synth_ro
     results = tmp_path / "results"
     file = ablation(tmp_path, synth_root, epochs=8)
     runs = expand(load_ablation(file), parse_set([]))
-    deform_ckpt = results / "checkpoints" / runs[1].config_hash / "last.pt"
+    deform_ckpt = checkpoint_path(results, "tiny", runs[1].config_hash)
     command = [sys.executable, "-m", "harness", "run", str(file), "--tracking-uri", uri,
                "--results-dir", str(results), "--no-profile"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from harness.checkpoints import checkpoint_path
 from harness.planning import expand, load_ablation
 
 pytest.importorskip("ray")
@@ -47,7 +48,7 @@ def test_ray_runs_every_run_once_and_retries_a_killed_worker(tmp_path, synth_roo
     file = _ablation(tmp_path, synth_root, epochs=12)
     runs = expand(load_ablation(file))
     victim = next(r for r in runs if r.variant == "deform")
-    checkpoint = results / "checkpoints" / victim.config_hash / "last.pt"
+    checkpoint = checkpoint_path(results, "raygrid", victim.config_hash)
     command = [sys.executable, "-m", "harness", "run", str(file), "--executor", "ray", "--tracking-uri", uri,
                "--results-dir", str(results)]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -97,7 +97,7 @@ def test_trials_keep_their_true_states_in_optuna(tuned):
     assert complete.params == {"lr": GOOD_LR} and sorted(complete.intermediate_values) == [1, 2]
     assert complete.value == min(complete.intermediate_values.values())  # best over epochs, minimised
     assert sorted(pruned.intermediate_values) == [1] and pruned.user_attrs["harness.pruned_at_epoch"] == 1
-    assert "FloatingPointError" in failed.user_attrs["harness.failure"]
+    assert "DivergedError: diverged at epoch 1" in failed.user_attrs["harness.failure"]
     assert failed.system_attrs["fail_reason"] == failed.user_attrs["harness.failure"]
     assert best_lr_from_study("tiny.standard", tuned["storage"]) == GOOD_LR
 
@@ -120,7 +120,7 @@ def test_mlflow_has_a_study_run_and_nested_trial_runs_with_true_states(tuned):
         assert run.data.tags["mlflow.parentRunId"] == study.info.run_id
         assert run.data.tags["harness.study"] == "tiny.standard"
         assert float(run.data.params["lr"]) == float(run.data.params["train.lr"])
-    assert "FloatingPointError" in by_number[2].data.tags["harness.failure"]
+    assert "DivergedError: diverged at epoch 1" in by_number[2].data.tags["harness.failure"]
     assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "val_loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(by_number[1].info.run_id, "val_loss")] == [1]
     assert by_number[0].data.metrics["objective"] == pytest.approx(best.value)
@@ -177,7 +177,8 @@ def test_from_study_trains_with_the_best_rate(tuned, synth_root, harness_env):
     _, runs = mlflow_runs(tuned["uri"], experiment="reuse", role="child")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["lr_used"] == pytest.approx(GOOD_LR)
-    assert runs[0].data.params["train.lr.from_study"] == "tiny.standard"
+    assert float(runs[0].data.params["train.lr"]) == pytest.approx(GOOD_LR)  # resolved before the hash
+    assert runs[0].data.tags["harness.lr_from_study"] == "tiny.standard"
     # the study and trial runs do not count as children of the tuned ablation either
     _, children = mlflow_runs(tuned["uri"], role="child")
     assert children == []
