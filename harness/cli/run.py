@@ -250,7 +250,7 @@ class _StopRequested(Exception):
 
 
 def _serve(command: list[str], grace_s: float = _STOP_GRACE_S) -> int:
-    """Run `command` (a server) in its own session until it exits or this process gets SIGTERM, SIGINT or
+    """Run `command` (a server) in a process group of its own until it exits or this process gets SIGTERM, SIGINT or
     SIGHUP; then stop the server's whole process group (it forks workers). The exit status of the server,
     or 0 when it was stopped on request."""
     received: list[int] = []
@@ -264,7 +264,7 @@ def _serve(command: list[str], grace_s: float = _STOP_GRACE_S) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS} if in_main_thread else {}
     try:
-        # its own session: a terminal's Ctrl-C reaches only the harness, which stops the group in order
+        # a new process group (setsid): a terminal's Ctrl-C reaches only the harness, which stops the group in order
         proc = subprocess.Popen(command, start_new_session=True)
         try:
             armed = True
