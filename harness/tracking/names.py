@@ -116,6 +116,17 @@ LR_USED = "lr_used"
 TRAIN_IMAGES = "train_images"
 VAL_IMAGES = "val_images"
 SKIPPED_IMAGES = "skipped_images"
+# Held-out evaluation at the selected epoch (the best val_map epoch), step 0: test_<m> for every
+# harness.metrics name m on data.test_size's subset; ood_<m> on the synthetic task's out-of-distribution
+# set; <prefix>map_<size> per dominant-object size; chance_<m>: the label-prior baseline (each class
+# scored by its training frequency) on the headline set (test when there is one, else val).
+SELECTED_EPOCH = "selected_epoch"
+TEST_PREFIX = "test_"
+OOD_PREFIX = "ood_"
+CHANCE_PREFIX = "chance_"
+OBJECT_SIZES = ("small", "medium", "large")  # COCO areas: < 32², < 96², larger (of the image's largest object)
+TEST_IMAGES = "test_images"
+OOD_IMAGES = "ood_images"
 OBJECTIVE = "objective"  # a trial's score
 STUDY_BEST_VALUE = "best_value"  # on a study's run, step = trial number
 # harness eval (step 0): robust/…, offset/…, erf/…
@@ -127,6 +138,7 @@ CONFIG_ARTIFACT = "config.yaml"
 MODEL_SUMMARY_ARTIFACT = "model_summary.txt"
 OP_TABLE_ARTIFACT = "profile/op_table.csv"
 TRACEBACK_ARTIFACT = "traceback.txt"
+PER_CLASS_AP_ARTIFACT = "eval/per_class_ap.json"  # {"split", "epoch", "classes", "ap", "support"}
 ANALYSIS_ARTIFACT_DIR = "analysis"
 # the files of harness eval under ANALYSIS_ARTIFACT_DIR; analysis_artifact(name) is their artifact path
 ANALYSIS_ROBUSTNESS = "robustness.csv"
@@ -152,6 +164,26 @@ def final_of(metric: str) -> str:
 def val_of(metric: str) -> str:
     """The per-epoch metric of a `harness.metrics` name, e.g. val_map for map."""
     return f"{VAL_PREFIX}{metric}"
+
+
+def test_of(metric: str) -> str:
+    """The held-out metric of a `harness.metrics` name at the selected epoch, e.g. test_map."""
+    return f"{TEST_PREFIX}{metric}"
+
+
+def ood_of(metric: str) -> str:
+    """The out-of-distribution metric of a `harness.metrics` name at the selected epoch, e.g. ood_map."""
+    return f"{OOD_PREFIX}{metric}"
+
+
+def chance_of(metric: str) -> str:
+    """The label-prior baseline's value of a `harness.metrics` name, e.g. chance_map."""
+    return f"{CHANCE_PREFIX}{metric}"
+
+
+def by_size(metric: str, size: str) -> str:
+    """`metric` on the images whose largest object is of `size` (OBJECT_SIZES), e.g. test_map_small."""
+    return f"{metric}_{size}"
 
 
 def analysis_artifact(name: str) -> str:
