@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from harness.allocator import steady_heap
+from harness.config import ModelConfig
 from harness.data import DataCache
 from harness.errors import HarnessError
-from harness.models import DeformOptions, create_model
+from harness.models import MODELS, DeformOptions, build_network, create_model
 from harness.ops import (
     columns_times_weight,
     columns_times_weight_backward,
@@ -347,6 +349,16 @@ class ModelRow:
     steps: int  # timed steps behind the median (the same for every placement: they are interleaved)
 
 
+def _model_config(arch: str, placement: str, offset_channels: str, modulated: bool) -> ModelConfig:
+    """A ResNet's or a factory's network config; a bad placement is a one-line error."""
+    try:
+        return ModelConfig(arch=arch, deform_layers=placement, offset_channels=offset_channels,  # type: ignore[arg-type]
+                           modulated=modulated)
+    except ValidationError as exc:
+        reason = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise HarnessError(f"--arch {arch} --placement {placement}: {reason}") from None
+
+
 def bench_model(
     placements: Sequence[str], image_size: int = 64, batch: int = 32, arch: str = "unet_encoder",
     width: float = 0.25, offset_channels: str = "per_tap", modulated: bool = False,
@@ -371,7 +383,7 @@ def bench_model(
         model = create_model(
             arch, width=width, deform_layers=placement,
             options=DeformOptions(offset_channels=offset_channels, modulated=modulated),
-        )
+        ) if arch in MODELS else build_network(_model_config(arch, placement, offset_channels, modulated), 80)
         model.to(device)
         if channels_last:
             model.to(memory_format=torch.channels_last)

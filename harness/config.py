@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import HarnessError
-from harness.models import MODELS, conv_layer_count, resolve_deform_layers
+from harness.models import arch_names, check_network, known_arch
 
 
 class Strict(BaseModel):
@@ -22,12 +22,50 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+Range = tuple[float, float]
+
+
+class SyntheticGeometry(Strict):
+    """Ranges the synthetic objects' geometry is drawn from (`harness.data.synth.Geometry`, same defaults).
+
+    rotation in degrees; scale: radius as a fraction of the object's layout cell; stretch: axis ratio
+    (>= 1); warp: elastic displacement relative to the radius.
+    """
+
+    rotation: Range = (0.0, 360.0)
+    scale: Range = (0.2, 0.46)
+    stretch: Range = (1.0, 1.8)
+    warp: Range = (0.0, 0.16)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SyntheticGeometry:
+        for name, minimum in (("rotation", None), ("scale", 0.001), ("stretch", 1.0), ("warp", 0.0)):
+            low, high = getattr(self, name)
+            if low > high or (minimum is not None and low < minimum):
+                at_least = f" and low >= {minimum}" if minimum is not None else ""
+                raise ValueError(f"{name} must be [low, high] with low <= high{at_least}, given [{low}, {high}]")
+        return self
+
+
 class SyntheticConfig(Strict):
-    """The generated geometry task (`harness data synth`), used when data.source is synthetic."""
+    """The generated geometry task (`harness data synth`), used when data.source is synthetic.
+
+    train, val and data.test_size's test subset draw from `train_geometry`; `n_ood` images drawn from
+    `ood_geometry` are the out-of-distribution set (both or neither).
+    """
 
     n_train: Annotated[int, Field(ge=8)] = 2000
     n_val: Annotated[int, Field(ge=8)] = 500
     seed: int = 0
+    train_geometry: SyntheticGeometry = SyntheticGeometry()
+    n_ood: Annotated[int, Field(ge=0)] = 0
+    ood_geometry: SyntheticGeometry | None = None
+
+    @model_validator(mode="after")
+    def _ood_pair(self) -> SyntheticConfig:
+        if (self.n_ood > 0) != (self.ood_geometry is not None):
+            raise ValueError(f"n_ood ({self.n_ood}) and ood_geometry go together: set both (n_ood > 0) or neither")
+        return self
 
 
 class DataConfig(Strict):
@@ -37,6 +75,7 @@ class DataConfig(Strict):
     val_split: str = "val2017"
     train_size: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, le=1)] | None = None
     val_size: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, le=1)] | None = None
+    test_size: Annotated[int, Field(gt=0)] | Annotated[float, Field(gt=0, le=1)] | None = None
     subset_seed: int = 0
     image_size: Annotated[int, Field(ge=32, le=1024)] = 64
     resize: Literal["squash", "center-crop", "letterbox"] = "squash"
@@ -56,30 +95,37 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """The network: `arch` is unet_encoder, small3, resnet18/34/50 or `package.module:factory` (docs/models.md);
+    the deformable convs are chosen by `deform_layers` or by `deform_modules` (module-name globs)."""
+
     arch: str = "unet_encoder"
     width: Annotated[float, Field(gt=0, le=4)] = 0.25
-    deform_layers: str | list[int] = "none"
+    deform_layers: str | list[int] | list[str] = "none"
+    deform_modules: list[str] = Field(default_factory=list)
     offset_channels: Literal["shared", "per_tap"] = "per_tap"
     modulated: bool = False
     offset_groups: Annotated[int, Field(ge=1)] = 1
     backend: Literal["native", "torchvision"] = "native"
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    pretrained: str | None = None
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        if value not in MODELS:
-            raise ValueError(f"unknown arch {value!r}; known: {', '.join(sorted(MODELS))}")
+        if not known_arch(value):
+            raise ValueError(f"unknown arch {value!r}; known: {', '.join(arch_names())}")
         return value
 
     @model_validator(mode="after")
     def _placement_fits_the_network(self) -> ModelConfig:
-        """deform_layers names layers the chosen network has ("first:99" on 11 layers is an error here)."""
+        """The placement names convs the chosen network has and can make deformable ("first:99" on 11 layers,
+        a glob that matches nothing, a 7×7 conv are errors here), checked on a weightless copy."""
         try:
-            resolve_deform_layers(self.deform_layers, conv_layer_count(self.arch))
+            check_network(self)
         except HarnessError as exc:
             raise ValueError(f"{exc} ({self.arch})") from None
         return self
+
 
 
 class FromStudy(Strict):
@@ -103,6 +149,7 @@ class TrainConfig(Strict):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Annotated[int, Field(ge=1)] | None = None
     checkpoint: bool = True
+    log_checkpoint: Literal["auto"] | bool = "auto"  # upload last.pt as a run artifact (auto: under 50 MB)
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
 
@@ -271,7 +318,8 @@ class SearchSpec(Strict):
 
 
 # Keys that change how a run executes but not what it computes: left out of the identity hash.
-EXECUTION_KEYS = ("profile", "analysis", "train.device", "train.threads", "train.checkpoint", "train.channels_last")
+EXECUTION_KEYS = ("profile", "analysis", "train.device", "train.threads", "train.checkpoint", "train.log_checkpoint",
+                  "train.channels_last")
 
 
 def _drop_path(data: dict[str, Any], dotted: str) -> None:
@@ -282,11 +330,36 @@ def _drop_path(data: dict[str, Any], dotted: str) -> None:
     node.pop(keys[-1], None)
 
 
+# Keys added after runs were first stored, with their defaults: at the default they are left out of the
+# identity hash, so the runs a store already FINISHED keep their identity.
+LATER_KEY_DEFAULTS: dict[str, Any] = {
+    "data.test_size": None,
+    "data.synthetic.train_geometry": SyntheticGeometry().model_dump(mode="json"),
+    "data.synthetic.n_ood": 0,
+    "data.synthetic.ood_geometry": None,
+    "model.deform_modules": [],
+    "model.pretrained": None,
+}
+
+
+def _get_path(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
 def config_hash(config: RunConfig) -> str:
-    """Stable 12-hex-digit identity of what a run computes (execution-only keys left out)."""
+    """Stable 12-hex-digit identity of what a run computes (execution-only keys and later keys at their
+    defaults left out)."""
     data = config.model_dump(mode="json")
     for key in EXECUTION_KEYS:
         _drop_path(data, key)
+    for key, default in LATER_KEY_DEFAULTS.items():
+        if _get_path(data, key) == default:
+            _drop_path(data, key)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

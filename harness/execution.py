@@ -25,6 +25,7 @@ from harness.distributed import DistContext, barrier
 from harness.errors import HarnessError, one_line
 from harness.planning import PlannedRun, resolve_lr
 from harness.tracking import names
+from harness.tracking.artifacts import log_data_inputs, log_run_artifacts
 from harness.tracking.store import AblationStore, ChildRun
 from harness.train import DivergedError, FitResult, fit
 
@@ -133,6 +134,7 @@ def run_one(
     try:
         data = data_cache.get(config.data, events.data_progress)
         barrier(context)  # the other ranks read the data from the cache now
+        log_data_inputs(child, config.data, data)
         lr = resolve_lr(config)
         logged = child.logged_steps(names.VAL_MAP) if resumed else set()
         events.run_started(run, index, saved_epoch(checkpoint))
@@ -153,6 +155,7 @@ def run_one(
             if epoch not in logged:
                 child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         log_result(child, result, data, lr)
+        log_run_artifacts(child, trace if config.profile.enabled else None, checkpoint, config.train.log_checkpoint)
         post_training_analysis(child, config, data, checkpoint, device, run.name, run.group, context.enabled)
     except KeyboardInterrupt:
         child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})
@@ -171,14 +174,21 @@ def run_one(
 
 
 def log_result(child: ChildRun, result: FitResult, data: PreparedData, lr: float) -> None:
-    """A run's summary metrics (step 0), its model summary and op table, and where it resumed from."""
+    """A run's summary metrics (step 0, held-out ones included), its model summary, per-class AP and op
+    table, and where it resumed from."""
     summary = dict(result.summary)
     summary[names.LR_USED] = lr
     summary[names.TRAIN_IMAGES] = float(data.train_images.shape[0])
     summary[names.VAL_IMAGES] = float(data.val_images.shape[0])
     summary[names.SKIPPED_IMAGES] = float(data.skipped)
+    if data.test_images is not None:
+        summary[names.TEST_IMAGES] = float(data.test_images.shape[0])
+    if data.ood_images is not None:
+        summary[names.OOD_IMAGES] = float(data.ood_images.shape[0])
     child.log_metrics(summary, step=0)
     child.log_text(result.model_summary, names.MODEL_SUMMARY_ARTIFACT)
+    if result.per_class_ap is not None:
+        child.log_text(json.dumps(result.per_class_ap), names.PER_CLASS_AP_ARTIFACT)
     if result.profile is not None:
         child.log_text(result.profile.op_table_csv(), names.OP_TABLE_ARTIFACT)
     if result.resumed_from:

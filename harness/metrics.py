@@ -3,7 +3,8 @@
 micro/macro precision, recall and F1 at a threshold (a label is predicted when its score is `>=` the
 threshold); mAP (mean over classes of non-interpolated average precision, classes without a positive
 left out); and ML-GCN's CP/CR/CF1 (per-class averages, F1 of the averages) and OP/OR/OF1 (pooled over
-all labels).
+all labels). `label_prior_metrics` is the chance baseline: the same metrics for scores that are the
+training label frequencies.
 """
 
 from __future__ import annotations
@@ -100,6 +101,23 @@ def multilabel_metrics(scores: Tensor, targets: Tensor, threshold: float = 0.5) 
         "op": micro_p, "or": micro_r, "of1": _f1(micro_p, micro_r),
     }
     return {name: float(value) for name, value in values.items()}
+
+
+def label_prior_metrics(train_targets: Tensor, eval_targets: Tensor, threshold: float = 0.5) -> dict[str, float]:
+    """The chance baseline: `multilabel_metrics` of a model that ignores the image and scores every class
+    by its frequency in `train_targets` [N_train, C], the same score for every image of `eval_targets`.
+
+    It is what a network that learned only the label prior reaches, the floor a trained run is read
+    against. The keys and the threshold semantics are multilabel_metrics' own: since every image gets
+    the same scores, a class is predicted for all images when its training frequency is >= `threshold`
+    and for none otherwise, so the F1 family is 0 unless some class is that common (COCO's person is).
+    mAP is the mean over eval-positive classes of the class's eval prevalence (every row ties).
+    """
+    prior = train_targets.detach().double().cpu().mean(0) if train_targets.shape[0] else None
+    if prior is None:
+        prior = torch.zeros(eval_targets.shape[1], dtype=torch.float64)
+    scores = prior.unsqueeze(0).expand(eval_targets.shape[0], -1)
+    return multilabel_metrics(scores, eval_targets, threshold)
 
 
 # Direction of each metric: True when higher is better.

@@ -3,6 +3,10 @@
 `fit` knows nothing of MLflow or Optuna: it reports each epoch to an `on_epoch` callback (which may
 raise to stop, as a pruned trial does) and resumes from its own checkpoint file, which also holds the
 resolved config. `train_step` is one optimisation step; `harness bench model` times the same function.
+
+Selection and reporting are kept apart: val picks the epoch (best val_map), whose weights are kept; the
+held-out sets (test, ood) are evaluated once, after training, with those weights, beside the chance
+baseline (the label prior) on the headline set (test when there is one, else val).
 """
 
 from __future__ import annotations
@@ -28,9 +32,16 @@ from harness.checkpoints import load_resumable, save_checkpoint
 from harness.config import RunConfig
 from harness.data import BatchLoader, PreparedData
 from harness.distributed import SINGLE, DistContext, barrier, gather_cat, mean_over_ranks
-from harness.metrics import HIGHER_IS_BETTER, multilabel_metrics
-from harness.models import DeformOptions, ModelCost, create_model, measure_cost, offset_parameters
+from harness.metrics import (
+    HIGHER_IS_BETTER,
+    average_precision,
+    label_prior_metrics,
+    mean_average_precision,
+    multilabel_metrics,
+)
+from harness.models import ModelCost, build_network, measure_cost, offset_parameters
 from harness.profiling import ProfileSummary, ProfileWindow
+from harness.tracking import names
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 StepCallback = Callable[[int, int], None]
@@ -95,11 +106,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: RunConfig) -> torc
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module, loader: BatchLoader, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
     context: DistContext = SINGLE,
-) -> dict[str, float]:
-    """Validation loss and every multi-label metric, prefixed val_ (over every rank's share of val)."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Sigmoid scores and targets of every rank's share (concatenated in rank order) and the mean BCE loss."""
     model.eval()
     scores, targets, loss_sum, count = [], [], 0.0, 0
     for x, y in loader:
@@ -111,18 +122,47 @@ def evaluate(
         count += y.shape[0]
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(y.cpu())
-    metrics = multilabel_metrics(gather_cat(torch.cat(scores), context), gather_cat(torch.cat(targets), context))
-    val_loss = mean_over_ranks(loss_sum / max(count, 1), count, context)
-    return {"val_loss": val_loss, **{f"val_{k}": v for k, v in metrics.items()}}
+    loss = mean_over_ranks(loss_sum / max(count, 1), count, context)
+    return gather_cat(torch.cat(scores), context), gather_cat(torch.cat(targets), context), loss
+
+
+def evaluate(
+    model: nn.Module, loader: BatchLoader, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+    context: DistContext = SINGLE,
+) -> dict[str, float]:
+    """Validation loss and every multi-label metric, prefixed val_ (over every rank's share of val)."""
+    scores, targets, loss = predict(model, loader, amp_dtype, channels_last, context)
+    metrics = multilabel_metrics(scores, targets)
+    return {names.VAL_LOSS: loss, **{names.val_of(k): v for k, v in metrics.items()}}
 
 
 @dataclass
 class FitResult:
+    """`summary` holds the run-level (step 0) metrics, the held-out ones among them; `per_class_ap` is
+    the PER_CLASS_AP_ARTIFACT document of the selected epoch on the headline set."""
+
     history: list[dict[str, float]]
     summary: dict[str, float]
     profile: ProfileSummary | None
     model_summary: str
     resumed_from: int = 0
+    per_class_ap: dict[str, Any] | None = None
+
+
+@dataclass
+class Selection:
+    """The epoch the held-out sets are evaluated at: the first with the best val_map so far, and a CPU
+    copy of its weights (kept in the checkpoint, so a resumed run evaluates the same weights)."""
+
+    epoch: int = 0
+    score: float = -math.inf
+    weights: dict[str, torch.Tensor] | None = None
+
+    def offer(self, epoch: int, score: float, model: nn.Module) -> None:
+        """Keep `model`'s weights when `score` beats every earlier epoch's."""
+        if score > self.score or self.weights is None:
+            self.epoch, self.score = epoch, score
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
@@ -235,16 +275,23 @@ def _loaders(
         shuffle=True, hflip=config.data.hflip, random_resized_crop=config.data.random_resized_crop,
         generator=generator, device=device, rank=context.rank, world_size=context.world_size,
     )
-    val = BatchLoader(
-        data.val_images[context.rank :: context.world_size], data.val_targets[context.rank :: context.world_size],
+    return train, _eval_loader(config, data.val_images, data.val_targets, device, context)
+
+
+def _eval_loader(
+    config: RunConfig, images: torch.Tensor, targets: torch.Tensor, device: torch.device, context: DistContext
+) -> BatchLoader:
+    """Evaluation batches in a fixed order, each rank its share (rows rank, rank + world size, …)."""
+    return BatchLoader(
+        images[context.rank :: context.world_size], targets[context.rank :: context.world_size],
         batch_size=max(config.train.batch_size, 64), shuffle=False, hflip=False, device=device,
     )
-    return train, val
 
 
 def _checkpoint_state(
     epoch: int, config: RunConfig, trainer: Trainer, scheduler: torch.optim.lr_scheduler.LRScheduler,
     generator: torch.Generator, history: list[dict[str, float]], profile: ProfileSummary | None,
+    selection: Selection,
 ) -> dict[str, Any]:
     """Tensors and plain data only: the checkpoint is read back with weights_only=True."""
     return {
@@ -252,14 +299,17 @@ def _checkpoint_state(
         "optimizer": trainer.optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "history": history,
         "profile": profile.to_dict() if profile is not None else None, "scaler": trainer.scaler.state_dict(),
+        "selected_epoch": selection.epoch, "selected_score": selection.score, "selected_model": selection.weights,
     }
 
 
 def _restore(
     path: Path, trainer: Trainer, scheduler: torch.optim.lr_scheduler.LRScheduler, generator: torch.Generator,
+    selection: Selection,
 ) -> tuple[int, list[dict[str, float]], ProfileSummary | None]:
-    """Load the run's newest readable checkpoint into the training state: (last epoch, history, profile
-    summary); (0, [], None) when there is none (an unreadable one is moved aside with a warning)."""
+    """Load the run's newest readable checkpoint into the training state and `selection`: (last epoch,
+    history, profile summary); (0, [], None) when there is none (an unreadable one is moved aside with a
+    warning). A checkpoint without selected weights offers its own epoch's as the first candidate."""
     state = load_resumable(path, map_location=trainer.device)
     if state is None:
         return 0, [], None
@@ -271,6 +321,11 @@ def _restore(
     if state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
     profile = ProfileSummary.from_dict(state["profile"]) if state.get("profile") else None
+    if state.get("selected_model") is not None:
+        selection.epoch, selection.score = int(state["selected_epoch"]), float(state["selected_score"])
+        selection.weights = {k: v.cpu() for k, v in state["selected_model"].items()}
+    elif state["history"]:
+        selection.offer(int(state["epoch"]), state["history"][-1].get(names.VAL_MAP, -math.inf), trainer.model)
     return int(state["epoch"]), list(state["history"]), profile
 
 
@@ -278,11 +333,7 @@ def build_trainer(
     config: RunConfig, num_classes: int, lr: float, device: torch.device, context: DistContext = SINGLE
 ) -> Trainer:
     """The network of `config` on `device` with its optimiser, gradient scaler and precision settings."""
-    m = config.model
-    model = create_model(
-        m.arch, num_classes=num_classes, width=m.width, deform_layers=m.deform_layers,
-        options=DeformOptions(m.offset_channels, m.modulated, m.offset_groups, m.backend), dropout=m.dropout,
-    )
+    model = build_network(config.model, num_classes)
     model.to(device)
     if config.train.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -310,7 +361,9 @@ def fit(
     """Train one configuration on prepared data and return its per-epoch history and summary.
 
     Under torchrun (`context.enabled`) every rank calls this: the model is wrapped in DDP, each rank
-    trains on its share of every batch, only rank 0 writes the checkpoint and calls `on_epoch`.
+    trains on its share of every batch, only rank 0 writes the checkpoint and calls `on_epoch`. After
+    the last epoch the selected (best val_map) weights are evaluated on the held-out sets
+    (`evaluate_selected`); their metrics join the summary.
     """
     steady_heap()  # epoch times measure compute, not page faults (see harness.allocator)
     if config.train.threads:
@@ -327,8 +380,9 @@ def fit(
     history: list[dict[str, float]] = []
     profile: ProfileSummary | None = None
     resumed_from = 0
+    selection = Selection()
     if checkpoint_path is not None:
-        resumed_from, history, profile = _restore(checkpoint_path, trainer, scheduler, generator)
+        resumed_from, history, profile = _restore(checkpoint_path, trainer, scheduler, generator, selection)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -355,15 +409,20 @@ def fit(
             }
             check_finite(record, epoch)
             history.append(record)
+            selection.offer(epoch, record[names.VAL_MAP], trainer.model)
             scheduler.step()
             if checkpoint_path is not None and config.train.checkpoint and context.is_main:
-                state = _checkpoint_state(epoch, config, trainer, scheduler, generator, history, profile)
+                state = _checkpoint_state(epoch, config, trainer, scheduler, generator, history, profile, selection)
                 save_checkpoint(state, checkpoint_path)
             barrier(context)  # no rank runs ahead of the checkpoint
             if on_epoch is not None and context.is_main:
                 on_epoch(epoch, record)
 
-    return _result(config, trainer, history, profile, memory.peak_bytes, cost, resumed_from)
+    held_out, per_class_ap = evaluate_selected(config, data, trainer, selection, context)
+    result = _result(config, trainer, history, profile, memory.peak_bytes, cost, resumed_from)
+    result.summary.update(held_out)
+    result.per_class_ap = per_class_ap
+    return result
 
 
 def _result(
@@ -385,3 +444,71 @@ def _result(
         f"{cost.flops_per_image:,}\ndeformable conv layers: {trainer.model.deform_indices}\n"
     )
     return FitResult(history, summary, profile, model_summary, resumed_from)
+
+
+SIZE_LIMITS = (32.0**2, 96.0**2)  # COCO's area rule: small below 32², medium below 96², large above
+
+
+def size_buckets(areas: np.ndarray) -> np.ndarray:
+    """Index into names.OBJECT_SIZES of each area (COCO's rule); -1 for NaN (an image without objects)."""
+    buckets = np.searchsorted(np.asarray(SIZE_LIMITS), np.asarray(areas, dtype=np.float64), side="right")
+    return np.where(np.isnan(areas), -1, buckets)
+
+
+def _rank_order(n: int, context: DistContext) -> torch.Tensor:
+    """Which row of a set each row of `predict`'s output is (rank shares concatenated in rank order)."""
+    rows = torch.arange(n)
+    return torch.cat([rows[r :: context.world_size] for r in range(context.world_size)])
+
+
+def per_class_ap_document(split: str, epoch: int, classes: list[str], scores: torch.Tensor,
+                          targets: torch.Tensor) -> dict[str, Any]:
+    """The PER_CLASS_AP_ARTIFACT JSON: AP per class (null without a positive) and its positive count."""
+    ap = average_precision(scores.double(), targets.double())
+    return {
+        "split": split, "epoch": epoch, "classes": classes,
+        "ap": [None if math.isnan(v) else float(v) for v in ap.tolist()],
+        "support": [int(v) for v in targets.sum(0).tolist()],
+    }
+
+
+def evaluate_selected(
+    config: RunConfig, data: PreparedData, trainer: Trainer, selection: Selection, context: DistContext = SINGLE,
+) -> tuple[dict[str, float], dict[str, Any] | None]:
+    """Held-out metrics at the selected epoch (step 0 of the run) and the per-class AP document.
+
+    test_* and ood_* for the sets `data` has; chance_* (the label prior of train) and the mAP per
+    dominant object size (COCO data only: the synthetic objects' areas are not COCO pixel areas) on the
+    headline set, test when there is one, else val. Every rank takes part (the scores are gathered).
+    """
+    if selection.weights is None:
+        return {}, None
+    trainer.model.load_state_dict(selection.weights)
+    sets = {"val": (data.val_images, data.val_targets, names.val_of),
+            "test": (data.test_images, data.test_targets, names.test_of),
+            "ood": (data.ood_images, data.ood_targets, names.ood_of)}
+    headline = "test" if data.test_images is not None else "val"
+    summary: dict[str, float] = {names.SELECTED_EPOCH: float(selection.epoch)}
+    outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for which, (images, targets, name_of) in sets.items():
+        if images is None or targets is None or (which == "val" and headline != "val"):
+            continue
+        loader = _eval_loader(config, images, targets, trainer.device, context)
+        scores, gathered, loss = predict(trainer.model, loader, trainer.amp_dtype, trainer.channels_last, context)
+        order = _rank_order(images.shape[0], context)
+        outputs[which] = (scores[order.argsort()], gathered[order.argsort()])
+        if which != "val":
+            summary[name_of("loss")] = loss
+            summary.update({name_of(k): v for k, v in multilabel_metrics(scores, gathered).items()})
+    scores, targets = outputs[headline]
+    name_of = sets[headline][2]
+    summary.update({names.chance_of(k): v for k, v in label_prior_metrics(data.train_targets, targets).items()})
+    if config.data.source == "coco":
+        buckets = size_buckets(data.largest_areas(headline))
+        for index, size in enumerate(names.OBJECT_SIZES):
+            rows = torch.from_numpy(buckets == index)
+            if rows.any():
+                value = mean_average_precision(scores[rows], targets[rows])
+                summary[names.by_size(name_of("map"), size)] = float(value)
+    document = per_class_ap_document(headline, selection.epoch, data.class_names, scores, targets)
+    return summary, document

@@ -7,7 +7,13 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from harness.metrics import HIGHER_IS_BETTER, average_precision, mean_average_precision, multilabel_metrics
+from harness.metrics import (
+    HIGHER_IS_BETTER,
+    average_precision,
+    label_prior_metrics,
+    mean_average_precision,
+    multilabel_metrics,
+)
 
 
 def test_average_precision_by_hand():
@@ -239,3 +245,28 @@ def test_score_at_the_threshold_is_a_prediction():
     assert (at_half["micro_precision"], at_half["micro_recall"]) == pytest.approx((1 / 2, 1 / 3))
     at_quarter = multilabel_metrics(scores, targets, threshold=0.25)  # adds (0, 1) at exactly 0.25, (1, 0)
     assert (at_quarter["micro_precision"], at_quarter["micro_recall"]) == pytest.approx((3 / 4, 1.0))
+
+
+def test_label_prior_metrics_by_hand():
+    """Train frequencies [0.75, 0.25, 0]: only class 0 clears 0.5, so it is predicted for every eval image;
+    every class's scores tie, so each AP is that class's eval positive rate (1/4)."""
+    train = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.float32)
+    evaluated = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.float32)
+    got = label_prior_metrics(train, evaluated)
+    want = {
+        "map": 0.25,
+        "micro_precision": 1 / 4, "micro_recall": 1 / 3, "micro_f1": 2 / 7,
+        "macro_precision": 1 / 12, "macro_recall": 1 / 3, "macro_f1": 2 / 15,
+        "cp": 1 / 12, "cr": 1 / 3, "cf1": 2 / 15,
+        "op": 1 / 4, "or": 1 / 3, "of1": 2 / 7,
+    }
+    assert got.keys() == multilabel_metrics(evaluated, evaluated).keys()
+    assert got == pytest.approx(want)
+
+
+def test_label_prior_below_the_threshold_predicts_nothing():
+    train = torch.tensor([[1, 0], [0, 1], [0, 0]], dtype=torch.float32)  # frequencies 1/3, 1/3
+    evaluated = torch.tensor([[1, 1], [1, 0]], dtype=torch.float32)
+    got = label_prior_metrics(train, evaluated)
+    assert got["micro_f1"] == got["macro_f1"] == got["cf1"] == 0.0
+    assert got["map"] == pytest.approx((1.0 + 0.5) / 2)  # positive rates 2/2 and 1/2

@@ -113,6 +113,12 @@ def test_fit_resumed_after_epoch_1_is_bit_identical_to_uninterrupted(data, tmp_p
     assert_identical(b["scheduler"], a["scheduler"], "scheduler")
     assert_identical(b["generator"], a["generator"], "generator")
     assert_identical(b["torch_rng"], a["torch_rng"], "torch_rng")
+    # the selected (best val_map) epoch's weights survive the resume, and so does what they report
+    assert b["selected_epoch"] == a["selected_epoch"] == straight.summary["best_epoch"]
+    assert_identical(b["selected_model"], a["selected_model"], "selected_model")
+    held_out = [k for k in straight.summary if k.startswith(("selected_", "chance_", "val_map_"))]
+    assert_identical({k: resumed.summary[k] for k in held_out}, {k: straight.summary[k] for k in held_out})
+    assert_identical(resumed.per_class_ap, straight.per_class_ap, "per_class_ap")
 
 
 # --- 2. harness run, SIGKILLed mid-run and resumed, vs an uninterrupted harness run ------------------------------

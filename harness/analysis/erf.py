@@ -56,7 +56,7 @@ def effective_receptive_field(
     model: nn.Module, images: torch.Tensor, layer: int = -1, batch_size: int = 32
 ) -> ErfResult:
     """The ERF of conv layer `layer` (default: the last) over normalised images [N, 3, H, W]."""
-    geometry = conv_geometry(model)
+    geometry = conv_geometry(model, int(images.shape[-1]))
     if not geometry:
         raise HarnessError("the model has no conv layers")
     target = geometry[layer]

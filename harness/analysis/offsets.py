@@ -155,7 +155,7 @@ def offset_statistics(
 
     `boxes[n]` holds image n's boxes (x0, y0, x1, y1 in the S×S image). Streams over batches.
     """
-    geometry = {g.index: g for g in conv_geometry(model)}
+    geometry = {g.index: g for g in conv_geometry(model, image_size)}
     deform = [i for i, g in geometry.items() if g.deformable]
     acc = {(i, r): _Accumulator() for i in deform for r in ("all", *REGIONS)}
     hist = {i: np.zeros(len(HIST_EDGES), dtype=np.int64) for i in deform}

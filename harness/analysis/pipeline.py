@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 import yaml
 from pydantic import ValidationError
+from torch import nn
 
 from harness.analysis import erf as erf_mod
 from harness.analysis import offsets as offsets_mod
@@ -37,8 +38,9 @@ from harness.data import BatchLoader, DataCache, PreparedData, denormalize
 from harness.devices import resolve_device
 from harness.errors import HarnessError, one_line
 from harness.figures import fig_to_png
-from harness.models import DeformOptions, MultiLabelCNN, create_model
+from harness.models import build_network
 from harness.tracking import names
+from harness.tracking.artifacts import fetch_checkpoint
 from harness.tracking.store import ChildRun, attach_run, find_finished_runs, log_artifact_dir, read_run_text
 
 PARTS = ("robustness", "offsets", "sampling", "erf")
@@ -138,10 +140,10 @@ def _positions(
 
 
 def sampling_panels(
-    model: MultiLabelCNN, data: PreparedData, loader: BatchLoader, chain: Sequence[int], count: int
+    model: nn.Module, data: PreparedData, loader: BatchLoader, chain: Sequence[int], count: int
 ) -> list[plots.SamplingPanel]:
     """Panels for the first `count` val images with a box: the largest object's centre and a background spot."""
-    geometry = conv_geometry(model)
+    geometry = conv_geometry(model, data.image_size)
     boxes = data.boxes("val")
     chosen = [i for i, (b, _) in enumerate(boxes) if len(b) and ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).max() > 0]
     chosen = (chosen or list(range(len(boxes))))[:count]
@@ -175,7 +177,7 @@ def _out_hw(model: torch.nn.Module, x: torch.Tensor, layer: ConvGeometry) -> tup
     return shapes["hw"]
 
 
-def _robustness_part(model: MultiLabelCNN, loader: BatchLoader, options: AnalysisOptions, out_dir: Path,
+def _robustness_part(model: nn.Module, loader: BatchLoader, options: AnalysisOptions, out_dir: Path,
                      result: AnalysisResult, progress: Progress) -> None:
     frame = robust_mod.robustness(
         model, loader, options.families, progress=lambda d, t: progress("robustness", d, t)
@@ -185,7 +187,7 @@ def _robustness_part(model: MultiLabelCNN, loader: BatchLoader, options: Analysi
     result.robustness = frame
 
 
-def _offsets_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
+def _offsets_part(model: nn.Module, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
                   options: AnalysisOptions, out_dir: Path, title: str, result: AnalysisResult,
                   progress: Progress) -> None:
     progress("offset statistics", 0, 1)
@@ -207,7 +209,7 @@ def _offsets_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader,
     progress("offset statistics", 1, 1)
 
 
-def _sampling_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
+def _sampling_part(model: nn.Module, data: PreparedData, loader: BatchLoader, geometry: list[ConvGeometry],
                    options: AnalysisOptions, out_dir: Path, title: str, result: AnalysisResult,
                    progress: Progress) -> None:
     chain = list(options.chain) if options.chain else default_chain(geometry)
@@ -233,7 +235,7 @@ def _sampling_part(model: MultiLabelCNN, data: PreparedData, loader: BatchLoader
     progress("sampling locations", 1, 1)
 
 
-def _erf_part(model: MultiLabelCNN, loader: BatchLoader, options: AnalysisOptions, out_dir: Path, title: str,
+def _erf_part(model: nn.Module, loader: BatchLoader, options: AnalysisOptions, out_dir: Path, title: str,
               result: AnalysisResult, progress: Progress) -> None:
     progress("effective receptive field", 0, 1)
     images = _images(loader, options.erf_images)
@@ -250,7 +252,7 @@ def _erf_part(model: MultiLabelCNN, loader: BatchLoader, options: AnalysisOption
 
 
 def analyze_model(
-    model: MultiLabelCNN,
+    model: nn.Module,
     config: RunConfig,
     data: PreparedData,
     device: torch.device,
@@ -264,7 +266,7 @@ def analyze_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     loader = val_loader(config, data, device, options.batch_size)
-    geometry = conv_geometry(model)
+    geometry = conv_geometry(model, data.image_size)
     deformable = [g.index for g in geometry if g.deformable]
     result = AnalysisResult({}, out_dir)
 
@@ -322,12 +324,9 @@ def run_config(
     raise HarnessError(f"run {run_name} has neither a config.yaml artifact nor params to rebuild its config from")
 
 
-def build_model(config: RunConfig, num_classes: int) -> MultiLabelCNN:
-    m = config.model
-    return create_model(
-        m.arch, num_classes=num_classes, width=m.width, deform_layers=m.deform_layers,
-        options=DeformOptions(m.offset_channels, m.modulated, m.offset_groups, m.backend), dropout=m.dropout,
-    )
+def build_model(config: RunConfig, num_classes: int) -> nn.Module:
+    """The run's network as training built it, without pretrained weights (the checkpoint replaces them)."""
+    return build_network(config.model, num_classes, load_pretrained_weights=False)
 
 
 def read_checkpoint(checkpoint: Path, run_name: str) -> dict[str, Any]:
@@ -344,7 +343,7 @@ def read_checkpoint(checkpoint: Path, run_name: str) -> dict[str, Any]:
 
 
 def load_trained(config: RunConfig, num_classes: int, state: Mapping[str, Any], checkpoint: Path,
-                 run_name: str) -> MultiLabelCNN:
+                 run_name: str) -> nn.Module:
     """The trained network: `config`'s architecture with the checkpoint's weights."""
     model = build_model(config, num_classes)
     try:
@@ -390,7 +389,8 @@ def analyze_runs(
         config_hash = record.tags.get(names.CONFIG_HASH)
         if not config_hash:
             raise HarnessError(f"run {record.name} ({record.run_id}) has no {names.CONFIG_HASH} tag")
-        checkpoint = find_checkpoint(results_dir, record.experiment, config_hash)
+        local = find_checkpoint(results_dir, record.experiment, config_hash)
+        checkpoint = fetch_checkpoint(handle, local, tracking_uri)  # from the run's artifacts when not local
         state = read_checkpoint(checkpoint, record.name)
         saved = state.get("config")
         config_text = None if saved is not None else read_run_text(handle, names.CONFIG_ARTIFACT)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.models import conv_layers
 from harness.ops import DeformConv2d, expand_shared_offset
 
 Pair = tuple[float, float]
@@ -90,8 +91,8 @@ def _conv_of(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def conv_geometry(model: nn.Module) -> list[ConvGeometry]:
-    """Every conv layer of `model.features` (in order) with its plane-to-image maps.
+def sequential_geometry(model: nn.Module) -> list[ConvGeometry]:
+    """Every conv layer of `model.features` (in order) with its plane-to-image maps, by walking the sequence.
 
     Knows conv blocks, `nn.Conv2d`, `DeformConv2d`, max/avg pooling, and modules that keep the geometry
     (BN, ReLU, dropout); anything else that could move pixels is an error rather than a silent mistake.
@@ -131,6 +132,104 @@ def conv_geometry(model: nn.Module) -> list[ConvGeometry]:
     return layers
 
 
+def _window_map(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """(s, c) of a conv or pool: output u sits over input s·u + c (the centre of its window)."""
+    kernel, padding = _as_pair(module.kernel_size), _as_pair(module.padding)  # type: ignore[arg-type]
+    stride = _as_pair(module.stride or module.kernel_size)  # type: ignore[arg-type]
+    dilation = _as_pair(getattr(module, "dilation", 1))
+    s = np.asarray(stride, dtype=np.float64)
+    return s, -np.asarray(padding, dtype=np.float64) + np.asarray(dilation) * (np.asarray(kernel) - 1) / 2
+
+
+class _PlaneTracker:
+    """Plane-to-image maps of the tensors of one forward pass: by tensor identity, else by plane size."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+        self.by_size: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def record(self, t: torch.Tensor, scale: np.ndarray, shift: np.ndarray) -> None:
+        self.by_id[id(t)] = (t, scale, shift)
+        self.by_size[(int(t.shape[-2]), int(t.shape[-1]))] = (scale, shift)
+
+    def known(self, t: torch.Tensor) -> bool:
+        entry = self.by_id.get(id(t))
+        return entry is not None and entry[0] is t
+
+    def lookup(self, t: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        if self.known(t):
+            return self.by_id[id(t)][1], self.by_id[id(t)][2]
+        return self.by_size.get((int(t.shape[-2]), int(t.shape[-1])))
+
+
+def traced_geometry(model: nn.Module, image_size: int = 64) -> list[ConvGeometry]:
+    """Every conv layer of any network (`harness.models.conv_layers` order) with its plane-to-image maps,
+    found by following one forward pass of a blank image through convs and pools (residual branches too)."""
+    convs = conv_layers(model)
+    if not convs:
+        raise HarnessError(f"{type(model).__name__} has no conv layers to analyse")
+    conv_ids = {id(m) for _, m in convs}
+    inner = {id(m) for _, c in convs if isinstance(c, DeformConv2d) for m in c.modules() if m is not c}
+    planes, found = _PlaneTracker(), {}
+
+    def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
+        if not (args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor)
+                and args[0].dim() == 4 and output.dim() == 4):
+            return
+        source = planes.lookup(args[0])
+        if id(module) in conv_ids or isinstance(module, nn.MaxPool2d | nn.AvgPool2d):
+            if source is None:
+                raise HarnessError(f"cannot place the input of {type(module).__name__} on the image")
+            s, c = _window_map(module)
+            out_scale, out_shift = source[0] * s, source[0] * c + source[1]
+            planes.record(output, out_scale, out_shift)
+            found[id(module)] = (source[0], source[1], out_scale, out_shift)
+        elif not planes.known(output) and source is not None and output.shape[-2:] == args[0].shape[-2:]:
+            planes.record(output, *source)
+
+    parameter = next(model.parameters())
+    first = convs[0][1]
+    x = torch.zeros(1, int(first.in_channels), image_size, image_size, device=parameter.device, dtype=parameter.dtype)
+    planes.record(x, np.ones(2), np.zeros(2))
+    handles = [m.register_forward_hook(hook) for m in model.modules() if id(m) not in inner]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    layers = []
+    for index, (name, conv) in enumerate(convs):
+        if id(conv) not in found:
+            raise HarnessError(f"conv{index} ({name}) does not run in a forward pass: cannot place it on the image")
+        in_scale, in_shift, out_scale, out_shift = (tuple(float(v) for v in a) for a in found[id(conv)])
+        layers.append(ConvGeometry(
+            index, conv, isinstance(conv, DeformConv2d), _as_pair(conv.kernel_size), _as_pair(conv.stride),
+            _as_pair(conv.padding), _as_pair(conv.dilation), in_scale, in_shift, out_scale, out_shift,  # type: ignore[arg-type]
+        ))
+    return layers
+
+
+def conv_geometry(model: nn.Module, image_size: int = 64) -> list[ConvGeometry]:
+    """Every conv layer of `model` with its plane-to-image maps, in the order of `harness.models.conv_layers`.
+
+    A network whose `features` sequence holds all its convs is walked (exact, no forward pass); any other is
+    traced with a blank `image_size` image.
+    """
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):
+        try:
+            layers = sequential_geometry(model)
+        except HarnessError:
+            layers = []
+        if layers and [id(g.module) for g in layers] == [id(m) for _, m in conv_layers(model)]:
+            return layers
+    return traced_geometry(model, image_size)
+
+
 def per_tap_offsets(layer: DeformConv2d, offset: torch.Tensor) -> torch.Tensor:
     """A layer's predicted offsets in per-tap form [N, G, K, 2, Ho, Wo] ((Δy, Δx) per tap and group)."""
     taps = layer.kernel_size[0] * layer.kernel_size[1]
@@ -148,7 +247,7 @@ def capture_offsets(
     Only deformable layers appear; `layers` restricts them to some conv indices. The offsets are what
     each layer predicts from the input it actually received in this forward pass.
     """
-    geometry = conv_geometry(model)
+    geometry = conv_geometry(model, int(x.shape[-1]))
     wanted = {g.index for g in geometry if g.deformable and (layers is None or g.index in layers)}
     inputs: dict[int, torch.Tensor] = {}
     handles = []

@@ -11,10 +11,11 @@ import warnings
 
 import click
 import typer
+from rich.markup import escape
 
 from harness import settings
-from harness.cli import bench, data, evaluate, report, run, tune  # noqa: F401  (each registers its commands)
-from harness.cli.app import app, err_console
+from harness.cli import bench, data, evaluate, examples, report, run, trace, tune, ui, version  # noqa: F401
+from harness.cli.app import app, err_console  # the command modules above register on app
 from harness.errors import HarnessError, HarnessWarning
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, standalone_mode=False, prog_name="harness")
     except HarnessError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except (click.exceptions.Abort, typer.Abort):
         err_console.print("aborted")

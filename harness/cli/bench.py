@@ -1,9 +1,10 @@
-"""`harness bench ops|model`."""
+"""`harness bench ops|model|overhead|data`."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,6 +22,7 @@ from harness.bench import (
     machine_description,
 )
 from harness.cli.app import bench_app, console
+from harness.data.scale import DEFAULT_SIZES, TRAIN2017_IMAGES, bench_data, figures_json
 from harness.errors import HarnessError
 
 
@@ -90,7 +92,8 @@ def model(
     ] = None,
     image_size: Annotated[int, typer.Option(help="square input size in px")] = 64,
     batch: Annotated[int, typer.Option(help="batch size")] = 32,
-    arch: Annotated[str, typer.Option(help="unet_encoder or small3")] = "unet_encoder",
+    arch: Annotated[str, typer.Option(help="unet_encoder, small3, resnet18|34|50 or package.module:factory")] = (
+        "unet_encoder"),
     width: Annotated[float, typer.Option(help="width multiplier")] = 0.25,
     offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
     modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
@@ -143,3 +146,39 @@ def overhead(
     for r in rows:
         table.add_row(r.setting, f"{r.seconds_per_epoch:.2f}", f"{100 * r.overhead:+.1f}%")
     console.print(table)
+
+
+@bench_app.command("data")
+def data(
+    images: Annotated[int, typer.Option("--images", help="JPEGs to generate in COCO layout")] = 20_000,
+    size: Annotated[list[int] | None, typer.Option("--size", help="cache image size; repeat (default 64, 128, 224)")]
+    = None,
+    source: Annotated[str, typer.Option("--source-size", help="generated JPEGs' WIDTHxHEIGHT (COCO: ~640x480)")]
+    = "640x480",
+    workers: Annotated[int | None, typer.Option(help="decoding threads (default: CPU count, at most 16)")] = None,
+    work: Annotated[Path | None, typer.Option("--work", help="keep the generated data here (default: a temp dir)")]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Build the decode-once cache from generated COCO-layout JPEGs: images/s, peak memory, disk, and the
+    projection to train2017 (docs/scaling.md)."""
+    try:
+        width, height = (int(v) for v in source.lower().split("x"))
+    except ValueError:
+        raise HarnessError(f"--source-size {source!r}: expected WIDTHxHEIGHT, e.g. 640x480") from None
+    with console.status("benchmarking") as status:
+        rows = bench_data(images, size or DEFAULT_SIZES, width, height, workers, work, progress=status.update)
+    if as_json:
+        print(json.dumps({"machine": machine_description(), "rows": json.loads(figures_json(rows))}, indent=2))
+        return
+    table = Table(title=f"cache build, {images} JPEGs {width}×{height} → squash, {workers or 'default'} threads")
+    for col in ("size", "images/s", "build s", "RSS before → peak", "entry", "reload s",
+                f"train2017 ({TRAIN2017_IMAGES:,})"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.size} px", f"{r.images_per_s:,.0f}", f"{r.seconds:.1f}",
+                      f"{r.rss_before_mb:,.0f} → {r.build_peak_rss_mb:,.0f} MiB", f"{r.entry_bytes / 2**20:,.0f} MiB",
+                      f"{r.reload_s:.3f}",
+                      f"{r.train2017_minutes:.1f} min, {r.train2017_gb:.1f} GB")
+    console.print(table)
+    console.print(f"machine: {machine_description()}")

@@ -1,12 +1,10 @@
-"""`harness run`, `harness list` and `harness ui`."""
+"""`harness run` and `harness list`."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,12 +14,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from harness.cli.app import DataRootOption, DeviceOption, TrackingUriOption, app, console, err_console
-from harness.config import flatten
+from harness.config import RunConfig, flatten
+from harness.data import SHAPES
 from harness.distributed import launched_by_torchrun
 from harness.errors import HarnessError
+from harness.models import MODELS, build_network, deformable_names, measure_cost, pretrained_file
 from harness.planning import MAX_RUNS, PlannedRun, expand, load_ablation, parse_set, select, shard
 from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
-from harness.tracking.uri import check_store, resolve_uri
 
 SetOption = Annotated[
     list[str] | None,
@@ -44,6 +43,8 @@ def _plan(file: Path, set_items: list[str] | None, data_root: Path | None, only:
     spec = load_ablation(file)
     runs = expand(spec, parse_set(set_items), data_root, source=str(file), max_runs=max_runs,
                   override_variants=override_variants)
+    for pretrained in sorted({r.config.model.pretrained for r in runs if r.config.model.pretrained}):
+        pretrained_file(pretrained)  # a missing weights file stops the plan, not a run
     return spec, shard(select(runs, only), shard_spec)
 
 
@@ -65,6 +66,45 @@ def list_runs(
         override = spec.variants.get(run.variant) or {}
         table.add_row(str(i), run.name, _inline(override), run.config_hash)
     console.print(table)
+    console.print(network_table(runs))
+
+
+def _num_classes(config: RunConfig) -> int:
+    return len(SHAPES) if config.data.source == "synthetic" else 80
+
+
+def _compact(names: list[str], limit: int = 4) -> str:
+    """A few names in full; more grouped by their first component ("layer3×4")."""
+    if len(names) <= limit:
+        return ", ".join(names)
+    groups: dict[str, int] = {}
+    for name in names:
+        head = name.split(".", 1)[0]
+        groups[head] = groups.get(head, 0) + 1
+    return ", ".join(f"{head}×{count}" for head, count in groups.items())
+
+
+def network_table(runs: list[PlannedRun]) -> Table:
+    """Per distinct network of the plan: its deformable layers, parameters and forward FLOPs per image."""
+    table = Table(title="networks (FLOPs per image at data.image_size; bilinear sampling not counted)")
+    for col, justify in (("variant", "left"), ("arch", "left"), ("deformable conv layers", "left"),
+                         ("params", "right"), ("GFLOPs", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    seen: set[str] = set()
+    for run in runs:
+        config = run.config
+        key = f"{config.model.model_dump_json()}|{config.data.image_size}|{_num_classes(config)}"
+        if key in seen:
+            continue
+        seen.add(key)
+        model = build_network(config.model, _num_classes(config), load_pretrained_weights=False)
+        cost = measure_cost(model, config.data.image_size)
+        names = ([f"conv{i}" for i in model.deform_indices] if config.model.arch in MODELS
+                 else deformable_names(model))
+        placed = f"{len(names)}: {_compact(names)}" if names else "none"
+        label = run.variant + "".join(f" {k}={v}" for k, v in run.grid.items() if k != "seed")
+        table.add_row(label, config.model.arch, placed, f"{cost.params:,}", f"{cost.flops_per_image / 1e9:.3f}")
+    return table
 
 
 def _inline(data: dict) -> str:
@@ -219,99 +259,3 @@ def run(
             err_console.print(f"[red]failed[/] {o.run.name}: {o.reason}", highlight=False)
         return 1
     return 0
-
-
-@app.command("ui")
-def ui(
-    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store to browse")] = None,
-    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
-    host: Annotated[str, typer.Option(help="interface to bind; 0.0.0.0 exposes the UI to the network")] = "127.0.0.1",
-    workers: Annotated[int, typer.Option(help="MLflow server worker processes")] = 1,
-) -> int:
-    """Open the MLflow UI on the harness store (bound to 127.0.0.1 unless --host says otherwise)."""
-    if not 0 < port < 65536:
-        raise HarnessError(f"--port {port}: expected a port number between 1 and 65535")
-    if workers < 1:
-        raise HarnessError(f"--workers {workers}: expected a positive number of worker processes")
-    uri = resolve_uri(tracking_uri)
-    check_store(uri, create=False)
-    console.print(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C to stop)", highlight=False)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
-               "--port", str(port), "--workers", str(workers)]
-    return _serve(command)
-
-
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-_STOP_GRACE_S = 10.0
-
-
-class _StopRequested(Exception):
-    """Raised by the signal handler of `_serve` to leave the wait for the server."""
-
-
-def _serve(command: list[str], grace_s: float = _STOP_GRACE_S) -> int:
-    """Run `command` (a server) in a process group of its own until it exits or this process gets SIGTERM, SIGINT or
-    SIGHUP; then stop the server's whole process group (it forks workers). The exit status of the server,
-    or 0 when it was stopped on request."""
-    received: list[int] = []
-    armed = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        received.append(signum)
-        if armed and len(received) == 1:
-            raise _StopRequested
-
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS} if in_main_thread else {}
-    try:
-        # a new process group (setsid): a terminal's Ctrl-C reaches only the harness, which stops the group in order
-        proc = subprocess.Popen(command, start_new_session=True)
-        try:
-            armed = True
-            if not received:  # a signal that came while the server was starting
-                proc.wait()
-        except _StopRequested:
-            pass
-        finally:
-            armed = False
-            _stop_group(proc, grace_s)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if received:
-        console.print(f"stopped the MLflow UI ({signal.Signals(received[0]).name})", highlight=False)
-        return 0
-    return proc.returncode
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member we may not signal still exists
-        return True
-    return True
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the process group led by `proc`, SIGKILL it when anything is left after `grace_s`; reap `proc`."""
-    pgid = proc.pid  # start_new_session: the server leads its own group
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        proc.wait()
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, or it would count as alive
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.1)
-    else:
-        err_console.print(f"MLflow server did not stop within {grace_s:.0f}s of SIGTERM; killing it", highlight=False)
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()

@@ -124,6 +124,9 @@ def tune_command(
                                  f"${settings.variable('optuna_storage')} or {DEFAULT_STORAGE}")
     ] = None,
     n_jobs: Annotated[int, typer.Option("--n-jobs", help="trials run at once in threads of this process")] = 1,
+    timeout: Annotated[
+        float | None, typer.Option("--timeout", help="seconds after which no new trial starts (running ones finish)")
+    ] = None,
     only: Annotated[list[str] | None, typer.Option("--only", help="glob over variant or run names (repeatable)")]
     = None,
     set_items: Annotated[
@@ -142,13 +145,15 @@ def tune_command(
         raise HarnessError(f"--n-trials {n_trials}: give at least 1")
     if n_jobs < 1:
         raise HarnessError(f"--n-jobs {n_jobs}: give at least 1")
+    if timeout is not None and not timeout > 0:
+        raise HarnessError(f"--timeout {timeout:g}: give a positive number of seconds")
     spec = load_ablation(file)
     search_overrides, config_overrides = split_overrides(parse_set(set_items))
     search = resolve_search(spec, search_overrides, source=str(file))
     runs = select(expand(spec, config_overrides, data_root, source=str(file), storage=storage), only)
     studies = plan_studies(spec, search, runs)
     quiet_optuna()
-    options = TuneOptions(storage, tracking_uri, n_trials, n_jobs, device, results_dir, str(file))
+    options = TuneOptions(storage, tracking_uri, n_trials, n_jobs, device, results_dir, str(file), timeout)
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -164,6 +169,10 @@ def tune_command(
         f"MLflow experiment '{spec.name}'",
         highlight=False,
     )
+    short = [o.name for o in outcomes if o.counted < o.target]
+    if timeout is not None and short:
+        console.print(f"--timeout {timeout:g}s reached: {', '.join(short)} short of target; rerun to continue",
+                      highlight=False)
     done = [o for o in outcomes if o.best_lr is not None]
     if done:
         console.print(f"reuse with: train.lr: {{from_study: {done[0].name}}}", highlight=False)

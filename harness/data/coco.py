@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,9 @@ class CocoSplit:
     `boxes[i]` is a float32 [K, 4] array of that image's boxes (x, y, w, h in the stored image's
     pixels), `box_labels[i]` their class indices and `box_crowd[i]` their iscrowd flags; only the
     annotations that count towards the targets are listed (crowd boxes are left out with
-    include_crowd=False).
+    include_crowd=False). `largest_areas[i]` is the area of the image's largest counted annotation in
+    the original image's pixels (COCO's `area`, else the box's w·h, scaled by `orig_width`/`orig_height`
+    when the file records a downscaled copy as coco-mini does); NaN for an image without one.
     """
 
     root: Path
@@ -60,6 +63,7 @@ class CocoSplit:
     num_annotations: int = 0
     include_crowd: bool = True
     drop_empty: bool = False
+    largest_areas: list[float] = field(default_factory=list, repr=False)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -98,6 +102,7 @@ class CocoSplit:
             box_crowd=[self.box_crowd[i] for i in idx],
             num_annotations=int(sum(len(self.box_labels[i]) for i in idx)),
             include_crowd=self.include_crowd, drop_empty=self.drop_empty,
+            largest_areas=[self.largest_areas[i] for i in idx] if self.largest_areas else [],
         )
 
 
@@ -265,6 +270,20 @@ class _ImageRows:
     boxes: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     crowds: list[np.ndarray] = field(default_factory=list)
+    largest: list[float] = field(default_factory=list)
+
+
+def _largest_area(info: dict[str, Any], anns: list[dict[str, Any]], boxes: np.ndarray) -> float:
+    """The largest annotation's area in the original image's pixels (see `CocoSplit`); NaN without one."""
+    if not anns:
+        return math.nan
+    areas = [float(a["area"]) if isinstance(a.get("area"), int | float) and not isinstance(a.get("area"), bool)
+             else float(box[2] * box[3]) for a, box in zip(anns, boxes, strict=True)]
+    scale = 1.0
+    orig_w, orig_h = info.get("orig_width"), info.get("orig_height")
+    if isinstance(orig_w, int | float) and isinstance(orig_h, int | float) and info["width"] and info["height"]:
+        scale = float(orig_w) * float(orig_h) / (float(info["width"]) * float(info["height"]))
+    return max(areas) * scale
 
 
 def _image_rows(ann_file: Path, coco: Any, id_to_index: dict[int, int], *, include_crowd: bool,
@@ -298,6 +317,7 @@ def _image_rows(ann_file: Path, coco: Any, id_to_index: dict[int, int], *, inclu
         out.boxes.append(box)
         out.labels.append(lab)
         out.crowds.append(np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool))
+        out.largest.append(_largest_area(info, anns, box))
     return out
 
 
@@ -345,7 +365,7 @@ def load_split(
         categories=categories, image_ids=img.image_ids, file_names=img.file_names, widths=img.widths,
         heights=img.heights, targets=targets, boxes=img.boxes, box_labels=img.labels, box_crowd=img.crowds,
         num_annotations=int(sum(len(lab) for lab in img.labels)), include_crowd=include_crowd,
-        drop_empty=drop_empty,
+        drop_empty=drop_empty, largest_areas=img.largest,
     )
 
 

@@ -3,6 +3,8 @@ prepared once per process and shared by every run that reads the same subset."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +13,11 @@ from typing import Any
 import numpy as np
 
 from harness import settings
-from harness.config import DataConfig
+from harness.config import DataConfig, SyntheticGeometry
 from harness.data.coco import CocoSplit, annotation_path, image_files, load_split
 from harness.data.prepare import PreparedData, prepare_data, same_categories
-from harness.data.subsets import nested_subset
-from harness.data.synth import synthesize
+from harness.data.subsets import nested_subset, tail_subset
+from harness.data.synth import OOD_SPLIT, Geometry, synthesize
 from harness.errors import HarnessError
 
 Progress = Callable[[str, int, int], None]
@@ -29,14 +31,32 @@ def no_coco_root(what: str = "") -> HarnessError:
     )
 
 
+def _geometry(config: SyntheticGeometry | None) -> Geometry | None:
+    return None if config is None else Geometry(config.rotation, config.scale, config.stretch, config.warp)
+
+
+def synthetic_root(config: DataConfig, results_dir: Path) -> Path:
+    """Where the synthetic task of `config` is generated: one folder per generator setting. The default
+    geometry without an ood set keeps the plain name; any other adds a digest of the geometry."""
+    synth = config.synthetic
+    name = f"synthetic-{synth.n_train}-{synth.n_val}-{config.image_size}-{synth.seed}"
+    if synth.train_geometry != SyntheticGeometry() or synth.n_ood:
+        spec = synth.model_dump(mode="json", include={"train_geometry", "n_ood", "ood_geometry"})
+        name += "-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return results_dir / "data" / name
+
+
 def data_root(config: DataConfig, results_dir: Path, progress: Progress) -> Path:
     """The COCO root a run reads: the configured one, or the generated synthetic task (made once)."""
     if config.source == "synthetic":
         synth = config.synthetic
-        root = results_dir / "data" / f"synthetic-{synth.n_train}-{synth.n_val}-{config.image_size}-{synth.seed}"
-        if not (root / "annotations" / "instances_val2017.json").exists():
+        root = synthetic_root(config, results_dir)
+        last = OOD_SPLIT if synth.n_ood else "val2017"  # written last: the task is complete
+        if not (root / "annotations" / f"instances_{last}.json").exists():
             progress("generating synthetic task", 0, 1)
-            synthesize(root, n_train=synth.n_train, n_val=synth.n_val, size=config.image_size, seed=synth.seed)
+            synthesize(root, n_train=synth.n_train, n_val=synth.n_val, size=config.image_size, seed=synth.seed,
+                       geometry=_geometry(synth.train_geometry), n_ood=synth.n_ood,
+                       ood_geometry=_geometry(synth.ood_geometry), overwrite=True)
         return root
     if not config.root:
         raise no_coco_root()
@@ -71,8 +91,8 @@ def check_datasets(configs: Iterable[tuple[str, DataConfig]]) -> None:
             checked_pairs.add((root, data.train_split, data.val_split))
             if val is not train:
                 same_categories(train.coco, val.coco)
-        draw = (root, data.train_split, data.val_split, data.train_size, data.val_size, data.subset_seed,
-                data.drop_empty, data.include_crowd, data.strict_images)
+        draw = (root, data.train_split, data.val_split, data.train_size, data.val_size, data.test_size,
+                data.subset_seed, data.drop_empty, data.include_crowd, data.strict_images)
         if draw not in checked_runs:
             checked_runs.add(draw)
             _check_draw(name, data, train, val)
@@ -142,27 +162,39 @@ def _check_draw(name: str, data: DataConfig, train: _Split, val: _Split) -> None
                 f"run {name}: no image of split {split.coco.split!r} has {what}, and drop_empty is on"
             )
     try:
+        test_pos = tail_subset(len(kept_val), data.test_size, data.subset_seed, data.val_split)
+        if len(test_pos) == len(kept_val):
+            raise HarnessError(
+                f"test_size = {data.test_size} takes all {len(kept_val)} images of split {data.val_split!r}, "
+                "which leaves none for val"
+            )
+        tail = len(test_pos)
         if val is train:
             if data.val_size is None:
                 raise HarnessError(
                     f"train_split and val_split are both {data.train_split!r}: give val_size so that disjoint "
                     "train and val subsets can be drawn from it"
                 )
-            val_pos = nested_subset(len(kept_val), data.val_size, data.subset_seed, data.val_split, key="val_size")
-            if len(val_pos) == len(kept_train):
+            val_pos = nested_subset(len(kept_val), data.val_size, data.subset_seed, data.val_split, key="val_size",
+                                    tail=tail)
+            if len(val_pos) + tail == len(kept_train):
+                takes = f"val_size = {data.val_size} " + (f"and test_size = {data.test_size} take" if tail else "takes")
                 raise HarnessError(
-                    f"val_size = {data.val_size} takes all {len(kept_train)} images of split "
-                    f"{data.train_split!r}, which leaves none for train"
+                    f"{takes} all {len(kept_train)} images of split {data.train_split!r}, which leaves none for train"
                 )
             train_pos = nested_subset(len(kept_train), data.train_size, data.subset_seed, data.train_split,
-                                      key="train_size", skip=len(val_pos))
+                                      key="train_size", skip=len(val_pos), tail=tail)
         else:
             train_pos = nested_subset(len(kept_train), data.train_size, data.subset_seed, data.train_split,
                                       key="train_size")
-            val_pos = nested_subset(len(kept_val), data.val_size, data.subset_seed, data.val_split, key="val_size")
+            val_pos = nested_subset(len(kept_val), data.val_size, data.subset_seed, data.val_split, key="val_size",
+                                    tail=tail)
     except HarnessError as exc:
         raise HarnessError(f"run {name}: {exc}") from None
-    for role, split, drawn in (("train", train, kept_train[train_pos]), ("val", val, kept_val[val_pos])):
+    drawn_sets = [("train", train, kept_train[train_pos]), ("val", val, kept_val[val_pos])]
+    if tail:
+        drawn_sets.append(("test", val, kept_val[test_pos]))
+    for role, split, drawn in drawn_sets:
         missing = drawn[split.missing[drawn]]
         if not len(missing):
             continue
@@ -196,6 +228,7 @@ class DataCache:
                 train_size=config.train_size, val_size=config.val_size, image_size=config.image_size,
                 resize=config.resize, subset_seed=config.subset_seed, cache_dir=self.results_dir / "cache",
                 drop_empty=config.drop_empty, include_crowd=config.include_crowd,
-                strict_images=config.strict_images, progress=progress,
+                strict_images=config.strict_images, progress=progress, test_size=config.test_size,
+                ood_split=OOD_SPLIT if config.source == "synthetic" and config.synthetic.n_ood else None,
             )
         return self._entries[key]

@@ -3,7 +3,8 @@
 A subset of size k is the first k positions of a seeded permutation of the split, so with one
 subset seed the 250-image subset is contained in the 500-image one: training-set-size ablations
 differ only in size. The permutation depends on the seed and the split name only (not on the
-training seed), so the val subset stays fixed across every run of an ablation.
+training seed), so the val subset stays fixed across every run of an ablation. A test subset is the
+tail of the val split's permutation (`tail_subset`), so it never shares an image with a val prefix.
 """
 
 from __future__ import annotations
@@ -49,12 +50,25 @@ def permutation(n: int, seed: int, split: str) -> np.ndarray:
 
 
 def nested_subset(n: int, size: SubsetSize, seed: int, split: str = "", key: str = "size",
-                  skip: int = 0) -> np.ndarray:
+                  skip: int = 0, tail: int = 0) -> np.ndarray:
     """Sorted positions of the subset: `permutation(n, seed, split)[skip : skip + count]`.
 
     `skip` reserves the head of the permutation (used when train and val are drawn from one split:
-    val takes the head, train a prefix of the rest).
+    val takes the head, train a prefix of the rest); `tail` reserves its end for the test subset.
     """
-    available = n - skip
+    available = n - skip - tail
     count = resolve_size(size, available, key, split)
     return np.sort(permutation(n, seed, split)[skip:skip + count])
+
+
+def tail_subset(n: int, size: SubsetSize, seed: int, split: str = "", key: str = "test_size") -> np.ndarray:
+    """Sorted positions of the last `size` entries of `permutation(n, seed, split)`: the test subset.
+
+    Taken from the end so that val (a prefix of the same permutation) keeps its images when a test
+    subset is added, as long as both fit. `None` means no test subset (empty). A fraction counts the
+    whole split.
+    """
+    if size is None:
+        return np.zeros(0, dtype=np.int64)
+    count = resolve_size(size, n, key, split)
+    return np.sort(permutation(n, seed, split)[n - count:])

@@ -40,6 +40,45 @@ SHAPES: tuple[str, ...] = ("disk", "ring", "triangle", "frame", "cross", "star",
 _CHUNK = 128
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _VAL_ID_OFFSET = 1_000_000_000
+_ID_OFFSETS = (0, _VAL_ID_OFFSET, 2 * _VAL_ID_OFFSET)  # train, val, ood (split codes 0, 1, 2)
+OOD_SPLIT = "ood2017"
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The ranges each object's geometry is drawn from; the defaults are the task's standard ranges.
+
+    rotation: degrees, uniform. scale: object radius as a fraction of its layout cell (the cell is 0.9
+    of the image for one object, about half of it for two to four), log-uniform; the radius is never
+    below 9 % of the image. stretch: ratio of the object's two axes, log-uniform in magnitude, along a
+    random one of them. warp: amplitude of the elastic displacement relative to the radius, uniform.
+    Training on narrow ranges and testing on wider ones (`synthesize(ood_geometry=...)`) is the
+    out-of-distribution protocol.
+    """
+
+    rotation: tuple[float, float] = (0.0, 360.0)
+    scale: tuple[float, float] = (0.2, 0.46)
+    stretch: tuple[float, float] = (1.0, 1.8)
+    warp: tuple[float, float] = (0.0, 0.16)
+
+    def check(self) -> None:
+        """A HarnessError naming the first range that is inverted or out of its domain."""
+        minimum = {"rotation": -math.inf, "scale": 1e-3, "stretch": 1.0, "warp": 0.0}
+        for name, low_bound in minimum.items():
+            low, high = getattr(self, name)
+            if not (math.isfinite(low) and math.isfinite(high) and low_bound <= low <= high):
+                raise HarnessError(
+                    f"geometry {name} = [{low}, {high}]: expected finite low <= high"
+                    + (f" with low >= {low_bound}" if math.isfinite(low_bound) else "")
+                )
+
+
+def _stretch_aspect(rng: np.random.Generator, stretch: tuple[float, float], shape: tuple[int, int]) -> np.ndarray:
+    """Axis ratios whose magnitude is log-uniform in `stretch`, above or below 1 with equal chance."""
+    low, high = math.log(stretch[0]), math.log(stretch[1])
+    s = rng.uniform(-high, high, shape)
+    magnitude = low + np.abs(s) * ((high - low) / high if high > 0 else 0.0)  # = |s| when low is 0
+    return np.exp(np.copysign(magnitude, s)).astype(np.float32)
 
 
 def _box(u: np.ndarray, v: np.ndarray, cu: float, cv: float, hu: float, hv: float) -> np.ndarray:
@@ -106,7 +145,8 @@ class _Objects:
     dark_bg: np.ndarray  # [B] dark background (objects light) or the reverse
 
 
-def _draw_objects(rng: np.random.Generator, b: int, size: int, n_classes: int, max_objects: int) -> _Objects:
+def _draw_objects(rng: np.random.Generator, b: int, size: int, n_classes: int, max_objects: int,
+                  geometry: Geometry) -> _Objects:
     k = max_objects
     weights = np.array([1.0, 1.3, 1.1, 1.0][:k])
     count = rng.choice(np.arange(1, k + 1), size=b, p=weights / weights.sum())
@@ -122,19 +162,20 @@ def _draw_objects(rng: np.random.Generator, b: int, size: int, n_classes: int, m
         cx[rows, :n] = pts[..., 0] * size
         cy[rows, :n] = pts[..., 1] * size
         cell[rows, :n] = cell_frac * size
-    aspect = np.exp(rng.uniform(-math.log(1.8), math.log(1.8), (b, k))).astype(np.float32)
+    aspect = _stretch_aspect(rng, geometry.stretch, (b, k))
     stretch = np.maximum(aspect, 1 / aspect) ** 0.5
-    # radius: log-uniform in 0.2..0.46 of the layout cell (one object: up to ~40% of the image)
-    radius = cell * np.exp(rng.uniform(math.log(0.2), math.log(0.46), (b, k))).astype(np.float32) / stretch ** 0.5
+    # radius: log-uniform in geometry.scale of the layout cell (default 0.2..0.46: one object up to ~40% of the image)
+    lo, hi = math.log(geometry.scale[0]), math.log(geometry.scale[1])
+    radius = cell * np.exp(rng.uniform(lo, hi, (b, k))).astype(np.float32) / stretch ** 0.5
     radius = np.maximum(radius, 0.09 * size)
     jitter = (cell / 2 - radius * stretch).clip(0, None) * 0.6
     cx += rng.uniform(-1, 1, (b, k)).astype(np.float32) * jitter
     cy += rng.uniform(-1, 1, (b, k)).astype(np.float32) * jitter
-    angle = rng.uniform(0, 2 * math.pi, (b, k)).astype(np.float32)
+    angle = rng.uniform(*np.radians(geometry.rotation), (b, k)).astype(np.float32)
     mirror = np.where(rng.random((b, k)) < 0.5, -1.0, 1.0).astype(np.float32)
     warp = np.stack([
-        rng.uniform(0.0, 0.16, (b, k)), rng.uniform(1.5, 4.0, (b, k)), rng.uniform(0, 2 * math.pi, (b, k)),
-        rng.uniform(0.0, 0.16, (b, k)), rng.uniform(1.5, 4.0, (b, k)), rng.uniform(0, 2 * math.pi, (b, k)),
+        rng.uniform(*geometry.warp, (b, k)), rng.uniform(1.5, 4.0, (b, k)), rng.uniform(0, 2 * math.pi, (b, k)),
+        rng.uniform(*geometry.warp, (b, k)), rng.uniform(1.5, 4.0, (b, k)), rng.uniform(0, 2 * math.pi, (b, k)),
     ], axis=-1).astype(np.float32)
     dark_bg = rng.random(b) < 0.5
     lo = np.where(dark_bg, 0.55, 0.05).astype(np.float32)
@@ -190,11 +231,13 @@ def _background(rng: np.random.Generator, b: int, size: int, dark_bg: np.ndarray
     return img
 
 
-def render_chunk(seed: int, split_code: int, chunk: int, b: int, size: int, n_classes: int,
-                 max_objects: int = 4) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
+def render_chunk(
+    seed: int, split_code: int, chunk: int, b: int, size: int, n_classes: int, max_objects: int = 4,
+    geometry: Geometry | None = None,
+) -> tuple[np.ndarray, list[list[dict[str, Any]]]]:
     """Draw `b` images → (uint8 [B, S, S, 3], per image a list of {category index, bbox, area})."""
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, split_code, chunk])
-    obj = _draw_objects(rng, b, size, n_classes, max_objects)
+    obj = _draw_objects(rng, b, size, n_classes, max_objects, geometry or Geometry())
     img = _background(rng, b, size, obj.dark_bg)
     px = np.arange(size, dtype=np.float32) + 0.5
     k = max_objects
@@ -269,6 +312,7 @@ class SynthResult:
     seed: int
     categories: list[dict[str, Any]]
     seconds: float
+    n_ood: int = 0
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -307,6 +351,7 @@ class _Spec:
     num_classes: int
     max_objects: int
     ext: str
+    geometry: Geometry = Geometry()
 
 
 def _prepare_image_dir(img_dir: Path, overwrite: bool) -> None:
@@ -320,7 +365,8 @@ def _prepare_image_dir(img_dir: Path, overwrite: bool) -> None:
 def _save_chunk(spec: _Spec, split_code: int, chunk: int, b: int, img_dir: Path,
                 id0: int) -> list[list[dict[str, Any]]]:
     """Render one chunk, write its image files and return its per-image annotations."""
-    pixels, anns = render_chunk(spec.seed, split_code, chunk, b, spec.size, spec.num_classes, spec.max_objects)
+    pixels, anns = render_chunk(spec.seed, split_code, chunk, b, spec.size, spec.num_classes, spec.max_objects,
+                                spec.geometry)
     for j in range(b):
         image_id = id0 + chunk * _CHUNK + j
         im = Image.fromarray(pixels[j], "RGB")
@@ -337,7 +383,7 @@ def _render_split(spec: _Spec, split_code: int, n: int, img_dir: Path, workers: 
 
     `done` images of `total` are finished before this split (for `progress`).
     """
-    id0 = 1 if split_code == 0 else _VAL_ID_OFFSET + 1
+    id0 = _ID_OFFSETS[split_code] + 1
     chunks = [(c, min(_CHUNK, n - c * _CHUNK)) for c in range((n + _CHUNK - 1) // _CHUNK)]
 
     def make(job: tuple[int, int]) -> list[list[dict[str, Any]]]:
@@ -354,7 +400,7 @@ def _render_split(spec: _Spec, split_code: int, n: int, img_dir: Path, workers: 
                                "height": spec.size, "license": 0})
                 for a in anns[j]:
                     annotations.append({
-                        "id": len(annotations) + 1 + (0 if split_code == 0 else _VAL_ID_OFFSET),
+                        "id": len(annotations) + 1 + _ID_OFFSETS[split_code],
                         "image_id": image_id, "category_id": a["category"] + 1, "bbox": a["bbox"],
                         "area": a["area"], "iscrowd": 0, "segmentation": [],
                     })
@@ -372,7 +418,8 @@ def _instances(spec: _Spec, split: str, n: int, images: list[dict[str, Any]], an
             "description": "harness synthetic shapes: geometry decides the class",
             "version": "1", "year": 2025, "contributor": "harness.data.synth",
             "generator": {"seed": spec.seed, "size": spec.size, "n": n, "split": split,
-                          "num_classes": spec.num_classes, "max_objects": spec.max_objects},
+                          "num_classes": spec.num_classes, "max_objects": spec.max_objects,
+                          "geometry": {k: list(v) for k, v in vars(spec.geometry).items()}},
         },
         "licenses": [{"id": 0, "name": "generated", "url": ""}],
         "images": images,
@@ -396,31 +443,44 @@ def synthesize(
     workers: int | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    geometry: Geometry | None = None,
+    n_ood: int = 0,
+    ood_geometry: Geometry | None = None,
 ) -> SynthResult:
     """Write the synthetic shapes dataset to `out` in the official COCO layout; deterministic by `seed`.
 
-    Category ids are 1..num_classes in the order of `SHAPES`. Raises `HarnessError` when `out`
-    already holds the annotation files (unless `overwrite`) or an argument is out of range.
+    Train and val draw their objects from `geometry` (default `Geometry()`); with `n_ood > 0` a third
+    split, OOD_SPLIT, of `n_ood` images draws them from `ood_geometry` (required then), from its own
+    random stream. Category ids are 1..num_classes in the order of `SHAPES`. Raises `HarnessError` when
+    `out` already holds the annotation files (unless `overwrite`) or an argument is out of range.
     """
     t0 = time.perf_counter()
     out = Path(out)
     ext = _check_args(num_classes, max_objects, size, n_train, n_val, image_format)
+    geometry = geometry or Geometry()
+    geometry.check()
+    if n_ood < 0 or (n_ood > 0) != (ood_geometry is not None):
+        raise HarnessError(f"n_ood = {n_ood}: an ood set needs n_ood > 0 and ood_geometry, both or neither")
+    jobs = [(0, train_split, n_train, geometry), (1, val_split, n_val, geometry)]
+    if n_ood and ood_geometry is not None:
+        ood_geometry.check()
+        jobs.append((2, OOD_SPLIT, n_ood, ood_geometry))
     ann_dir = out / "annotations"
-    for split in (train_split, val_split):
+    for _, split, _, _ in jobs:
         if (ann_dir / f"instances_{split}.json").exists() and not overwrite:
             raise HarnessError(f"{ann_dir / f'instances_{split}.json'} already exists (pass overwrite to replace it)")
     ann_dir.mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": SHAPES[i], "supercategory": "shape"} for i in range(num_classes)]
     workers = workers or max(1, min(8, os.cpu_count() or 1))
-    spec = _Spec(seed, size, num_classes, max_objects, ext)
-    total = n_train + n_val
+    total = n_train + n_val + n_ood
     done = 0
     if progress:
         progress("synthesizing", 0, total)
-    for split_code, (split, n) in enumerate(((train_split, n_train), (val_split, n_val))):
+    for split_code, split, n, split_geometry in jobs:
+        spec = _Spec(seed, size, num_classes, max_objects, ext, split_geometry)
         img_dir = out / split
         _prepare_image_dir(img_dir, overwrite)
         images, annotations = _render_split(spec, split_code, n, img_dir, workers, progress, done, total)
         done += n
         _write_json(ann_dir / f"instances_{split}.json", _instances(spec, split, n, images, annotations, categories))
-    return SynthResult(out, n_train, n_val, size, seed, categories, time.perf_counter() - t0)
+    return SynthResult(out, n_train, n_val, size, seed, categories, time.perf_counter() - t0, n_ood)

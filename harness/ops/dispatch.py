@@ -90,20 +90,18 @@ def deform_conv2d_shared(
     convolution runs channels-last and the sample is that kernel with one tap, so values and gradients
     follow torchvision's kernel at whole pixels too (its one-sided offset gradient); elsewhere the
     sample is `grid_sample`. With several offset groups and several
-    conv groups at once, and on the compiled path at stride > 1, it goes through `deform_conv2d`
-    instead.
+    conv groups at once, and on the compiled path at stride > 1 or where the full map is much larger than
+    the output (`SHARED_AREA_RATIO`), it goes through `deform_conv2d` instead.
     """
     (stride_, padding_, dilation_), groups, out_channels, (kh, kw), out_hw = layer_geometry(
         input, weight, bias, stride, padding, dilation
     )
     n, c = input.shape[:2]
     offset_groups = check_offset("offset", offset, n, 2, c, out_hw)
-    # At stride s the conv-then-sample form computes s*s times the outputs it keeps; the compiled
-    # per-tap kernel is cheaper there (2.6x vs 4x conv2d at stride 2).
     use_triton = triton_kernels.applies(input.device)
     use_native = not use_triton and input.device.type == "cpu" and native.available()
-    strided_native = stride_ != (1, 1) and groups == 1 and use_native
-    if (offset_groups > 1 and groups > 1) or strided_native:
+    per_tap_native = groups == 1 and use_native and _full_map_too_large(input, stride_, dilation_, (kh, kw), out_hw)
+    if (offset_groups > 1 and groups > 1) or per_tap_native:
         return deform_conv2d(
             input, expand_shared_offset(offset, kh * kw), weight, bias, stride_, padding_, dilation_
         )
@@ -126,6 +124,24 @@ def deform_conv2d_shared(
     if bias is not None:
         out = out + bias.view(1, out_channels, 1, 1).to(out.dtype)
     return out
+
+
+# The conv-then-sample form convolves a (H + reach) x (W + reach) map at stride 1 and keeps Ho x Wo of it.
+# Where that map is more than this many times the output (stride > 1; maps of 8 px or less with a 3x3
+# kernel: 8 px 1.56x, 4 px 2.25x) the compiled per-tap kernel on the repeated offset is cheaper (at 4-8 px
+# 1.2-1.8x conv2d against 1.5-2.5x; at 16 px and up the two are level or the sample is faster).
+SHARED_AREA_RATIO = 1.3
+
+
+def _full_map_too_large(
+    input: Tensor, stride: tuple[int, int], dilation: tuple[int, int], kernel: tuple[int, int], out_hw: tuple[int, int]
+) -> bool:
+    """Whether the shared layout's full-resolution map would pass SHARED_AREA_RATIO times the output."""
+    if stride != (1, 1):
+        return True
+    h, w = input.shape[-2:]
+    full = (h + (kernel[0] - 1) * dilation[0]) * (w + (kernel[1] - 1) * dilation[1])
+    return full > SHARED_AREA_RATIO * out_hw[0] * out_hw[1]
 
 
 def _convolve_padded(

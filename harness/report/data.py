@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.report.perclass import load_per_class
 from harness.report.stats import delta_vs_baseline, mean_std
 from harness.tracking import names as tracking_names
 from harness.tracking import query
@@ -54,17 +55,29 @@ class Column:
     highlight: bool = True  # mark the best value of the column
 
 
-ACCURACY_COLUMNS: tuple[Column, ...] = tuple(
-    Column(name_of(metric), which, section, metric != tracking_names.VAL_LOSS,
+OPTIMISTIC = "best on val (optimistic: chosen on the same data)"
+ACCURACY_COLUMNS: tuple[Column, ...] = (
+    Column(tracking_names.best_of(tracking_names.VAL_MAP), OPTIMISTIC, "val mAP", True),
+    Column(tracking_names.final_of(tracking_names.VAL_MAP), "final", "val mAP", True),
+) + tuple(
+    Column(tracking_names.final_of(metric), "final", section, metric != tracking_names.VAL_LOSS,
            "loss" if metric == tracking_names.VAL_LOSS else "score")
     for metric, section in (
-        (tracking_names.VAL_MAP, "val mAP"),
         (tracking_names.VAL_MICRO_F1, "val F1 (micro)"),
         (tracking_names.VAL_MICRO_PRECISION, "val precision (micro)"),
         (tracking_names.VAL_MICRO_RECALL, "val recall (micro)"),
         (tracking_names.VAL_LOSS, "val loss"),
     )
-    for which, name_of in (("best", tracking_names.best_of), ("final", tracking_names.final_of))
+)
+# held-out, out-of-distribution and label-prior metrics (shown when any finished run has them)
+MAP, MICRO_F1 = "map", "micro_f1"  # harness.metrics names
+TEST_SECTION = "test (held-out, selected epoch)"
+EXTRA_COLUMNS: tuple[Column, ...] = (
+    Column(tracking_names.test_of(MAP), "mAP", TEST_SECTION, True),
+    Column(tracking_names.test_of(MICRO_F1), "F1 (micro)", TEST_SECTION, True),
+    Column(tracking_names.ood_of(MAP), "mAP", "out-of-distribution", True),
+    Column(tracking_names.chance_of(MAP), "mAP", "chance (label prior)", True, highlight=False),
+    Column(tracking_names.chance_of(MICRO_F1), "F1 (micro)", "chance (label prior)", True, highlight=False),
 )
 COST_COLUMNS: tuple[Column, ...] = (
     Column(tracking_names.MEAN_EPOCH_TIME, "s/epoch", "cost", False, "seconds"),
@@ -75,7 +88,31 @@ COST_COLUMNS: tuple[Column, ...] = (
     Column(tracking_names.FLOPS_PER_IMAGE, "FLOPs/img", "cost", False, "flops"),
     Column(tracking_names.PROFILE_DEFORM_SHARE, "DCN share", "cost", False, "share", highlight=False),
 )
-DELTA_COLUMNS: tuple[Column, ...] = (ACCURACY_COLUMNS[0], ACCURACY_COLUMNS[1])  # best / final val mAP
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The metric the report judges variants by: held-out test when logged, else the last epoch's val."""
+
+    column: Column
+    f1_key: str
+    split: str  # "test" or "val"
+    chance_key: str
+    chance_f1_key: str
+
+    @property
+    def key(self) -> str:
+        return self.column.key
+
+    @property
+    def label(self) -> str:
+        if self.split == "test":
+            return "test mAP (held-out, at the selected epoch)"
+        return "final val mAP (last epoch; no held-out test set logged)"
+
+    @property
+    def short(self) -> str:
+        return "test mAP" if self.split == "test" else "final val mAP"
 
 
 @dataclass
@@ -95,6 +132,7 @@ class AblationData:
     store: query.Store | None = None  # where the runs came from (the analysis section reads its artifacts)
     studies: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `study_tables`
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_class: pd.DataFrame = field(default_factory=pd.DataFrame)  # see `perclass.load_per_class`
 
     @property
     def finished(self) -> pd.DataFrame:
@@ -261,11 +299,13 @@ def load_ablations(
             query.artifact_tables(store, finished_ids, OP_TABLE_ARTIFACT, uris) if with_artifacts else pd.DataFrame()
         )
         studies, trials = study_tables(store, exp.experiment_id)
+        per_class = load_per_class(store, finished_ids, uris) if with_artifacts else pd.DataFrame()
         out.append(
             AblationData(
                 store=store,
                 studies=studies,
                 trials=trials,
+                per_class=per_class,
                 name=exp.name,
                 experiment_id=exp.experiment_id,
                 description=exp.description or "",
@@ -344,7 +384,7 @@ def _float(value: Any) -> float:
 def table_columns(data: AblationData) -> list[Column]:
     """The comparison-table columns that have data: accuracy, then cost (one memory column)."""
     fin = data.finished
-    cols = list(ACCURACY_COLUMNS)
+    cols = list(ACCURACY_COLUMNS) + [c for c in EXTRA_COLUMNS if _logged(fin, c.key)]
     for col in COST_COLUMNS:
         gpu_peak = tracking_names.PEAK_CUDA_MB
         if col.key == tracking_names.PEAK_RSS_MB and gpu_peak in fin and fin[gpu_peak].notna().any():
@@ -357,7 +397,26 @@ def table_columns(data: AblationData) -> list[Column]:
     return cols
 
 
-def _values(frame: pd.DataFrame, key: str) -> dict[Any, float]:
+def _logged(frame: pd.DataFrame, key: str) -> bool:
+    return key in frame and pd.to_numeric(frame[key], errors="coerce").notna().any()
+
+
+def headline(data: AblationData) -> Headline:
+    """test_map when any finished run logged it, else final_val_map; never a best-on-val value."""
+    test = tracking_names.test_of(MAP)
+    chance = tracking_names.chance_of(MAP), tracking_names.chance_of(MICRO_F1)
+    if _logged(data.finished, test):
+        return Headline(EXTRA_COLUMNS[0], tracking_names.test_of(MICRO_F1), "test", *chance)
+    return Headline(ACCURACY_COLUMNS[1], tracking_names.final_of(tracking_names.VAL_MICRO_F1), "val", *chance)
+
+
+def delta_columns(data: AblationData) -> tuple[Column, ...]:
+    """The columns with a Δ vs baseline in the comparison table: the headline metric."""
+    return (headline(data).column,)
+
+
+def values_by_seed(frame: pd.DataFrame, key: str) -> dict[Any, float]:
+    """{seed: value} of metric `key` over the runs of `frame` (the run id where a run has no seed)."""
     if key not in frame:
         return {}
     out = {}
@@ -371,9 +430,9 @@ def group_stats(data: AblationData, columns: Sequence[Column] | None = None) -> 
     """One row per group (variant × grid point): counts, `<key>_mean/_std/_n`, and Δ vs baseline.
 
     Only finished runs enter the statistics; failed and running runs are counted. Δ columns (for
-    DELTA_COLUMNS) are `delta_<key>`, `_low`, `_high`, `_method`, `_n`, `_nb`; NaN when the group's grid
-    point has no finished baseline run or no baseline is declared. Rows are ordered by grid point, the
-    baseline first, then by variant name.
+    `delta_columns`: the headline metric) are `delta_<key>`, `_low`, `_high`, `_method`, `_n`, `_nb`; NaN
+    when the group's grid point has no finished baseline run or no baseline is declared. Rows are ordered
+    by grid point, the baseline first, then by variant name.
     """
     columns = list(columns) if columns is not None else table_columns(data)
     runs = data.runs
@@ -401,13 +460,13 @@ def group_stats(data: AblationData, columns: Sequence[Column] | None = None) -> 
             mean, std, n = mean_std(list(done[col.key]) if col.key in done else [])
             row[f"{col.key}_mean"], row[f"{col.key}_std"], row[f"{col.key}_n"] = mean, std, n
         base = fin[(fin["variant"] == data.baseline) & (fin["point_rank"] == first["point_rank"])]
-        for col in DELTA_COLUMNS:
+        for col in delta_columns(data):
             p = f"delta_{col.key}"
             if data.baseline is None or base.empty:
                 row.update({p: math.nan, f"{p}_low": math.nan, f"{p}_high": math.nan, f"{p}_method": ""})
                 row.update({f"{p}_n": 0, f"{p}_nb": 0})
                 continue
-            d = delta_vs_baseline(_values(done, col.key), _values(base, col.key))
+            d = delta_vs_baseline(values_by_seed(done, col.key), values_by_seed(base, col.key))
             row.update({p: d.estimate, f"{p}_low": d.low, f"{p}_high": d.high, f"{p}_method": d.method})
             row.update({f"{p}_n": d.n, f"{p}_nb": d.n_baseline})
         rows.append(row)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
+from scipy import stats as st
 
 from harness.figures import fig_to_svg, safe_text
 from harness.tracking import names as tracking_names
@@ -31,7 +32,7 @@ CURVE_PANELS = (
     (tracking_names.VAL_MICRO_F1, "val F1 (micro)"),
     (tracking_names.VAL_MAP, "val mAP"),
 )
-_BEST_MAP = tracking_names.best_of(tracking_names.VAL_MAP)
+_FINAL_MAP = tracking_names.final_of(tracking_names.VAL_MAP)
 _RC = {
     "svg.fonttype": "none",
     "svg.hashsalt": "harness-report",
@@ -127,9 +128,10 @@ def learning_curves(
         return fig_to_svg(fig, tight=False)
 
 
-def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None) -> str | None:
-    """Best val mAP against s/epoch per group (±1 std error bars); colour = variant, marker = grid point."""
-    x_key, y_key = tracking_names.MEAN_EPOCH_TIME, _BEST_MAP
+def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None,
+                     y_key: str = _FINAL_MAP, y_label: str = "final val mAP") -> str | None:
+    """Headline metric against s/epoch per group (±1 std error bars); colour = variant, marker = grid point."""
+    x_key = tracking_names.MEAN_EPOCH_TIME
     if table.empty or f"{x_key}_mean" not in table or f"{y_key}_mean" not in table:
         return None
     ok = table[np.isfinite(table[f"{x_key}_mean"].astype(float)) & np.isfinite(table[f"{y_key}_mean"].astype(float))]
@@ -158,7 +160,7 @@ def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: 
                 elinewidth=1,
             )
         ax.set_xlabel("seconds per epoch (mean over seeds)")
-        ax.set_ylabel("best val mAP")
+        ax.set_ylabel(safe_text(y_label))
         handles = _legend_handles(colours, baseline)
         if len(points) > 1 or points[0]:
             handles += [
@@ -175,20 +177,21 @@ def _nan0(value: float) -> float:
 
 
 def scaling_curves(
-    table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None, axis: str = "data.train_size"
+    table: pd.DataFrame, colours: Mapping[str, str], baseline: str | None, axis: str = "data.train_size",
+    y_key: str = _FINAL_MAP, y_label: str = "final val mAP",
 ) -> str | None:
-    """Best val mAP (±1 std) and Δ vs baseline (95% CI) against the training-set size, a line per variant."""
+    """Headline metric (±1 std) and Δ vs baseline (95% CI) against the training-set size, a line per variant."""
     col = f"grid.{axis}"
     if table.empty or col not in table:
         return None
     sizes = pd.to_numeric(table[col], errors="coerce")
     frame = table.assign(_x=sizes)[np.isfinite(sizes)]
-    frame = frame[np.isfinite(frame[f"{_BEST_MAP}_mean"].astype(float))]
+    frame = frame[np.isfinite(frame[f"{y_key}_mean"].astype(float))]
     if frame["_x"].nunique() < 2:
         return None
     other = [c for c in table.columns if c.startswith("grid.") and c != col]
     with plt.rc_context(_RC):
-        delta = f"delta_{_BEST_MAP}"
+        delta = f"delta_{y_key}"
         has_delta = delta in frame and np.isfinite(frame[delta].astype(float)).any()
         fig, axes = _new(1, 2 if has_delta else 1, 9.0 if has_delta else 5.0, 4.0)
         styles = itertools.cycle(["-", "--", ":", "-."])
@@ -200,8 +203,8 @@ def scaling_curves(
             colour = colours.get(variant, "#777777")
             ls = next(styles) if other else "-"
             x = part["_x"].to_numpy(float)
-            m = part[f"{_BEST_MAP}_mean"].to_numpy(float)
-            sd = part[f"{_BEST_MAP}_std"].to_numpy(float)
+            m = part[f"{y_key}_mean"].to_numpy(float)
+            sd = part[f"{y_key}_std"].to_numpy(float)
             ax = axes[0, 0]
             ax.plot(x, m, color=colour, ls=ls, marker="o", ms=4)
             if np.isfinite(sd).any():
@@ -217,11 +220,11 @@ def scaling_curves(
             ax.set_xlabel(safe_text(axis))
             if frame["_x"].max() / max(frame["_x"].min(), 1e-12) >= 8:
                 ax.set_xscale("log")
-        axes[0, 0].set_ylabel("best val mAP")
+        axes[0, 0].set_ylabel(safe_text(y_label))
         axes[0, 0].set_title("scaling with training-set size (±1 std)", fontweight="bold")
         if has_delta:
             axes[0, 1].axhline(0.0, color=BASELINE_COLOUR, lw=1, ls="--")
-            axes[0, 1].set_ylabel(safe_text(f"Δ best val mAP vs {baseline}"))
+            axes[0, 1].set_ylabel(safe_text(f"Δ {y_label} vs {baseline}"))
             axes[0, 1].set_title("Δ vs baseline (95% CI)", fontweight="bold")
         axes[0, 0].legend(handles=_legend_handles(colours, baseline), loc="best", fontsize=8)
         fig.tight_layout()
@@ -305,3 +308,78 @@ def study_plots(trials: pd.DataFrame, studies: pd.DataFrame, colours: Mapping[st
         ax.grid(alpha=0.3)
     left.legend(fontsize=7, loc="best")
     return fig_to_svg(fig)
+
+
+def _ci_err(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    return np.vstack([np.nan_to_num(mean - low), np.nan_to_num(high - mean)])
+
+
+def accuracy_vs_model(frame: pd.DataFrame, colours: Mapping[str, str], baseline: str | None, y_label: str
+                      ) -> str | None:
+    """Headline mean (95% CI bars) against FLOPs per image and against parameters, one point per group.
+
+    `frame`: variant, grid_point, point_rank, mean, ci_low, ci_high, flops, params.
+    """
+    panels = [(k, label) for k, label in (("flops", "forward FLOPs per image"), ("params", "parameters"))
+              if k in frame and np.isfinite(frame[k].astype(float)).any()]
+    ok = frame[np.isfinite(frame["mean"].astype(float))] if not frame.empty else frame
+    if ok.empty or not panels:
+        return None
+    with plt.rc_context(_RC):
+        fig, axes = _new(1, len(panels), 5.2 * len(panels), 3.8, sharey=True)
+        points = list(dict.fromkeys(ok.sort_values("point_rank")["grid_point"]))
+        marker = {p: MARKERS[i % len(MARKERS)] for i, p in enumerate(points)}
+        for ax, (key, label) in zip(axes[0], panels, strict=True):
+            for g in ok.itertuples(index=False):
+                x = float(getattr(g, key))
+                if not math.isfinite(x):
+                    continue
+                err = _ci_err(np.array([g.mean]), np.array([g.ci_low]), np.array([g.ci_high]))
+                ax.errorbar([x], [g.mean], yerr=err, fmt=marker[g.grid_point], color=colours.get(g.variant, "#777777"),
+                            ms=7, capsize=3, elinewidth=1)
+            ax.set_xlabel(label)
+            ax.set_title(f"{safe_text(y_label)} vs {label}", fontweight="bold", fontsize=9)
+        axes[0, 0].set_ylabel(safe_text(y_label))
+        handles = _legend_handles(colours, baseline)
+        if len(points) > 1 or points[0]:
+            handles += [Line2D([], [], color="#555555", marker=marker[p], ls="", label=safe_text(p or "—", 40))
+                        for p in points]
+        axes[0, -1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.tight_layout()
+        return fig_to_svg(fig)
+
+
+def robustness_bands(curves: pd.DataFrame, colours: Mapping[str, str], baseline: str | None) -> str | None:
+    """mAP against transform magnitude per family: mean over seeds with a 95% t band, a line per group.
+
+    `curves`: group, variant, point_rank, seed, family, magnitude, value (one row per run and point).
+    """
+    if curves.empty:
+        return None
+    families = list(dict.fromkeys(curves["family"]))
+    with plt.rc_context(_RC):
+        fig, axes = _new(1, len(families), 3.2 * len(families), 3.2, sharey=True)
+        styles = ["-", "--", ":", "-."]
+        for ax, family in zip(axes[0], families, strict=True):
+            part = curves[curves["family"] == family]
+            for group, g in part.groupby("group", sort=False):
+                stats = g.groupby("magnitude")["value"].agg(["mean", "std", "count"]).sort_index()
+                x, m = stats.index.to_numpy(float), stats["mean"].to_numpy(float)
+                n = stats["count"].to_numpy(float)
+                half = np.where(n > 1, st.t.ppf(0.975, np.maximum(n - 1, 1)) * stats["std"].to_numpy(float)
+                                / np.sqrt(n), np.nan)
+                variant = str(g["variant"].iloc[0])
+                colour = colours.get(variant, "#777777")
+                ls = styles[int(g["point_rank"].iloc[0]) % len(styles)]
+                ax.plot(x, m, color=colour, ls=ls, marker="o", ms=3, label=safe_text(str(group), 40))
+                if np.isfinite(half).any():
+                    ax.fill_between(x, m - np.nan_to_num(half), m + np.nan_to_num(half), color=colour, alpha=0.15,
+                                    lw=0)
+            ax.set_title(safe_text(family), fontweight="bold")
+            ax.set_xlabel("magnitude")
+        axes[0, 0].set_ylabel("mAP under the transform")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, max(1, len(labels))), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        return fig_to_svg(fig)

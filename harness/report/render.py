@@ -25,28 +25,30 @@ from harness.analysis.section import analysis_section
 from harness.errors import HarnessError
 from harness.report import plots
 from harness.report.data import (
-    DELTA_COLUMNS,
     FAILED,
+    OPTIMISTIC,
     RUNNING,
+    TEST_SECTION,
     TRAIN_SIZE_AXIS,
     AblationData,
     Column,
     best_rows,
     curve_stats,
+    delta_columns,
     environment,
     group_stats,
+    headline,
     op_summary,
     run_period,
     table_columns,
 )
+from harness.report.findings import evidence_table, summary
+from harness.report.findings_render import EVIDENCE_KEYS, evidence_frame, evidence_markdown, findings_view
 from harness.report.stats import NO_CI, PAIRED, WELCH, mean_std
 from harness.tracking import names as tracking_names
 from harness.tracking.uri import ensure_writable_dir
 
 METHOD_MARK = {PAIRED: "p", WELCH: "w", NO_CI: ""}
-# the group_stats columns (`<metric>_mean`) the key findings read
-_BEST_MAP_MEAN = f"{tracking_names.best_of(tracking_names.VAL_MAP)}_mean"
-_EPOCH_TIME_MEAN = f"{tracking_names.MEAN_EPOCH_TIME}_mean"
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("harness.report", "templates"),
@@ -133,7 +135,7 @@ def _delta_cell(row: pd.Series, col: Column) -> dict[str, Any]:
         return {"text": "baseline", "ci": "", "mark": "", "cls": "ref", "sort": 0.0, "title": "the reference row"}
     if not _finite(est):
         return {"text": "—", "ci": "", "mark": "", "cls": "", "sort": "", "title": "no finished baseline run here"}
-    ci = f"[{fmt_delta(lo)}, {fmt_delta(hi)}]" if _finite(lo) else "(n<2)"
+    ci = f"[{fmt_delta(lo)}, {fmt_delta(hi)}]" if _finite(lo) else "(intervals need ≥2 seeds)"
     better = col.higher_is_better
     cls = ""
     if _finite(lo) and (lo > 0 or hi < 0):
@@ -146,10 +148,10 @@ def _delta_cell(row: pd.Series, col: Column) -> dict[str, Any]:
 
 def _layout(data: AblationData, columns: Sequence[Column]) -> list[tuple[str, Column]]:
     """Column order of the table: val mAP, Δ vs baseline, cost, then the other accuracy metrics."""
-    first = [c for c in columns if c.section == "val mAP"]
+    first = [c for c in columns if c.section in ("val mAP", TEST_SECTION)]
     cost = [c for c in columns if c.section == "cost"]
     rest = [c for c in columns if c not in first and c not in cost]
-    deltas = list(DELTA_COLUMNS) if data.baseline is not None else []
+    deltas = list(delta_columns(data)) if data.baseline is not None else []
     return [("col", c) for c in first] + [("delta", c) for c in deltas] + [("col", c) for c in cost + rest]
 
 
@@ -169,7 +171,7 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
         else:
             sections.append((section, 1))
         if what == "delta":
-            headers.append({"label": f"Δ {col.label} mAP", "title": f"difference of {col.key} vs the baseline",
+            headers.append({"label": f"Δ {headline(data).short}", "title": f"difference of {col.key} vs the baseline",
                             "numeric": True, "delta": True})
         else:
             arrow = "↑" if col.higher_is_better else "↓"
@@ -211,7 +213,8 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
     notes = [
         "Cells: mean ± sample std (n−1) over the finished runs (seeds) of the group; failed and still-running "
         "runs are left out." + (f" ↑/↓: higher/lower is better. Green: best in the column{where}." if html else ""),
-        "best = best epoch (max; min for loss), final = last epoch. F1, precision and recall are micro-averaged "
+        f"“{OPTIMISTIC}”: the val mAP of the epoch chosen by val mAP itself, so biased upwards; final = last "
+        "epoch; test = the held-out test set at that chosen epoch. F1, precision and recall are micro-averaged "
         "at threshold 0.5. s/epoch and img/s: training pass. FLOPs: forward, per image. DCN share: share of "
         "profiled self time in deformable sampling (on the CPU in fp32 the whole deformable layer: its kernel "
         "samples and multiplies in one pass).",
@@ -219,10 +222,10 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
     if data.baseline is not None:
         marks = "Superscript p" if html else "paired t"
         notes.append(
-            f"Δ: variant − baseline “{data.baseline}” ({data.baseline_source}){where}, with a 95% confidence "
-            f"interval across seeds. {marks}: paired t over the seeds both groups finished (Δ is the mean of the "
-            f"per-seed differences); {'w' if html else 'Welch t'}: Welch's t (unpaired, used when fewer than 2 "
-            "seeds are shared); no interval when a side has fewer than 2 runs."
+            f"Δ {headline(data).short}: variant − baseline “{data.baseline}” ({data.baseline_source}){where}, "
+            f"with a 95% confidence interval across seeds. {marks}: paired t over the seeds both groups finished "
+            f"(Δ is the mean of the per-seed differences); {'w' if html else 'Welch t'}: Welch's t (unpaired, "
+            "used when fewer than 2 seeds are shared); no interval when a side has fewer than 2 runs."
             + (" Green/red: the interval excludes 0 (better/worse)." if html else "")
         )
     else:
@@ -230,35 +233,6 @@ def comparison_view(data: AblationData, table: pd.DataFrame, columns: Sequence[C
             f"No baseline declared (experiment tag {tracking_names.BASELINE_VARIANT} or --baseline), so no Δ columns."
         )
     return TableView(sections, headers, rows, notes)
-
-
-def _key_findings(data: AblationData, table: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per grid point: the non-baseline variant with the highest best val mAP, its Δ and cost ratio."""
-    if table.empty or data.baseline is None or _BEST_MAP_MEAN not in table:
-        return []
-    out = []
-    for _, part in table.groupby("point_rank", sort=True):
-        base = part[part["is_baseline"]]
-        cands = part[~part["is_baseline"] & part[_BEST_MAP_MEAN].astype(float).notna()]
-        if cands.empty or base.empty:
-            continue
-        top = cands.loc[cands[_BEST_MAP_MEAN].astype(float).idxmax()]
-        b = base.iloc[0]
-        ratio = None
-        if _finite(top.get(_EPOCH_TIME_MEAN)) and _finite(b.get(_EPOCH_TIME_MEAN)) and float(b[_EPOCH_TIME_MEAN]) > 0:
-            ratio = float(top[_EPOCH_TIME_MEAN]) / float(b[_EPOCH_TIME_MEAN])
-        cell = _delta_cell(top, DELTA_COLUMNS[0])
-        out.append(
-            {
-                "grid_point": top["grid_point"],
-                "variant": top["variant"],
-                "value": fmt_value(top[_BEST_MAP_MEAN], "score"),
-                "baseline_value": fmt_value(b[_BEST_MAP_MEAN], "score"),
-                "delta": cell,
-                "ratio": f"{ratio:.2f}×" if ratio is not None else "",
-            }
-        )
-    return out
 
 
 def _period_text(data: AblationData) -> str:
@@ -290,9 +264,11 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
     figures: dict[str, str | None] = {"curves": None, "scatter": None, "scaling": None, "ops": None}
     if finished:
         figures["curves"] = plots.learning_curves(curve_stats(data), table, colours, data.baseline)
-        figures["scatter"] = plots.accuracy_vs_cost(table, colours, data.baseline)
+        head = headline(data)
+        figures["scatter"] = plots.accuracy_vs_cost(table, colours, data.baseline, head.key, head.short)
         if TRAIN_SIZE_AXIS in data.grid_axes:
-            figures["scaling"] = plots.scaling_curves(table, colours, data.baseline, TRAIN_SIZE_AXIS)
+            figures["scaling"] = plots.scaling_curves(table, colours, data.baseline, TRAIN_SIZE_AXIS, head.key,
+                                                      head.short)
         summaries = op_summary(data)
         shares = {}
         fin = data.finished
@@ -320,7 +296,7 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
         "counts": {"finished": finished, "failed": len(failed), "running": len(running)},
         "environment": environment(data) if not runs.empty else [],
         "table": comparison_view(data, table, columns, colours) if not table.empty else None,
-        "findings": _key_findings(data, table),
+        "evidence": findings_view(data, colours) if finished else {"summary": [], "rows": [], "notes": []},
         "figures": figures,
         "has_train_size": TRAIN_SIZE_AXIS in data.grid_axes,
         "studies": _study_rows(data),
@@ -382,16 +358,16 @@ def render_index_html(datas: Sequence[AblationData], hrefs: Sequence[str], now: 
     for data, href in zip(datas, hrefs, strict=True):
         runs = data.runs
         states = runs["state"].value_counts() if not runs.empty else pd.Series(dtype=int)
-        headline = ""
+        outcome = ""
         if not runs.empty and data.baseline is not None and (runs["state"] == "finished").any():
-            findings = _key_findings(data, group_stats(data))
-            if findings:
-                f = findings[-1]  # the largest grid point
-                where = f" at {f['grid_point']}" if f["grid_point"] else ""
-                headline = f"{f['variant']}{where}: Δ best val mAP {f['delta']['text']} {f['delta']['ci']}".strip()
+            points = summary(evidence_table(data), data)
+            if points:
+                p = points[-1]  # the largest grid point
+                where = f"{p['grid_point']}: " if p["grid_point"] else ""
+                outcome = f"{headline(data).short}, {where}{p['outcome']}"
         entries.append(
             {
-                "headline": headline,
+                "headline": outcome,
                 "name": data.name,
                 "description": data.description,
                 "href": href,
@@ -503,12 +479,15 @@ def comparison_frame(data: AblationData) -> pd.DataFrame:
         out[f"{col.key}_mean"] = table[f"{col.key}_mean"]
         out[f"{col.key}_std"] = table[f"{col.key}_std"]
     if data.baseline is not None:
-        for col in DELTA_COLUMNS:
+        for col in delta_columns(data):
             p = f"delta_{col.key}"
             out[p] = table[p]
             out[f"{p}_ci_low"] = table[f"{p}_low"]
             out[f"{p}_ci_high"] = table[f"{p}_high"]
             out[f"{p}_method"] = table[f"{p}_method"]
+    evidence = evidence_frame(data).set_index("group")
+    for key in EVIDENCE_KEYS:  # the evidence columns, as in the Markdown evidence table
+        out[key] = [evidence[key].get(g) if g in evidence.index else None for g in out["group"]]
     return out
 
 
@@ -538,6 +517,9 @@ def comparison_markdown(datas: Sequence[AblationData]) -> str:
         parts.append(f"{n['finished']} finished, {n['failed']} failed, {n['running']} running runs.\n")
         if data.runs.empty:
             continue
+        evidence = evidence_markdown(data)
+        if evidence:
+            parts.append(evidence)
         columns = table_columns(data)
         table = group_stats(data, columns)
         layout = _layout(data, columns)

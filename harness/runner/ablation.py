@@ -24,7 +24,8 @@ from harness.execution import RunnerEvents, RunnerOptions, RunOutcome, execution
 from harness.planning import AblationSpec, PlannedRun, resolve_lr
 from harness.runner.ray_executor import run_on_ray
 from harness.tracking import names
-from harness.tracking.environment import environment_tags
+from harness.tracking.artifacts import log_comparison
+from harness.tracking.environment import environment_tags, source_tags
 from harness.tracking.store import AblationStore
 from harness.tracking.uri import ensure_writable_dir
 from harness.train import fit
@@ -74,7 +75,7 @@ def _lead(
     if not pending:
         return outcomes
 
-    env = environment_tags(device)
+    env = {**environment_tags(device), **source_tags(f"harness run {options.source_file}".strip())}
     env[names.WORLD_SIZE] = str(context.world_size)
     parent_id = store.start_parent(
         f"{spec.name} {dt.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}",
@@ -98,6 +99,7 @@ def _lead(
     except KeyboardInterrupt:
         store.finish_parent(parent_id, "KILLED")
         raise
+    log_comparison(store, parent_id, [run.config_hash for run in runs])
     store.finish_parent(parent_id, parent_status)
     return outcomes
 
@@ -121,6 +123,7 @@ def _run_on_ray(
         store.finish_parent(parent_id, "KILLED")
         raise
     failed = any(o.status == "failed" for o in outcomes)
+    log_comparison(store, parent_id, [run.config_hash for run in pending])
     store.finish_parent(parent_id, "FAILED" if failed else "FINISHED")
     return outcomes
 

@@ -23,7 +23,7 @@ from harness.errors import HarnessError, one_line
 from harness.execution import RunnerEvents, RunnerOptions, run_one
 from harness.planning import PlannedRun
 from harness.tracking import names
-from harness.tracking.environment import environment_tags
+from harness.tracking.environment import environment_tags, source_tags
 from harness.tracking.store import AblationStore
 from harness.tracking.uri import absolute_uri, resolve_uri
 
@@ -38,7 +38,7 @@ def _task(run_json: str, ablation: dict[str, str], options: dict[str, Any], pare
     if run.config_hash in store.finished_hashes():
         return {"status": "skipped", "reason": "already FINISHED with this config hash", "summary": {}, "run_id": ""}
     device = resolve_device(runner_options.device or run.config.train.device)
-    env = environment_tags(device)
+    env = {**environment_tags(device), **source_tags(f"harness run {runner_options.source_file}".strip())}
     env[names.EXECUTOR] = f"ray ({socket.gethostname()}, pid {os.getpid()})"
     outcome = run_one(
         run, 0, store, parent_id, env, device, DataCache(runner_options.results_dir), runner_options, RunnerEvents(),

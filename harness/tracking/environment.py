@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import platform
 import socket
@@ -28,6 +29,37 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return done.stdout.strip() or "unknown"
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, check=False, cwd=cwd)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (containers)
+        return str(os.getuid())
+
+
+def source_tags(entry_point: str, cwd: Path | None = None) -> dict[str, str]:
+    """MLflow's own source tags, so the UI shows who ran what from which commit.
+
+    The commit is that of the working directory's repository (the researcher's experiment code), not the
+    installed harness; `harness.git_dirty` says whether that tree had uncommitted changes.
+    """
+    where = cwd or Path.cwd()
+    tags = {names.MLFLOW_SOURCE_NAME: entry_point, names.MLFLOW_SOURCE_TYPE: "LOCAL", names.MLFLOW_USER: _user()}
+    commit = _git(["rev-parse", "HEAD"], where)
+    if commit:
+        tags[names.MLFLOW_SOURCE_GIT_COMMIT] = commit
+        status = _git(["status", "--porcelain", "--untracked-files=no"], where)
+        tags[names.GIT_DIRTY] = "unknown" if status is None else str(bool(status)).lower()
+    return tags
 
 
 def package_versions() -> str:

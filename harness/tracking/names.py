@@ -189,3 +189,20 @@ def by_size(metric: str, size: str) -> str:
 def analysis_artifact(name: str) -> str:
     """The artifact path of a `harness eval` file, e.g. analysis/erf.npy for ANALYSIS_ERF_MAP."""
     return f"{ANALYSIS_ARTIFACT_DIR}/{name}"
+
+
+# --- what the MLflow UI reads (its own tag names) ---------------------------------------------------------
+MLFLOW_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"  # the UI's model-training view (not GenAI)
+MLFLOW_NOTE = "mlflow.note.content"  # the description the UI shows on an experiment or run
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_SOURCE_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_USER = "mlflow.user"
+MLFLOW_DATASET_CONTEXT = "mlflow.data.context"
+GIT_DIRTY = "harness.git_dirty"  # "true" when the working tree had uncommitted changes
+
+# --- artifacts that travel with a run ---------------------------------------------------------------------
+TRACE_ARTIFACT_DIR = "profile/trace"  # the gzipped Chrome trace(s) of the profiling window
+CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the last checkpoint, CHECKPOINT_ARTIFACT_DIR/last.pt
+COMPARISON_ARTIFACT = "comparison.csv"  # on a parent run: one row per child, its step-0 metrics

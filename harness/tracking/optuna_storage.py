@@ -68,6 +68,8 @@ def open_storage(url: str | None = None, *, create: bool = True) -> optuna.stora
             drivers = {"psycopg": "psycopg psycopg-binary", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient",
                        "pymysql": "pymysql"}
             hint = f" (install its driver: pip install {drivers.get(exc.name or '', exc.name)})"
+        elif type(exc).__name__ == "OperationalError" and kind != "sqlite":
+            hint = " (is the database server running, and does it accept this user and database?)"
         raise HarnessError(f"cannot open Optuna storage {mask_url(url)}: {one_line(exc)}{hint}") from None
 
 

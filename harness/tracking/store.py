@@ -179,13 +179,29 @@ class AblationStore:
         except Exception as exc:  # connection problems surface here for database back ends
             raise HarnessError(f"tracking URI {self.uri}: {one_line(exc)}") from None
         self.experiment_id = experiment_id
-        self.client.set_experiment_tag(experiment_id, names.DESCRIPTION, description)
-        self.client.set_experiment_tag(experiment_id, names.BASELINE_VARIANT, baseline)
+        self.description = description
+        experiment_tags = {names.DESCRIPTION: description, names.BASELINE_VARIANT: baseline,
+                           names.MLFLOW_EXPERIMENT_KIND: names.EXPERIMENT_KIND_TRAINING, names.MLFLOW_NOTE: description}
+        for key, value in experiment_tags.items():
+            try:
+                self.client.set_experiment_tag(experiment_id, key, value)
+            except Exception:  # workers starting together on a tracking server race in its insert-or-update
+                self.client.set_experiment_tag(experiment_id, key, value)
+
+    def note(self, run_name: str = "") -> str:
+        """The Markdown description the MLflow UI shows on a run: the ablation's description, the run named."""
+        head = f"**{run_name}** of ablation `{self.ablation}`\n\n" if run_name else ""
+        return head + self.description
 
     def _experiment_id(self, ablation: str) -> str:
         experiment = self.client.get_experiment_by_name(ablation)
         if experiment is None:
-            return self.client.create_experiment(ablation, artifact_location=_artifact_root(self.uri))
+            try:
+                return self.client.create_experiment(ablation, artifact_location=_artifact_root(self.uri))
+            except Exception as exc:  # a tracking server has no StorageLock: another worker created it first
+                if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment = self.client.get_experiment_by_name(ablation)
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
@@ -199,6 +215,10 @@ class AblationStore:
             token = page.token
             if not token:
                 return runs
+
+    def children(self) -> list[Any]:
+        """Every child run of the ablation (MLflow `Run`s), whatever its status."""
+        return self._children()
 
     def finished_hashes(self) -> set[str]:
         """Config hashes of child runs that FINISHED: these are skipped on a rerun."""
@@ -274,7 +294,8 @@ class AblationStore:
 
     def start_parent(self, name: str, tags: Mapping[str, Any]) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=name, tags={ROLE: PARENT, **{k: str(v) for k, v in tags.items()}}
+            self.experiment_id, run_name=name,
+            tags={ROLE: PARENT, names.MLFLOW_NOTE: self.note(), **{k: str(v) for k, v in tags.items()}},
         )
         return run.info.run_id
 
@@ -289,7 +310,8 @@ class AblationStore:
         run = self.client.create_run(
             self.experiment_id,
             run_name=name,
-            tags={names.MLFLOW_PARENT: parent_id, ROLE: CHILD, **{k: str(v) for k, v in tags.items()}},
+            tags={names.MLFLOW_PARENT: parent_id, ROLE: CHILD, names.MLFLOW_NOTE: self.note(name),
+                  **{k: str(v) for k, v in tags.items()}},
         )
         child = ChildRun(self.client, run.info.run_id)
         batch = [Param(k, _param_value(v)) for k, v in {**params, f"{CLAIM_PREFIX}0": _claim_value()}.items()]

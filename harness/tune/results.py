@@ -18,6 +18,7 @@ class TuneOptions:
     device: str | None = None  # overrides train.device
     results_dir: Path = Path("results")  # data caches and the generated synthetic task
     source_file: str = ""
+    timeout: float | None = None  # seconds after which no new trial starts (like Optuna's optimize(timeout=))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from harness.config import RunConfig
@@ -12,7 +13,7 @@ from harness.devices import resolve_device
 from harness.errors import HarnessError
 from harness.planning import AblationSpec
 from harness.tracking import names
-from harness.tracking.environment import environment_tags
+from harness.tracking.environment import environment_tags, source_tags
 from harness.tracking.locks import StorageLock
 from harness.tracking.optuna_storage import open_storage, resolve_storage
 from harness.tracking.store import AblationStore, start_study_run
@@ -51,6 +52,8 @@ def tune(
         raise HarnessError(f"--n-trials {options.n_trials}: give at least 1")
     if options.n_jobs < 1:
         raise HarnessError(f"--n-jobs {options.n_jobs}: give at least 1")
+    if options.timeout is not None and not options.timeout > 0:
+        raise HarnessError(f"--timeout {options.timeout:g}: give a positive number of seconds")
     check_datasets((study.name, study.run.config.data) for study in studies)
     ensure_writable_dir(options.results_dir, "--results-dir")
     url = resolve_storage(options.storage)
@@ -59,7 +62,9 @@ def tune(
         store = AblationStore(options.tracking_uri, spec.name, spec.description, spec.baseline_variant)
     store.mark_stale_running()
     data_cache = DataCache(options.results_dir)
-    return [_tune_study(study, spec, storage, url, store, data_cache, options, events) for study in studies]
+    deadline = None if options.timeout is None else time.monotonic() + options.timeout
+    return [_tune_study(study, spec, storage, url, store, data_cache, options, events, deadline)
+            for study in studies]
 
 
 def _open_study(planned: PlannedStudy, spec: AblationSpec, storage: Any, url: str, epochs: int) -> optuna.Study:
@@ -85,6 +90,8 @@ def _open_study(planned: PlannedStudy, spec: AblationSpec, storage: Any, url: st
     for key, value in wanted.items():
         if attrs.get(key) != value:
             study.set_user_attr(key, value)
+    if study.metric_names != [objective.metric]:  # optuna-dashboard and optuna.visualization label the axis
+        study.set_metric_names([objective.metric])
     if search.enqueue and not attrs.get(names.STUDY_ENQUEUED):
         for params in search.enqueue:
             study.enqueue_trial({k: int(v) if k == "batch_size" else v for k, v in params.items()})
@@ -97,7 +104,8 @@ def _study_run_tags(planned: PlannedStudy, config: RunConfig, device: Any, url: 
                     source_file: str) -> dict[str, Any]:
     search, objective = planned.search, planned.search.objective
     return {
-        **environment_tags(device, with_process=False), names.VARIANT: planned.variant,
+        **environment_tags(device, with_process=False), **source_tags(f"harness tune {source_file}".strip()),
+        names.VARIANT: planned.variant,
         names.GRID: json.dumps(planned.grid), names.GROUP: planned.run.group, names.SEED: config.seed,
         names.METRIC: objective.metric, names.DIRECTION: objective.goal, names.N_TRIALS: target,
         names.OPTUNA_STORAGE: mask_url(url), names.SAMPLER: search.sampler.model_dump_json(),
@@ -107,7 +115,7 @@ def _study_run_tags(planned: PlannedStudy, config: RunConfig, device: Any, url: 
 
 def _tune_study(
     planned: PlannedStudy, spec: AblationSpec, storage: Any, url: str, store: AblationStore, data_cache: DataCache,
-    options: TuneOptions, events: TuneEvents,
+    options: TuneOptions, events: TuneEvents, deadline: float | None = None,
 ) -> StudyOutcome:
     import optuna
 
@@ -125,13 +133,13 @@ def _tune_study(
     events.study_started(planned, target, counted)
     results: list[TrialResult] = []
     parent_id = ""
-    if counted < target:
+    if counted < target and (deadline is None or time.monotonic() < deadline):
         data = data_cache.get(config.data, events.data_progress)  # a bad data root stops here, before MLflow
         with StorageLock(url):  # one parent run per study, however many workers start together
             tags = _study_run_tags(planned, config, device, url, target, options.source_file)
             parent_id = start_study_run(store, planned.name, tags)
         context = StudyContext(planned, storage, url, store, parent_id, config, data, device, target, events,
-                               threading.Event(), results)
+                               threading.Event(), results, deadline=deadline)
         try:
             with torch_threads(options.n_jobs, config):
                 run_workers(context, options.n_jobs)

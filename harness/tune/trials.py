@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -88,6 +89,7 @@ class StudyContext:
     stop: threading.Event
     results: list[TrialResult] = field(default_factory=list)
     guard: threading.Lock = field(default_factory=threading.Lock)
+    deadline: float | None = None  # time.monotonic() after which no new trial starts (harness tune --timeout)
 
 
 def counted_trials(trials: list[optuna.trial.FrozenTrial]) -> int:
@@ -151,6 +153,8 @@ def _worker(context: StudyContext) -> None:
     search = context.study.search
     distributions = _distributions(search)
     while not context.stop.is_set():
+        if context.deadline is not None and time.monotonic() >= context.deadline:
+            return  # --timeout: trials already running finish, no new one starts
         with StorageLock(context.url):
             trials = load_study_of(context).get_trials(deepcopy=False)
             if counted_trials(trials) >= context.target:

@@ -70,22 +70,27 @@ def test_eval_one_run_by_id_and_parts(trained, capsys):
         ("0123456789abcdef0123456789abcdef", [], "no ablation or run '0123456789abcdef0123456789abcdef'"),
         ("no_such_ablation", [], "no ablation or run 'no_such_ablation'"),
         ("empty_ablation", [], "ablation 'empty_ablation' has no runs"),
-        ("tiny_analysis", ["--results-dir", "elsewhere"], "has no checkpoint at"),
         ("tiny_analysis", ["--only", "everything"], "--only 'everything'"),
     ],
 )
 def test_bad_input_is_one_line(trained, capsys, tmp_path, target, extra, message):
     MlflowClient(trained.uri).get_experiment_by_name("empty_ablation") or MlflowClient(trained.uri).create_experiment(
         "empty_ablation")
-    if "--results-dir" in extra:
-        extra = ["--results-dir", str(tmp_path / "elsewhere")]
-    else:
-        extra = [*extra, "--results-dir", str(trained.results)]
+    extra = [*extra, "--results-dir", str(trained.results)]
     code = main(["eval", target, "--tracking-uri", trained.uri, *extra])
     err = capsys.readouterr().err
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_eval_from_another_results_dir_uses_the_checkpoint_artifact(trained, capsys, tmp_path):
+    client, runs = _children(trained.uri, trained.experiment)
+    run_id = runs["deform"].info.run_id
+    args = ["eval", run_id, "--only", "offsets", "--tracking-uri", trained.uri,
+            "--results-dir", str(tmp_path / "empty")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "1 run(s) analysed" in capsys.readouterr().out
 
 
 def test_missing_store_is_one_line(tmp_path, capsys):

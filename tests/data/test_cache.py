@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness.data import (
@@ -136,7 +140,7 @@ def _entry(cache: Path) -> tuple[Path, Path]:
 def test_half_written_entries_are_not_trusted(synth_root: Path, tmp_path: Path) -> None:
     split = load_split(synth_root, "val2017").subset(range(12))
     cache = tmp_path / "cache"
-    good = load_or_build(split, 16, "squash", cache)
+    good = np.array(load_or_build(split, 16, "squash", cache).images)  # in memory: the test rewrites the file
     npy, sidecar = _entry(cache)
 
     # killed between writing the array and the sidecar: garbage array, no sidecar, a leftover temp file
@@ -144,12 +148,13 @@ def test_half_written_entries_are_not_trusted(synth_root: Path, tmp_path: Path) 
     npy.write_bytes(b"\x93NUMPY garbage")
     (cache / f".{npy.name}.abc123.tmp").write_bytes(os.urandom(100))
     again = load_or_build(split, 16, "squash", cache)
-    assert not again.hit and np.array_equal(again.images, good.images)
+    assert not again.hit and np.array_equal(again.images, good)
 
     # sidecar present but the array truncated (or replaced by something else)
+    del again  # (it maps the file that is truncated in place next)
     npy.write_bytes(npy.read_bytes()[:-50])
     third = load_or_build(split, 16, "squash", cache)
-    assert not third.hit and np.array_equal(third.images, good.images)
+    assert not third.hit and np.array_equal(third.images, good)
     assert load_or_build(split, 16, "squash", cache).hit
 
     # a sidecar with another key (a different entry's) is not trusted either
@@ -159,20 +164,105 @@ def test_half_written_entries_are_not_trusted(synth_root: Path, tmp_path: Path) 
     assert not load_or_build(split, 16, "squash", cache).hit
 
 
-def test_failed_write_leaves_nothing(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    split = load_split(synth_root, "val2017").subset(range(6))
+def test_interrupted_build_is_resumed(synth_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split = load_split(synth_root, "train2017")  # 64 images: one per chunk
+    reference, _ = cache_mod.decode_images(split.paths, 16)
     cache = tmp_path / "cache"
+    monkeypatch.setattr(cache_mod, "CHECKPOINT_SECONDS", 0.0)
+    decode = cache_mod.decode_image
 
-    def boom(fh, arr, allow_pickle=False):  # noqa: ANN001
-        fh.write(b"partial")
-        raise KeyboardInterrupt
+    def slow_decode(*args: object, **kwargs: object) -> np.ndarray:  # one chunk at a time reaches the loop
+        time.sleep(0.01)
+        return decode(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod.np, "save", boom)
+    monkeypatch.setattr(cache_mod, "decode_image", slow_decode)
+    calls: list[int] = []
+
+    def interrupt(description: str, done: int, total: int) -> None:
+        calls.append(done)
+        if done >= total // 2:
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        load_or_build(split, 16, "squash", cache)
-    monkeypatch.undo()
-    assert list(cache.iterdir()) == []
-    assert not load_or_build(split, 16, "squash", cache).hit
+        load_or_build(split, 16, "squash", cache, progress=interrupt, workers=1)
+    assert not list(cache.glob("*.npy")) and not list(cache.glob("*.json")), "nothing trusted"
+    monkeypatch.setattr(cache_mod, "decode_image", decode)
+    resumed: list[tuple[str, int, int]] = []
+    again = load_or_build(split, 16, "squash", cache, progress=lambda *a: resumed.append(a))
+    assert not again.hit and np.array_equal(again.images, reference)
+    # every progress call but the last came after a checkpoint (the decode threads may finish many chunks
+    # between two calls, so how far the killed build got varies)
+    checkpointed = calls[-2]
+    assert checkpointed >= 1 and resumed[0][1] >= checkpointed, f"the build went on from its checkpoint: {calls}"
+    assert again.meta["decoded"] == 64 - resumed[0][1] and "images/s" in resumed[-1][0]
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".")) == [f".{_entry(cache)[0].stem}.lock"]
+    assert load_or_build(split, 16, "squash", cache).hit
+
+
+BUILDER = """
+import json, os, signal, sys, time
+from pathlib import Path
+from harness.data import cache, load_split
+
+root, out, ready, kill_at, hold = sys.argv[1], sys.argv[2], Path(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+cache.CHECKPOINT_SECONDS = 0.0
+split = load_split(root, "train2017")
+seen = []
+def progress(description, done, total):
+    seen.append(description)
+    if kill_at and done >= kill_at * total:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed mid-build, no cleanup of any kind
+    time.sleep(hold)
+(ready / str(os.getpid())).touch()
+while len(list(ready.iterdir())) < int(sys.argv[6]):  # start together
+    time.sleep(0.01)
+start = time.time()
+got = cache.load_or_build(split, 16, "squash", out, progress=progress, workers=1)
+print(json.dumps({"hit": got.hit, "start": start, "end": time.time(), "waited": any("waiting" in d for d in seen)}))
+"""
+
+
+def _builders(root: Path, cache: Path, tmp: Path, count: int, kill_at: float = 0.0, hold: float = 0.0):
+    ready = tmp / f"ready-{count}-{kill_at}"
+    ready.mkdir()
+    args = [str(root), str(cache), str(ready), str(kill_at), str(hold), str(count)]
+    return [subprocess.Popen([sys.executable, "-c", BUILDER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(count)]
+
+
+def test_killed_build_resumes_and_concurrent_builders_decode_once(synth_root: Path, tmp_path: Path) -> None:
+    split = load_split(synth_root, "train2017")
+    reference, _ = cache_mod.decode_images(split.paths, 16)
+    cache = tmp_path / "cache"
+    (killed,) = _builders(synth_root, cache, tmp_path, 1, kill_at=0.5)
+    assert killed.wait(timeout=120) == -signal.SIGKILL, killed.communicate()
+    assert not list(cache.glob("*.npy")) and not list(cache.glob("*.json")), "nothing trusted"
+
+    pair = _builders(synth_root, cache, tmp_path, 2, hold=0.02)
+    results = []
+    for proc in pair:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    builder, waiter = sorted(results, key=lambda r: r["hit"])
+    assert (builder["hit"], waiter["hit"]) == (False, True), "one process decoded, the other read its entry"
+    assert waiter["waited"] and waiter["start"] < builder["end"], "they overlapped"
+    entry = load_or_build(split, 16, "squash", cache)
+    assert entry.hit and np.array_equal(entry.images, reference)
+    assert entry.meta["decoded"] <= 32, "the build resumed from the killed one's checkpoint"
+
+
+def test_entries_are_mapped_copy_on_write(synth_root: Path, tmp_path: Path) -> None:
+    split = load_split(synth_root, "val2017")
+    cache = tmp_path / "cache"
+    load_or_build(split, 16, "squash", cache)
+    hit = load_or_build(split, 16, "squash", cache)
+    assert isinstance(hit.images, np.memmap) and hit.images.flags.writeable
+    before = np.load(hit.path).copy()
+    tensor = torch.from_numpy(hit.images)
+    tensor += 1  # an in-place op changes this process's pages only
+    assert np.array_equal(np.load(hit.path), before)
+    assert np.array_equal(load_or_build(split, 16, "squash", cache).images, before)
 
 
 def test_stale_temp_files_are_cleaned(synth_root: Path, tmp_path: Path) -> None:
@@ -246,3 +336,18 @@ def test_coco_mini_prepare(coco_mini_root: Path, tmp_path: Path) -> None:
     assert calls and calls[-1][1] == calls[-1][2] == 12
     for boxes, labels in data.boxes("val"):
         assert boxes.shape == (len(labels), 4) and (boxes >= 0).all() and (boxes <= 32).all()
+
+
+def test_bench_data_builds_generated_jpegs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/scaling.md's `harness bench data`, small: generated COCO-layout JPEGs, one build per size."""
+    from harness.cli import main
+
+    args = ["bench", "data", "--images", "300", "--size", "16", "--source-size", "64x48", "--workers", "1",
+            "--work", str(tmp_path), "--json"]
+    assert main(args) == 0
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["size"] == 16 and row["images"] == 300 and row["images_per_s"] > 0
+    assert row["entry_bytes"] == 300 * 3 * 16 * 16 + 128 and row["build_peak_rss_mb"] >= row["rss_before_mb"] > 0
+    assert abs(row["train2017_gb"] - 118_287 * 3 * 16 * 16 / 1e9) < 1e-3
+    assert len(list((tmp_path / "coco" / "train2017").iterdir())) == 300
+    assert main(["bench", "data", "--source-size", "big"]) == 2

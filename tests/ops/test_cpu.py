@@ -11,7 +11,7 @@ from torchvision.ops import deform_conv2d as tv_deform_conv2d
 import harness.ops.cpu
 import harness.ops.dispatch
 from harness.kernels import native
-from harness.ops import deform_conv2d, deform_conv2d_shared
+from harness.ops import deform_conv2d, deform_conv2d_shared, expand_shared_offset
 
 from .conftest import CASES, count_calls, dcn_case, ours_and_theirs, subset_gradients, with_grads
 
@@ -110,9 +110,11 @@ def test_fused_path_only_where_it_applies(dtype, out_channels, amp, fused, monke
 
 def test_shared_native_path_samples_with_the_compiled_kernel(monkeypatch):
     """On the CPU with the compiled kernel: stride 1 samples `full` with it (no grid_sample); stride 2
-    goes to the per-tap kernel through deform_conv2d."""
+    goes to the per-tap kernel through deform_conv2d, and so does a map small enough that the full map would
+    pass SHARED_AREA_RATIO times the output."""
     if not native.available():
         pytest.skip(f"native kernel unavailable: {native.status()}")
+    monkeypatch.setattr(harness.ops.dispatch, "SHARED_AREA_RATIO", float("inf"))
 
     def boom(*args, **kwargs):
         raise AssertionError("grid_sample called on the compiled path")
@@ -137,3 +139,28 @@ def test_shared_native_path_samples_with_the_compiled_kernel(monkeypatch):
     monkeypatch.setattr(harness.ops.cpu, "sample_shared_native", boom)
     deform_conv2d_shared(x, torch.randn(2, 2, 5, 5), w, None, 2, 1, 1).sum().backward()
     assert per_tap_calls == [1]
+    monkeypatch.setattr(harness.ops.dispatch, "SHARED_AREA_RATIO", 1.3)  # 11 x 11 against 9 x 9: 1.49
+    deform_conv2d_shared(x, off, w, None, 1, 1, 1).sum().backward()
+    assert per_tap_calls == [1, 1]
+
+
+@pytest.mark.parametrize("size,per_tap", [(4, True), (8, True), (16, False), (64, False)])
+def test_shared_small_maps_take_the_per_tap_kernel_and_match_torchvision(monkeypatch, size, per_tap):
+    """At 8 px or less a 3x3 shared layer runs the per-tap kernel on the repeated offset, with the same values
+    and gradients as torchvision's kernel."""
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    calls: list[int] = []
+    real = harness.ops.dispatch.deform_conv2d
+    monkeypatch.setattr(harness.ops.dispatch, "deform_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 16, size, size, generator=g, requires_grad=True)
+    w = torch.randn(16, 16, 3, 3, generator=g, requires_grad=True)
+    off = (torch.randn(2, 2, size, size, generator=g) * 2).requires_grad_()
+    out = deform_conv2d_shared(x, off, w, None, 1, 1, 1)
+    assert bool(calls) == per_tap
+    ref = tv_deform_conv2d(x, expand_shared_offset(off, 9), w, None, padding=(1, 1))
+    torch.testing.assert_close(out, ref, atol=1e-4 * max(1.0, ref.abs().max().item() / 10), rtol=0)
+    grads = torch.autograd.grad(out.sum(), (x, off, w))
+    for name, ours, theirs in zip("xow", grads, torch.autograd.grad(ref.sum(), (x, off, w)), strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * max(1.0, theirs.abs().max().item() / 10), rtol=0, msg=name)

@@ -9,7 +9,15 @@ from torchvision.ops import deform_conv2d as tv_deform_conv2d
 
 from harness import settings
 from harness.kernels import cpp_autograd, native
-from harness.ops import DeformConv2d, common, deform_conv2d, deform_conv2d_shared, expand_shared_offset, kernel_summary
+from harness.ops import (
+    DeformConv2d,
+    common,
+    deform_conv2d,
+    deform_conv2d_shared,
+    dispatch,
+    expand_shared_offset,
+    kernel_summary,
+)
 
 from .conftest import (
     CASES,
@@ -56,6 +64,13 @@ def test_matches_torchvision_forward_and_gradients(case, dtype, tol, cpu_kernel)
     assert_matches_torchvision(case, dtype, tol)
 
 
+@pytest.fixture
+def sample_small_maps(monkeypatch):
+    """The shared layout's conv-then-sample path on the compiled kernel at every map size (the small maps of
+    these tests would otherwise go to the per-tap kernel, see `dispatch.SHARED_AREA_RATIO`)."""
+    monkeypatch.setattr(dispatch, "SHARED_AREA_RATIO", float("inf"))
+
+
 SHARED_GEOMETRIES = [
     (1, 1, 1, 1, 1), (2, 1, 1, 1, 1), (1, 2, 2, 1, 1), (2, 0, 2, 1, 1), (1, 1, 1, 2, 1), (1, 1, 1, 2, 2),
     (1, 1, 1, 1, 2), (1, 2, 2, 2, 1), (1, 0, 1, 1, 1),
@@ -64,7 +79,7 @@ SHARED_GEOMETRIES = [
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("s,p,d,offset_groups,groups", SHARED_GEOMETRIES)
-def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups, dtype, tol, cpu_kernel):
+def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups, dtype, tol, cpu_kernel, sample_small_maps):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 8, 10, generator=g, dtype=dtype)
     w = torch.randn(6, 4 // groups, 3, 3, generator=g, dtype=dtype)
@@ -89,7 +104,7 @@ def test_shared_fast_path_is_exact(s, p, d, offset_groups, groups, dtype, tol, c
 @without_interpreter
 @pytest.mark.parametrize("s,p,d,offset_groups,groups", [(1, 1, 1, 1, 1), (1, 2, 2, 1, 1), (1, 1, 1, 2, 1),
                                                         (1, 1, 1, 1, 2), (2, 1, 1, 1, 1)])
-def test_shared_gradcheck_fp64(s, p, d, offset_groups, groups, cpu_kernel):
+def test_shared_gradcheck_fp64(s, p, d, offset_groups, groups, cpu_kernel, sample_small_maps):
     g = torch.Generator().manual_seed(5)
     h, w = 5, 6
     ho, wo = out_size(h, 3, s, p, d), out_size(w, 3, s, p, d)
@@ -148,7 +163,8 @@ def test_backward_recomputes_columns_instead_of_saving_them():
 
 
 @pytest.mark.parametrize("p,d,offset_groups", [(1, 1, 1), (2, 2, 1), (1, 1, 2), (0, 1, 1)])
-def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient(p, d, offset_groups, cpu_kernel):
+def test_shared_path_at_whole_pixels_matches_values_and_a_one_sided_gradient(p, d, offset_groups, cpu_kernel,
+                                                                             sample_small_maps):
     """Zero or whole-pixel offsets (every offset at initialisation), many of them off the image: exact
     values. The compiled kernel takes torchvision's corners, so every gradient equals torchvision's
     (the right one-sided difference), also where the sample sits exactly one pixel before the map;

@@ -215,9 +215,9 @@ def test_report_page_loads_clean_with_plots_and_sorter(browser: Browser, report_
     found = load(browser, report_dir / "dcn_placement.html")
     assert found["errors"] == [] and found["failed"] == []
     assert all(u.startswith(("file:", "data:")) for u in found["urls"]), found["urls"]
-    assert browser.evaluate("document.querySelectorAll('svg').length") == 4
+    assert browser.evaluate("document.querySelectorAll('svg').length") == 5
     assert browser.evaluate("document.querySelectorAll('#comparison-table tbody tr').length") == 6
-    # click "best val mAP" (column 2) twice: ascending, then descending
+    # click "best on val" mAP (column 2) twice: ascending, then descending
     column = "Array.from(document.querySelectorAll('#comparison-table tbody tr')).map(r => r.cells[2].dataset.sort)"
     browser.evaluate("document.querySelector('#comparison-table th[data-col=\"2\"]').click()")
     up = [float(v) for v in browser.evaluate(column)]

@@ -61,7 +61,7 @@ def test_group_means_and_std_match_written_values(placement, report_store: Repor
             runs = _finished(report_store, variant, size)
             row = table.loc[f"{variant} · data.train_size={size}"]
             assert row["n_finished"] == len(runs)
-            for key in ("best_val_map", "final_val_micro_f1", "best_val_loss", "mean_epoch_time_s", "peak_rss_mb"):
+            for key in ("best_val_map", "final_val_micro_f1", "final_val_loss", "mean_epoch_time_s", "peak_rss_mb"):
                 vals = [v["final"][key] for v in runs.values()]
                 assert row[f"{key}_mean"] == pytest.approx(statistics.mean(vals)), key
                 assert row[f"{key}_std"] == pytest.approx(statistics.stdev(vals)), key
@@ -92,23 +92,23 @@ def test_delta_vs_baseline_at_same_grid_point(placement, report_store: ReportSto
         for variant in ("deform_first2", "deform_all"):
             runs = _finished(report_store, variant, size)
             seeds = sorted(set(runs) & set(base))
-            a = [runs[s]["final"]["best_val_map"] for s in seeds]
-            b = [base[s]["final"]["best_val_map"] for s in seeds]
+            a = [runs[s]["final"]["final_val_map"] for s in seeds]
+            b = [base[s]["final"]["final_val_map"] for s in seeds]
             ci = st.ttest_rel(a, b).confidence_interval(0.95)
             row = table.loc[f"{variant} · data.train_size={size}"]
-            assert row["delta_best_val_map_method"] == "paired t"
-            assert row["delta_best_val_map_n"] == len(seeds)
-            assert row["delta_best_val_map"] == pytest.approx(float(np.mean(np.subtract(a, b))))
-            assert row["delta_best_val_map_low"] == pytest.approx(ci.low)
-            assert row["delta_best_val_map_high"] == pytest.approx(ci.high)
-    assert table.loc["deform_all · data.train_size=1000", "delta_best_val_map_n"] == 2  # seed 3 failed
+            assert row["delta_final_val_map_method"] == "paired t"
+            assert row["delta_final_val_map_n"] == len(seeds)
+            assert row["delta_final_val_map"] == pytest.approx(float(np.mean(np.subtract(a, b))))
+            assert row["delta_final_val_map_low"] == pytest.approx(ci.low)
+            assert row["delta_final_val_map_high"] == pytest.approx(ci.high)
+    assert table.loc["deform_all · data.train_size=1000", "delta_final_val_map_n"] == 2  # seed 3 failed
 
 
 def test_baseline_delta_is_zero_centred(placement) -> None:
     table = group_stats(placement)
     base = table[table["is_baseline"]]
     assert list(base["variant"]) == ["conv", "conv"]
-    for col in ("delta_best_val_map", "delta_best_val_map_low", "delta_best_val_map_high", "delta_final_val_map"):
+    for col in ("delta_final_val_map", "delta_final_val_map_low", "delta_final_val_map_high"):
         assert list(base[col]) == [0.0, 0.0]
     # rows: grid point order, baseline first within each
     assert list(table["group"])[:3] == ["conv · data.train_size=250", "deform_all · data.train_size=250",
@@ -122,9 +122,9 @@ def test_baseline_override(report_store: ReportStore) -> None:
     table = group_stats(data).set_index("group")
     conv = _finished(report_store, "conv", 1000)
     dall = _finished(report_store, "deform_all", 1000)
-    diffs = [conv[s]["final"]["best_val_map"] - dall[s]["final"]["best_val_map"] for s in (1, 2)]
-    assert table.loc["conv · data.train_size=1000", "delta_best_val_map"] == pytest.approx(statistics.mean(diffs))
-    assert table.loc["deform_all · data.train_size=250", "delta_best_val_map"] == 0.0
+    diffs = [conv[s]["final"]["final_val_map"] - dall[s]["final"]["final_val_map"] for s in (1, 2)]
+    assert table.loc["conv · data.train_size=1000", "delta_final_val_map"] == pytest.approx(statistics.mean(diffs))
+    assert table.loc["deform_all · data.train_size=250", "delta_final_val_map"] == 0.0
     with pytest.raises(HarnessError, match="not a variant"):
         load_ablations(store, ["dcn_placement"], baseline="resnet")
 
@@ -134,7 +134,8 @@ def test_no_baseline_means_no_delta(report_store: ReportStore) -> None:
     assert data.baseline is None and data.grid_axes == []
     table = group_stats(data)
     assert list(table["group"]) == ["solo"]
-    assert math.isnan(table.loc[0, "delta_best_val_map"])
+    assert math.isnan(table.loc[0, "delta_final_val_map"])
+    assert "delta_best_val_map" not in table  # the Δ is on the headline metric, never on best-on-val
 
 
 def test_unknown_and_empty(report_store: ReportStore) -> None:

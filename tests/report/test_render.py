@@ -63,7 +63,7 @@ def test_placement_page_contents(pages, datas) -> None:
     assert "Where do deformable layers help?" in html
     assert "17 finished" in html and "1 failed" in html and "1 still running" in html
     assert "0123456789ab" in html and "testhost" in html and "2.5.0" in html  # commit, host, torch version
-    assert html.count("<svg") == 4  # curves, accuracy vs cost, scaling, op bars
+    assert html.count("<svg") == 5  # curves, accuracy vs cost, scaling, op bars, accuracy vs FLOPs/params
     ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids))  # ids of the four SVGs do not collide
     # comparison table: one row per group, the baseline marked, Δ with CI and method
@@ -71,8 +71,8 @@ def test_placement_page_contents(pages, datas) -> None:
     assert table.count('<td class="grp"') == 6
     assert table.count('class="badge base">baseline') == 2
     row = group_stats(datas["dcn_placement"]).set_index("group").loc["deform_first2 · data.train_size=250"]
-    delta = f"{row['delta_best_val_map']:+.3f}".replace("-", "−")
-    ci = f"[{row['delta_best_val_map_low']:+.3f}, {row['delta_best_val_map_high']:+.3f}]".replace("-", "−")
+    delta = f"{row['delta_final_val_map']:+.3f}".replace("-", "−")
+    ci = f"[{row['delta_final_val_map_low']:+.3f}, {row['delta_final_val_map_high']:+.3f}]".replace("-", "−")
     assert delta in table and ci in table
     assert "paired t" in html and "Welch" in html  # footnote says which test
     assert 'class="num best"' in table
@@ -107,14 +107,16 @@ def test_markdown_table(datas) -> None:
     md = comparison_markdown([datas["dcn_placement"], datas["xss"]])
     assert md.count("\n## ") + md.startswith("## ") == 2
     lines = [line for line in md.splitlines() if line.startswith("| ")]
-    header = lines[0]
-    assert "val mAP best" in header and "Δ val mAP best \\[95% CI\\]" in header and "cost s/epoch" in header
+    header = next(line for line in lines if line.startswith("| group | n |"))
+    assert "val mAP best on val (optimistic: chosen on the same data)" in header and "cost s/epoch" in header
+    assert "Δ val mAP final \\[95% CI\\]" in header
     table = group_stats(datas["dcn_placement"]).set_index("group")
-    row = next(line for line in lines if line.startswith("| deform\\_all · data.train\\_size=1000 |"))
+    comparison = lines[lines.index(header):]  # the evidence table comes first, then the comparison table
+    row = next(line for line in comparison if line.startswith("| deform\\_all · data.train\\_size=1000 |"))
     r = table.loc["deform_all · data.train_size=1000"]
     assert f"| 2 | {r['best_val_map_mean']:.3f} ±{r['best_val_map_std']:.3f} |" in row
     assert "(paired t)" in row
-    assert any(line.startswith("| conv · data.train\\_size=250 (baseline) |") for line in lines)
+    assert any(line.startswith("| conv · data.train\\_size=250 (baseline) |") for line in comparison)
     assert "\\<script\\>alert(1)\\</script\\>" in md and XSS not in md
     assert "paired t over the seeds" in md
 
@@ -128,11 +130,11 @@ def test_csv_table(datas) -> None:
     for group in table.index:
         for col in ("best_val_map_mean", "best_val_map_std", "mean_epoch_time_s_mean"):
             assert place.loc[group, col] == pytest.approx(table.loc[group, col], rel=1e-5)
-        assert place.loc[group, "delta_best_val_map_ci_low"] == pytest.approx(
-            table.loc[group, "delta_best_val_map_low"], rel=1e-5, abs=1e-9
+        assert place.loc[group, "delta_final_val_map_ci_low"] == pytest.approx(
+            table.loc[group, "delta_final_val_map_low"], rel=1e-5, abs=1e-9
         )
     assert place.loc["deform_all · data.train_size=1000", "n_failed"] == 1
-    assert place.loc["deform_all · data.train_size=1000", "delta_best_val_map_method"] == "paired t"
+    assert place.loc["deform_all · data.train_size=1000", "delta_final_val_map_method"] == "paired t"
     assert XSS in set(frame["variant"])  # CSV carries the raw name; quoting is the CSV writer's job
     failed_only = frame[frame.ablation == "all_failed"]
     assert list(failed_only["n_finished"]) == [0] and list(failed_only["n_failed"]) == [2]

@@ -127,10 +127,54 @@ enum { GRAD_X = 1, GRAD_POS = 2, GRAD_VALUE = 4, COLUMNS = 8 };
 
 #else  /* the kernels, included once per element type T */
 
+#if REGISTER16
+typedef T NAME(vec16) __attribute__((vector_size(16 * sizeof(T))));
+typedef INDEX NAME(index16) __attribute__((vector_size(16 * sizeof(T))));  /* for SHUFFLE before GCC 12 */
+
+static inline __attribute__((always_inline)) NAME(vec16) NAME(load16)(const T *p) {
+    NAME(vec16) v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline __attribute__((always_inline)) void NAME(store16)(T *p, const NAME(vec16) *v) { memcpy(p, v, sizeof *v); }
+
+/* dst[j * dst_stride + i] = src[i * src_stride + j] for a 16 x 16 block, in vector registers: at each
+ * scale b = 8, 4, 2, 1 rows r and r + b swap their off-diagonal b x b blocks (a two-vector shuffle
+ * each), which transposes the whole block. 4-6x faster than the element loop, which GCC leaves scalar. */
+static inline __attribute__((always_inline)) void NAME(transpose16)(const T *src, int64_t src_stride, T *dst,
+                                                                    int64_t dst_stride) {
+    NAME(vec16) r[16];
+    for (int i = 0; i < 16; ++i) r[i] = NAME(load16)(src + i * src_stride);
+#define SWAP_BLOCKS(b, ...)                                                                     \
+    for (int i = 0; i < 16; ++i)                                                                \
+        if (!(i & b)) {                                                                         \
+            const NAME(vec16) top = r[i], bottom = r[i + b];                                    \
+            r[i] = SHUFFLE(top, bottom, __VA_ARGS__);                                           \
+            r[i + b] = SHUFFLE(top, bottom, SHIFTED_##b);                                       \
+        }
+#define SHIFTED_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define SHIFTED_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define SHIFTED_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define SHIFTED_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+    SWAP_BLOCKS(8, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+    SWAP_BLOCKS(4, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
+    SWAP_BLOCKS(2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
+    SWAP_BLOCKS(1, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
+#undef SWAP_BLOCKS
+#undef SHIFTED_8
+#undef SHIFTED_4
+#undef SHIFTED_2
+#undef SHIFTED_1
+    for (int i = 0; i < 16; ++i) NAME(store16)(dst + i * dst_stride, &r[i]);
+}
+#endif
+
 /* tile[ch][i] = src[n, ch, oy, ox] at each pixel i of a tile (see TILE); even: tile_index's answer.
  * Evenly spaced pixels are copied with the source's inner dimension innermost: memcpy per channel for
  * NCHW, a transpose of contiguous pixel rows for channels-last (as the offset predictor writes its
- * output; a gather per element there was 5-14 % of the kernel). */
+ * output; a gather per element there was 5-14 % of the kernel), in 16 x 16 register blocks with
+ * AVX-512 (18 or 27 predictor channels: one block and a remainder of 2 or 11 rows). */
 static void NAME(load_tile)(const T *src, const int64_t *stride, const int64_t *where, int even, int64_t count,
                             int64_t channels, T *restrict tile) {
     const int64_t s1 = stride[1], s3 = stride[3];
@@ -138,7 +182,17 @@ static void NAME(load_tile)(const T *src, const int64_t *stride, const int64_t *
         for (int64_t ch = 0; ch < channels; ++ch) memcpy(tile + ch * count, src + where[0] + ch * s1, sizeof(T) * count);
     } else if (even && s1 < s3) {
         const T *restrict from = src + where[0];
-        for (int64_t i = 0; i < count; ++i)
+        int64_t done = 0;
+#if REGISTER16
+        if (s1 == 1) {  /* channels-last: 16 x 16 blocks in registers, the rest below */
+            done = count / 16 * 16;
+            for (int64_t ch = 0; ch + 16 <= channels; ch += 16)
+                for (int64_t i = 0; i < done; i += 16) NAME(transpose16)(from + i * s3 + ch, s3, tile + ch * count + i, count);
+            for (int64_t ch = channels / 16 * 16; ch < channels; ++ch)
+                for (int64_t i = 0; i < done; ++i) tile[ch * count + i] = from[i * s3 + ch];
+        }
+#endif
+        for (int64_t i = done; i < count; ++i)
             for (int64_t ch = 0; ch < channels; ++ch) tile[ch * count + i] = from[i * s3 + ch * s1];
     } else {
         for (int64_t ch = 0; ch < channels; ++ch)
@@ -153,7 +207,17 @@ static void NAME(store_tile)(T *dst, const int64_t *stride, const int64_t *where
         for (int64_t ch = 0; ch < channels; ++ch) memcpy(dst + where[0] + ch * s1, tile + ch * count, sizeof(T) * count);
     } else if (even && s1 < s3) {
         T *restrict to = dst + where[0];
-        for (int64_t i = 0; i < count; ++i)
+        int64_t done = 0;
+#if REGISTER16
+        if (s1 == 1) {
+            done = count / 16 * 16;
+            for (int64_t ch = 0; ch + 16 <= channels; ch += 16)
+                for (int64_t i = 0; i < done; i += 16) NAME(transpose16)(tile + ch * count + i, count, to + i * s3 + ch, s3);
+            for (int64_t ch = channels / 16 * 16; ch < channels; ++ch)
+                for (int64_t i = 0; i < done; ++i) to[i * s3 + ch] = tile[ch * count + i];
+        }
+#endif
+        for (int64_t i = done; i < count; ++i)
             for (int64_t ch = 0; ch < channels; ++ch) to[i * s3 + ch * s1] = tile[ch * count + i];
     } else {
         for (int64_t ch = 0; ch < channels; ++ch)
@@ -408,16 +472,6 @@ static inline __attribute__((always_inline)) void NAME(sample_backward)(
  * registers): whole-vector scatter and column store, the sums kept as vectors and
  * reduced once per sample by halving shuffles. Against sample_backward's loops: 16 channels 1.1x,
  * 32 channels 1.1-1.25x faster (the backward kernel alone, with and without the input's gradient). */
-typedef T NAME(vec16) __attribute__((vector_size(16 * sizeof(T))));
-typedef INDEX NAME(index16) __attribute__((vector_size(16 * sizeof(T))));  /* for SHUFFLE before GCC 12 */
-
-static inline __attribute__((always_inline)) NAME(vec16) NAME(load16)(const T *p) {
-    NAME(vec16) v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline __attribute__((always_inline)) void NAME(store16)(T *p, const NAME(vec16) *v) { memcpy(p, v, sizeof *v); }
 
 /* (sum of a, sum of b) by halving: [a0..7 | b0..7] + [a8..15 | b8..15], then within each half */
 static inline __attribute__((always_inline)) void NAME(sum16_pair)(const NAME(vec16) *pa, const NAME(vec16) *pb, T *sa,
@@ -797,37 +851,6 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
 }
 #endif
 
-#if REGISTER16
-/* dst[j * dst_stride + i] = src[i * src_stride + j] for a 16 x 16 block, in vector registers: at each
- * scale b = 8, 4, 2, 1 rows r and r + b swap their off-diagonal b x b blocks (a two-vector shuffle
- * each), which transposes the whole block. 4-6x faster than the element loop, which GCC leaves scalar. */
-static inline __attribute__((always_inline)) void NAME(transpose16)(const T *src, int64_t src_stride, T *dst,
-                                                                    int64_t dst_stride) {
-    NAME(vec16) r[16];
-    for (int i = 0; i < 16; ++i) r[i] = NAME(load16)(src + i * src_stride);
-#define SWAP_BLOCKS(b, ...)                                                                     \
-    for (int i = 0; i < 16; ++i)                                                                \
-        if (!(i & b)) {                                                                         \
-            const NAME(vec16) top = r[i], bottom = r[i + b];                                    \
-            r[i] = SHUFFLE(top, bottom, __VA_ARGS__);                                           \
-            r[i + b] = SHUFFLE(top, bottom, SHIFTED_##b);                                       \
-        }
-#define SHIFTED_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define SHIFTED_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define SHIFTED_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define SHIFTED_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
-    SWAP_BLOCKS(8, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-    SWAP_BLOCKS(4, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27)
-    SWAP_BLOCKS(2, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29)
-    SWAP_BLOCKS(1, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30)
-#undef SWAP_BLOCKS
-#undef SHIFTED_8
-#undef SHIFTED_4
-#undef SHIFTED_2
-#undef SHIFTED_1
-    for (int i = 0; i < 16; ++i) NAME(store16)(dst + i * dst_stride, &r[i]);
-}
-#endif
 
 /* dst [N, H + 2*py, W + 2*px, C] = src [N, C, H, W] zero-padded by (py, px) on every side, channels
  * last. torch's copy walks C planes at once, which at H*W a multiple of 1024 all map to the same cache
