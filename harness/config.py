@@ -150,6 +150,7 @@ class TrainConfig(Strict):
     threads: Annotated[int, Field(ge=1)] | None = None
     checkpoint: bool = True
     log_checkpoint: Literal["auto"] | bool = "auto"  # upload last.pt as a run artifact (auto: under 50 MB)
+    system_metrics: bool = False  # MLflow's system/ metrics (CPU, memory, GPU) sampled into the run
     amp: Literal["none", "bf16", "fp16"] = "none"
     channels_last: bool = False
 
@@ -182,7 +183,8 @@ class RunConfig(Strict):
     analysis: AnalysisConfig = AnalysisConfig()
 
 
-# The validation metrics `fit` reports each epoch: what a search may optimise (docs/tuning.md).
+# The validation metrics `fit` reports each epoch: what a search may optimise (docs/tuning.md). Spelled as
+# before metric names had prefixes; harness.tracking.names.logged_name maps val_map to the logged val/map.
 SEARCH_METRICS = (
     "val_loss", "val_map", "val_micro_f1", "val_micro_precision", "val_micro_recall", "val_macro_f1",
     "val_macro_precision", "val_macro_recall", "val_cp", "val_cr", "val_cf1", "val_op", "val_or", "val_of1",
@@ -319,7 +321,7 @@ class SearchSpec(Strict):
 
 # Keys that change how a run executes but not what it computes: left out of the identity hash.
 EXECUTION_KEYS = ("profile", "analysis", "train.device", "train.threads", "train.checkpoint", "train.log_checkpoint",
-                  "train.channels_last")
+                  "train.channels_last", "train.system_metrics")
 
 
 def _drop_path(data: dict[str, Any], dotted: str) -> None:

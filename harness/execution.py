@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from harness import checkpoints
+from harness import checkpoints, settings
 from harness.analysis import post_training_analysis
 from harness.checkpoints import checkpoint_path, saved_epoch
 from harness.config import RunConfig, flatten
@@ -25,8 +25,15 @@ from harness.distributed import DistContext, barrier
 from harness.errors import HarnessError, one_line
 from harness.planning import PlannedRun, resolve_lr
 from harness.tracking import names
-from harness.tracking.artifacts import log_data_inputs, log_run_artifacts
+from harness.tracking.artifacts import (
+    CheckpointUploads,
+    fetch_checkpoint,
+    has_checkpoint_artifact,
+    log_data_inputs,
+    log_run_artifacts,
+)
 from harness.tracking.store import AblationStore, ChildRun
+from harness.tracking.system import system_metrics
 from harness.train import DivergedError, FitResult, fit
 
 
@@ -105,11 +112,17 @@ def _open_child(
     owner = store.busy_hashes().get(run.config_hash)
     if owner is not None:
         return f"running in another process ({owner.rsplit(' ', 1)[0] if owner.count(' ') == 2 else owner})"
-    previous = store.child_by_hash(run.config_hash) if checkpoints.exists(checkpoint) else None
+    previous = store.child_by_hash(run.config_hash)
+    local = checkpoints.exists(checkpoint)
+    if previous is not None and not local and not has_checkpoint_artifact(ChildRun(store.client, previous.info.run_id)):
+        previous = None  # no checkpoint here nor among its artifacts: start again in a new run
     if previous is not None:
         if not store.claim(previous.info.run_id):
             return "another process took it to resume at the same moment"
-        return store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id}), True
+        child = store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id})
+        if not local:  # another machine trained it (no shared results directory): resume from its artifact
+            fetch_checkpoint(child, checkpoint, store.uri)
+        return child, True
     child = store.start_child(parent_id, run.name, flatten(config.model_dump(mode="json")), tags)
     if not store.first_claim(child, run.config_hash):
         return "another process started it at the same moment"
@@ -138,13 +151,17 @@ def run_one(
         lr = resolve_lr(config)
         logged = child.logged_steps(names.VAL_MAP) if resumed else set()
         events.run_started(run, index, saved_epoch(checkpoint))
+        uploads = CheckpointUploads(child, checkpoint, config.train.log_checkpoint,
+                                    settings.current().checkpoint_upload_every)
 
         def on_epoch(epoch: int, record: dict[str, float]) -> None:
-            child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            uploads.after_epoch(epoch)
+            if epoch not in logged:  # an attempt before this one logged it already
+                child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
             logged.add(epoch)
             events.epoch(run, epoch, record)
 
-        with child.keep_alive():
+        with child.keep_alive(), system_metrics(child, config.train.system_metrics and context.is_main):
             result = fit(
                 config, data, lr=lr, device=device, checkpoint_path=checkpoint, trace_dir=trace,
                 on_epoch=on_epoch, on_step=events.step, context=context,
@@ -155,7 +172,8 @@ def run_one(
             if epoch not in logged:
                 child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
         log_result(child, result, data, lr)
-        log_run_artifacts(child, trace if config.profile.enabled else None, checkpoint, config.train.log_checkpoint)
+        log_run_artifacts(child, trace if config.profile.enabled else None, checkpoint,
+                          uploads.final_mode(config.train.epochs))
         post_training_analysis(child, config, data, checkpoint, device, run.name, run.group, context.enabled)
     except KeyboardInterrupt:
         child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})

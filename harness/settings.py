@@ -12,11 +12,15 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from harness.errors import HarnessError
+
 PREFIX = "HARNESS_"
 
-# MLflow's HTTP client retries for minutes by default; a harness user wants a quick answer.
+# MLflow's HTTP client retries for minutes by default; a harness user wants a quick answer. A server that
+# answered once and then went away is retried longer by the harness itself (`tracking_retry_s`).
 MLFLOW_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # no tqdm bar per small artifact
     "MLFLOW_LOGGING_LEVEL": "WARNING",  # read when mlflow is first imported
@@ -36,6 +40,10 @@ class Settings:
     triton: bool = False  # the Triton kernels on CUDA (1: on)
     split: bool = False  # GPU sampling in channel slices (1: on)
     steady_heap: bool = True  # glibc malloc tuned so epoch times measure compute (0: glibc's defaults)
+    # seconds a run keeps retrying a tracking server that answered before and stopped answering (0: no retry)
+    tracking_retry_s: float = 180.0
+    # a checkpoint artifact every N epochs while a run trains, for resume without a shared disk (0: at the end only)
+    checkpoint_upload_every: int = 1
 
     def switches(self) -> str:
         """The switches that differ from their defaults, as JSON (logged with every run)."""
@@ -62,6 +70,19 @@ def _flag(text: str | None, default: bool) -> bool:
     return text.strip() not in ("0", "false", "False", "no", "off")
 
 
+def _number(name: str, text: str | None, default: float) -> float:
+    """A non-negative number switch (an int where the default is one); a HarnessError names a bad value."""
+    if text is None or text.strip() == "":
+        return default
+    try:
+        value = type(default)(text.strip())
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise HarnessError(f"{variable(name)}={text!r}: expected a number >= 0")
+    return value
+
+
 def _read(environ: os._Environ[str] | dict[str, str]) -> Settings:
     values: dict[str, object] = {}
     defaults = asdict(Settings())
@@ -72,6 +93,8 @@ def _read(environ: os._Environ[str] | dict[str, str]) -> Settings:
             values[f.name] = _flag(text, default)
         elif isinstance(default, Path):
             values[f.name] = Path(text).expanduser() if text else default
+        elif isinstance(default, int | float):
+            values[f.name] = _number(f.name, text, default)
         else:
             values[f.name] = text or None
     return Settings(**values)  # type: ignore[arg-type]

@@ -130,7 +130,7 @@ def evaluate(
     model: nn.Module, loader: BatchLoader, amp_dtype: torch.dtype | None = None, channels_last: bool = False,
     context: DistContext = SINGLE,
 ) -> dict[str, float]:
-    """Validation loss and every multi-label metric, prefixed val_ (over every rank's share of val)."""
+    """Validation loss and every multi-label metric, as names.val_of names (over every rank's share of val)."""
     scores, targets, loss = predict(model, loader, amp_dtype, channels_last, context)
     metrics = multilabel_metrics(scores, targets)
     return {names.VAL_LOSS: loss, **{names.val_of(k): v for k, v in metrics.items()}}
@@ -166,22 +166,23 @@ class Selection:
 
 
 def summarise_history(history: list[dict[str, float]]) -> dict[str, float]:
-    """best_/final_ of every val metric, best_epoch (by val_map) and epoch-time means."""
+    """Best and final of every val metric, the best epoch (by val/map) and epoch-time means: the run's
+    step-0 summary (names.best_of, names.final_of)."""
     summary: dict[str, float] = {}
     if not history:
         return summary
     for key in history[-1]:
-        if not key.startswith("val_"):
+        if not key.startswith(names.VAL_PREFIX):
             continue
         values = [h[key] for h in history if key in h]
-        higher = HIGHER_IS_BETTER.get(key.removeprefix("val_"), True)
-        summary[f"best_{key}"] = max(values) if higher else min(values)
-        summary[f"final_{key}"] = values[-1]
-    best = max(range(len(history)), key=lambda i: history[i].get("val_map", -math.inf))
-    summary["best_epoch"] = float(history[best].get("epoch", best + 1))
-    summary["mean_epoch_time_s"] = float(np.mean([h["epoch_time_s"] for h in history]))
-    summary["mean_train_images_per_s"] = float(np.mean([h["train_images_per_s"] for h in history]))
-    summary["total_data_wait_s"] = float(np.sum([h["data_wait_s"] for h in history]))
+        higher = HIGHER_IS_BETTER.get(key.removeprefix(names.VAL_PREFIX), True)
+        summary[names.best_of(key)] = max(values) if higher else min(values)
+        summary[names.final_of(key)] = values[-1]
+    best = max(range(len(history)), key=lambda i: history[i].get(names.VAL_MAP, -math.inf))
+    summary[names.BEST_EPOCH] = float(history[best].get("epoch", best + 1))
+    summary[names.MEAN_EPOCH_TIME] = float(np.mean([h[names.EPOCH_TIME] for h in history]))
+    summary[names.MEAN_TRAIN_IMAGES_PER_S] = float(np.mean([h[names.TRAIN_IMAGES_PER_S] for h in history]))
+    summary[names.TOTAL_DATA_WAIT] = float(np.sum([h[names.DATA_WAIT] for h in history]))
     return summary
 
 
@@ -194,9 +195,9 @@ class DivergedError(FloatingPointError):
 
 def check_finite(record: dict[str, float], epoch: int) -> None:
     """A non-finite train or val loss ends the run: no later epoch, checkpoint or metric is trusted."""
-    for key in ("train_loss", "val_loss"):
+    for key in (names.TRAIN_LOSS, names.VAL_LOSS):
         if not math.isfinite(record[key]):
-            raise DivergedError(f"diverged at epoch {epoch}: {key.replace('_', ' ')} is {record[key]}")
+            raise DivergedError(f"diverged at epoch {epoch}: {key.replace('/', ' ')} is {record[key]}")
 
 
 @dataclass
@@ -321,12 +322,13 @@ def _restore(
     if state.get("scaler"):
         trainer.scaler.load_state_dict(state["scaler"])
     profile = ProfileSummary.from_dict(state["profile"]) if state.get("profile") else None
+    history = [names.with_logged_names(record) for record in state["history"]]  # older checkpoints: flat names
     if state.get("selected_model") is not None:
         selection.epoch, selection.score = int(state["selected_epoch"]), float(state["selected_score"])
         selection.weights = {k: v.cpu() for k, v in state["selected_model"].items()}
-    elif state["history"]:
-        selection.offer(int(state["epoch"]), state["history"][-1].get(names.VAL_MAP, -math.inf), trainer.model)
-    return int(state["epoch"]), list(state["history"]), profile
+    elif history:
+        selection.offer(int(state["epoch"]), history[-1].get(names.VAL_MAP, -math.inf), trainer.model)
+    return int(state["epoch"]), history, profile
 
 
 def build_trainer(
@@ -400,12 +402,12 @@ def fit(
                 profile = window.summary
             record = {
                 "epoch": float(epoch),
-                "train_loss": mean_over_ranks(loss_sum / max(seen, 1), seen, context),
+                names.TRAIN_LOSS: mean_over_ranks(loss_sum / max(seen, 1), seen, context),
                 **evaluate(trainer.model, val_loader, trainer.amp_dtype, trainer.channels_last, context),
-                "epoch_time_s": epoch_time,
-                "train_images_per_s": n_train / epoch_time if epoch_time > 0 else 0.0,
-                "data_wait_s": float(train_loader.wait_seconds),
-                "lr": trainer.optimizer.param_groups[0]["lr"],
+                names.EPOCH_TIME: epoch_time,
+                names.TRAIN_IMAGES_PER_S: n_train / epoch_time if epoch_time > 0 else 0.0,
+                names.DATA_WAIT: float(train_loader.wait_seconds),
+                names.LR: trainer.optimizer.param_groups[0]["lr"],
             }
             check_finite(record, epoch)
             history.append(record)
@@ -431,14 +433,14 @@ def _result(
 ) -> FitResult:
     """The run's summary metrics (history, memory, size, profile) and its model summary text."""
     summary = summarise_history(history)
-    summary["peak_rss_mb"] = peak_bytes / 2**20
+    summary[names.PEAK_RSS_MB] = peak_bytes / 2**20
     if trainer.device.type == "cuda":
-        summary["peak_cuda_mb"] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
-    summary["params"] = float(cost.params)
-    summary["flops_per_image"] = float(cost.flops_per_image)
+        summary[names.PEAK_CUDA_MB] = torch.cuda.max_memory_allocated(trainer.device) / 2**20
+    summary[names.PARAMS] = float(cost.params)
+    summary[names.FLOPS_PER_IMAGE] = float(cost.flops_per_image)
     if profile is not None:
-        summary["profile_deform_share"] = profile.deform_share
-        summary["profile_step_ms"] = profile.step_ms
+        summary[names.PROFILE_DEFORM_SHARE] = profile.deform_share
+        summary[names.PROFILE_STEP_MS] = profile.step_ms
     model_summary = (
         f"{trainer.model}\n\nparameters: {cost.params:,}\nforward FLOPs per image at {config.data.image_size}px: "
         f"{cost.flops_per_image:,}\ndeformable conv layers: {trainer.model.deform_indices}\n"
@@ -477,7 +479,7 @@ def evaluate_selected(
 ) -> tuple[dict[str, float], dict[str, Any] | None]:
     """Held-out metrics at the selected epoch (step 0 of the run) and the per-class AP document.
 
-    test_* and ood_* for the sets `data` has; chance_* (the label prior of train) and the mAP per
+    test/ and ood/ metrics for the sets `data` has; chance/ ones (the label prior of train) and the mAP per
     dominant object size (COCO data only: the synthetic objects' areas are not COCO pixel areas) on the
     headline set, test when there is one, else val. Every rank takes part (the scores are gathered).
     """

@@ -57,9 +57,9 @@ variants:
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["harness.world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_map")] == [1, 2]
-    assert run.data.metrics["train_images"] == 64
-    assert 0 <= run.data.metrics["best_val_map"] <= 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/map")] == [1, 2]
+    assert run.data.metrics["data/train_images"] == 64
+    assert 0 <= run.data.metrics["best/val/map"] <= 1
 
 
 # --- gradient synchronisation ---------------------------------------------------------------------------

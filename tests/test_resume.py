@@ -29,7 +29,7 @@ from harness.data import prepare_data
 from harness.planning import expand, load_ablation, parse_set
 from harness.train import fit
 
-TIMING_KEYS = {"epoch_time_s", "train_images_per_s", "data_wait_s"}
+TIMING_KEYS = {"cost/epoch_time_s", "cost/train_images_per_s", "cost/data_wait_s"}
 CPU = torch.device("cpu")
 
 
@@ -103,7 +103,7 @@ def test_fit_resumed_after_epoch_1_is_bit_identical_to_uninterrupted(data, tmp_p
     assert resumed.resumed_from == 1, "the second fit did not resume from its epoch-1 checkpoint"
 
     assert [h["epoch"] for h in resumed.history] == [1.0, 2.0, 3.0]
-    assert [h["lr"] for h in straight.history] == [3e-3, 3e-3, 1.5e-3]  # the schedule really steps
+    assert [h["train/lr"] for h in straight.history] == [3e-3, 3e-3, 1.5e-3]  # the schedule really steps
     assert_identical(without_timing(resumed.history), without_timing(straight.history), "history")
 
     a, b = load_checkpoint(straight_ckpt), load_checkpoint(resumed_ckpt)
@@ -114,9 +114,9 @@ def test_fit_resumed_after_epoch_1_is_bit_identical_to_uninterrupted(data, tmp_p
     assert_identical(b["generator"], a["generator"], "generator")
     assert_identical(b["torch_rng"], a["torch_rng"], "torch_rng")
     # the selected (best val_map) epoch's weights survive the resume, and so does what they report
-    assert b["selected_epoch"] == a["selected_epoch"] == straight.summary["best_epoch"]
+    assert b["selected_epoch"] == a["selected_epoch"] == straight.summary["best/epoch"]
     assert_identical(b["selected_model"], a["selected_model"], "selected_model")
-    held_out = [k for k in straight.summary if k.startswith(("selected_", "chance_", "val_map_"))]
+    held_out = [k for k in straight.summary if k.startswith(("best/selected_", "chance/", "val/map_"))]
     assert_identical({k: resumed.summary[k] for k in held_out}, {k: straight.summary[k] for k in held_out})
     assert_identical(resumed.per_class_ap, straight.per_class_ap, "per_class_ap")
 
@@ -124,7 +124,7 @@ def test_fit_resumed_after_epoch_1_is_bit_identical_to_uninterrupted(data, tmp_p
 # --- 2. harness run, SIGKILLed mid-run and resumed, vs an uninterrupted harness run ------------------------------
 
 EPOCHS = 3
-COMPARED_METRICS = ("val_map", "val_loss", "train_loss", "lr")
+COMPARED_METRICS = ("val/map", "val/loss", "train/loss", "train/lr")
 
 
 def resume_ablation(tmp_path: Path) -> Path:
@@ -218,8 +218,8 @@ def test_harness_run_sigkilled_and_resumed_is_bit_identical_to_uninterrupted(tmp
     assert "harness.resumed_from_epoch" not in ref.data.tags
 
     got, want = metric_histories(client, resumed.info.run_id), metric_histories(ref_client, ref.info.run_id)
-    assert [step for step, _ in want["val_map"]] == list(range(1, EPOCHS + 1))
-    lrs = [lr for _, lr in want["lr"]]
+    assert [step for step, _ in want["val/map"]] == list(range(1, EPOCHS + 1))
+    lrs = [lr for _, lr in want["train/lr"]]
     assert lrs == sorted(set(lrs), reverse=True), f"the cosine schedule does not decay: {lrs}"
     assert got == want, f"per-epoch metrics differ after resuming from epoch {killed_at}"
 

@@ -29,7 +29,7 @@ def config(**train) -> RunConfig:
 def test_bf16_autocast_and_channels_last_train(data):
     result = fit(config(amp="bf16", channels_last=True), data, lr=3e-3, device=torch.device("cpu"))
     (record,) = result.history
-    assert math.isfinite(record["train_loss"]) and 0 <= record["val_map"] <= 1
+    assert math.isfinite(record["train/loss"]) and 0 <= record["val/map"] <= 1
 
 
 def test_resume_continues_from_the_checkpoint(data, tmp_path):

@@ -139,7 +139,7 @@ def robustness(
             rows.append({
                 "family": family, "magnitude": magnitude, "index": index,
                 "identity": is_identity(family, magnitude),
-                "loss": metrics["val_loss"], **{m: metrics[f"val_{m}"] for m in METRICS},
+                "loss": metrics[names.VAL_LOSS], **{m: metrics[names.val_of(m)] for m in METRICS},
             })
             done += 1
             if callable(progress):

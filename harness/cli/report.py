@@ -11,10 +11,10 @@ import typer
 from rich.table import Table
 
 from harness.bench import machine_description
-from harness.cli.app import TrackingUriOption, app, bench_app, console
+from harness.cli.app import TrackingUriOption, app, bench_app, console, err_console
 from harness.errors import HarnessError
 from harness.report.bench import bench_report
-from harness.report.data import load_ablations
+from harness.report.data import AblationData, load_ablations
 from harness.report.render import (
     comparison_csv,
     comparison_markdown,
@@ -22,7 +22,9 @@ from harness.report.render import (
     write_html_reports,
     write_text_atomic,
 )
-from harness.tracking.query import open_store
+from harness.tracking.names import report_artifact
+from harness.tracking.query import Store, open_store
+from harness.tracking.reports import attach_report
 
 FORMATS = ("html", "md", "csv")
 
@@ -50,6 +52,9 @@ def report(
         str | None,
         typer.Option("--baseline", help="variant to compare against (default: the experiment's harness.baseline)"),
     ] = None,
+    attach: Annotated[
+        bool, typer.Option("--attach/--no-attach", help="html: log each page on its ablation's parent runs")
+    ] = True,
 ) -> None:
     """Report on ablation runs stored in MLflow: one offline HTML page per ablation, or the comparison table."""
     if fmt not in FORMATS:
@@ -75,12 +80,17 @@ def report(
         if out == "-":
             sys.stdout.write(html)
             sys.stdout.flush()
-            return
-        path = Path(out)
-        write_text_atomic(path, html, "HTML report")
-        console.print(f"wrote {path}", highlight=False)
+        else:
+            path = Path(out)
+            write_text_atomic(path, html, "HTML report")
+            console.print(f"wrote {path}", highlight=False)
+        if attach:
+            _attach(store, datas[0], html, quiet=out == "-")
         return
     paths = write_html_reports(datas, Path(out or "reports"))
+    pages = paths[1:] if len(datas) > 1 else paths  # the index comes first when there are several
+    for data, page in zip(datas, pages, strict=True) if attach else ():
+        _attach(store, data, page.read_text(encoding="utf-8"))
     for data in datas:
         n = data.runs["state"].value_counts() if not data.runs.empty else {}
         console.print(
@@ -91,6 +101,16 @@ def report(
         )
     for path in paths:
         console.print(f"wrote {path}", highlight=False, markup=False)
+
+
+def _attach(store: Store, data: AblationData, html: str, quiet: bool = False) -> None:
+    """Log the page on the ablation's parent runs; a store that refuses it is reported, the page stands."""
+    attached, failure = attach_report(store, data.experiment_id, data.name, html)
+    if failure:
+        err_console.print(f"[yellow]{data.name}: report not logged on every parent run:[/] {failure}", highlight=False)
+    elif attached and not quiet:
+        console.print(f"{data.name}: logged on {attached} parent run(s) as {report_artifact(data.name)}",
+                      highlight=False, markup=False)
 
 
 def _check_out(out: str | None, fmt: str, one_file: bool) -> None:

@@ -21,6 +21,7 @@ from harness.errors import HarnessError
 from harness.models import MODELS, build_network, deformable_names, measure_cost, pretrained_file
 from harness.planning import MAX_RUNS, PlannedRun, expand, load_ablation, parse_set, select, shard
 from harness.runner import RunnerEvents, RunnerOptions, RunOutcome, run_ablation
+from harness.tracking import names as tracking_names
 
 SetOption = Annotated[
     list[str] | None,
@@ -148,8 +149,9 @@ class RichEvents(RunnerEvents):
     def epoch(self, run: PlannedRun, epoch: int, record: dict[str, float]) -> None:
         self.progress.update(self.epoch_task, completed=epoch)
         self.progress.console.print(
-            f"  epoch {epoch:>3}: train_loss {record['train_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
-            f"mAP {record['val_map']:.4f}  F1 {record['val_micro_f1']:.4f}  {record['epoch_time_s']:.1f}s",
+            f"  epoch {epoch:>3}: train loss {record[tracking_names.TRAIN_LOSS]:.4f}  "
+            f"val loss {record[tracking_names.VAL_LOSS]:.4f}  mAP {record[tracking_names.VAL_MAP]:.4f}  "
+            f"F1 {record[tracking_names.VAL_MICRO_F1]:.4f}  {record[tracking_names.EPOCH_TIME]:.1f}s",
             highlight=False,
         )
 
@@ -175,8 +177,9 @@ def summary_table(outcomes: list[RunOutcome]) -> Table:
         table.add_row(
             o.run.variant + "".join(f" {k}={v}" for k, v in o.run.grid.items() if k != "seed"),
             str(o.run.config.seed), f"[{colours.get(o.status, 'white')}]{o.status}[/]",
-            fmt("best_val_map", ".4f"), fmt("best_val_micro_f1", ".4f"),
-            fmt("mean_epoch_time_s", ".2f"), fmt("mean_train_images_per_s", ".1f"),
+            fmt(tracking_names.best_of(tracking_names.VAL_MAP), ".4f"),
+            fmt(tracking_names.best_of(tracking_names.VAL_MICRO_F1), ".4f"),
+            fmt(tracking_names.MEAN_EPOCH_TIME, ".2f"), fmt(tracking_names.MEAN_TRAIN_IMAGES_PER_S, ".1f"),
         )
     return table
 

@@ -350,7 +350,8 @@ def study_tables(store: query.Store, experiment_id: str) -> tuple[pd.DataFrame, 
     raw_trials = query.search_runs(store, [experiment_id], role=tracking_names.TRIAL_ROLE)
     if raw_trials.empty:
         return studies, pd.DataFrame()
-    metric_of = dict(zip(studies["study"], studies["metric"], strict=True))
+    # the study's metric is spelled as search.objective.metric (val_map); its runs log val/map
+    metric_of = {s: tracking_names.logged_name(m) for s, m in zip(studies["study"], studies["metric"], strict=True)}
     maximize = dict(zip(studies["study"], studies["direction"] == "maximize", strict=True))
     keys = sorted(set(metric_of.values()))
     histories = query.metric_histories(store, list(raw_trials["run_id"]), keys)
@@ -402,7 +403,7 @@ def _logged(frame: pd.DataFrame, key: str) -> bool:
 
 
 def headline(data: AblationData) -> Headline:
-    """test_map when any finished run logged it, else final_val_map; never a best-on-val value."""
+    """test/map when any finished run logged it, else final/val/map; never a best-on-val value."""
     test = tracking_names.test_of(MAP)
     chance = tracking_names.chance_of(MAP), tracking_names.chance_of(MICRO_F1)
     if _logged(data.finished, test):

@@ -146,8 +146,8 @@ def accuracy_vs_cost(table: pd.DataFrame, colours: Mapping[str, str], baseline: 
             for variant, part in ok.sort_values("point_rank").groupby("variant", sort=False):
                 ax.plot(part[f"{x_key}_mean"], part[f"{y_key}_mean"], color=colours.get(variant, "#777777"),
                         lw=0.8, ls=":", alpha=0.7)
-        for g in ok.itertuples(index=False):
-            row = g._asdict()
+        # rows as dicts: metric keys hold "/", which itertuples cannot name
+        for g, row in zip(ok.itertuples(index=False), ok.to_dict("records"), strict=True):
             ax.errorbar(
                 row[f"{x_key}_mean"],
                 row[f"{y_key}_mean"],

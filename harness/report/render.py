@@ -243,6 +243,11 @@ def _period_text(data: AblationData) -> str:
     return f"{first.strftime(fmt)} → {last.strftime(fmt)} UTC" if last is not None else first.strftime(fmt)
 
 
+def _column(frame: pd.DataFrame, key: str) -> list[Any]:
+    """`frame[key]` as a list, Nones where the column is missing (metric names hold "/": no attributes)."""
+    return list(frame[key]) if key in frame else [None] * len(frame)
+
+
 def _time_text(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
         return ""
@@ -320,10 +325,10 @@ def ablation_view(data: AblationData, index_href: str | None = None, now: dateti
                 "group": r.group,
                 "seed": r.seed,
                 "started": _time_text(r.start_time),
-                "val_map": fmt_value(getattr(r, tracking_names.VAL_MAP, None), "score"),
+                "val_map": fmt_value(latest, "score"),
                 "run_id": r.run_id,
             }
-            for r in running.itertuples(index=False)
+            for r, latest in zip(running.itertuples(index=False), _column(running, tracking_names.VAL_MAP), strict=True)
         ],
     }
 

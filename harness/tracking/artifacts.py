@@ -106,6 +106,35 @@ def log_run_artifacts(run: ChildRun, trace_dir: Path | None, checkpoint: Path, l
         run.client.log_artifact(run.run_id, str(checkpoint), names.CHECKPOINT_ARTIFACT_DIR)
 
 
+class CheckpointUploads:
+    """The run's checkpoint uploaded every `every` epochs while it trains (as `train.log_checkpoint` says), so
+    a run whose machine and results directory are lost resumes elsewhere from the artifact (0: at the end only)."""
+
+    def __init__(self, run: ChildRun, checkpoint: Path, mode: str | bool, every: int) -> None:
+        self.run, self.checkpoint, self.mode, self.every = run, checkpoint, mode, every
+        self.uploaded = 0  # the last epoch whose checkpoint is an artifact
+
+    def after_epoch(self, epoch: int) -> None:
+        """Called after epoch `epoch`'s checkpoint is saved, before its metrics are logged: the artifact is
+        never behind the metrics, so a resume from it logs no epoch twice."""
+        if self.every > 0 and epoch % self.every == 0 and should_log_checkpoint(self.checkpoint, self.mode):
+            self.run.client.log_artifact(self.run.run_id, str(self.checkpoint), names.CHECKPOINT_ARTIFACT_DIR)
+            self.uploaded = epoch
+
+    def final_mode(self, last_epoch: int) -> str | bool:
+        """`train.log_checkpoint` for the upload after training: False when the last epoch is already there."""
+        return False if self.uploaded == last_epoch else self.mode
+
+
+def has_checkpoint_artifact(run: ChildRun) -> bool:
+    """Whether `run` logged a checkpoint artifact (a run to resume without its local checkpoint)."""
+    try:
+        listed = run.client.list_artifacts(run.run_id, names.CHECKPOINT_ARTIFACT_DIR)
+    except Exception:  # an artifact location this machine cannot read holds nothing for it
+        return False
+    return any(Path(a.path).name == CHECKPOINT_FILE for a in listed)
+
+
 # --- fetching artifacts back -------------------------------------------------------------------------------------
 
 
@@ -169,13 +198,14 @@ def fetch_checkpoint(run: ChildRun, local: Path, tracking_uri: str | None = None
 def comparison_csv(children: Iterable[Any]) -> str:
     """CSV of child runs (MLflow `Run`s): name, variant, seed, status, run id, then every step-0 metric."""
     runs = sorted(children, key=lambda r: r.info.run_name or "")
-    keys = sorted({k for r in runs for k in r.data.metrics
-                   if k not in PER_EPOCH_METRICS and not k.startswith(names.VAL_PREFIX)})
+    metrics_of = {r.info.run_id: names.with_logged_names(r.data.metrics) for r in runs}  # older runs: flat names
+    keys = sorted({k for metrics in metrics_of.values() for k in metrics
+                   if k not in PER_EPOCH_METRICS and not k.startswith((names.VAL_PREFIX, names.SYSTEM_PREFIX))})
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["run", "variant", "seed", "status", "run_id", *keys])
     for r in runs:
-        tags, metrics = r.data.tags, r.data.metrics
+        tags, metrics = r.data.tags, metrics_of[r.info.run_id]
         writer.writerow([r.info.run_name, tags.get(names.VARIANT, ""), tags.get(names.SEED, ""), r.info.status,
                          r.info.run_id, *(repr(metrics[k]) if k in metrics else "" for k in keys)])
     return out.getvalue()

@@ -6,6 +6,9 @@ with their meaning. A name changed here changes in both places at once.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+
 PREFIX = "harness."
 
 # --- run roles (tag ROLE) -----------------------------------------------------------------------------
@@ -88,50 +91,68 @@ STUDY_GRID = GRID
 STUDY_ENQUEUED = "harness.enqueued"
 
 # --- metrics --------------------------------------------------------------------------------------------
-# Per epoch (step = epoch): train_loss, every val_* metric of harness.metrics, and these costs.
-TRAIN_LOSS = "train_loss"
-VAL_LOSS = "val_loss"
-VAL_MAP = "val_map"
-EPOCH_TIME = "epoch_time_s"
-TRAIN_IMAGES_PER_S = "train_images_per_s"
-DATA_WAIT = "data_wait_s"
-LR = "lr"
-# the val metrics the report names; every harness.metrics name m is logged as val_of(m)
-VAL_MICRO_F1 = "val_micro_f1"
-VAL_MICRO_PRECISION = "val_micro_precision"
-VAL_MICRO_RECALL = "val_micro_recall"
-VAL_PREFIX = "val_"
-# Once per run (step 0): best_<val metric>, final_<val metric>, and these.
-BEST_EPOCH = "best_epoch"
-MEAN_EPOCH_TIME = "mean_epoch_time_s"
-MEAN_TRAIN_IMAGES_PER_S = "mean_train_images_per_s"
-TOTAL_DATA_WAIT = "total_data_wait_s"
-PEAK_RSS_MB = "peak_rss_mb"
-PEAK_CUDA_MB = "peak_cuda_mb"
-PARAMS = "params"
-FLOPS_PER_IMAGE = "flops_per_image"
-PROFILE_DEFORM_SHARE = "profile_deform_share"
-PROFILE_STEP_MS = "profile_step_ms"
-LR_USED = "lr_used"
-TRAIN_IMAGES = "train_images"
-VAL_IMAGES = "val_images"
-SKIPPED_IMAGES = "skipped_images"
-# Held-out evaluation at the selected epoch (the best val_map epoch), step 0: test_<m> for every
-# harness.metrics name m on data.test_size's subset; ood_<m> on the synthetic task's out-of-distribution
-# set; <prefix>map_<size> per dominant-object size; chance_<m>: the label-prior baseline (each class
+# Grouped by the prefix before the first "/", the way the MLflow UI groups its charts: train/ (loss,
+# rate), val/, test/, ood/, chance/ (one harness.metrics name each), best/ and final/ (a per-epoch
+# metric's best and last value), cost/ (time, memory, size), data/ (set sizes), tune/ (Optuna), and
+# harness eval's robust/, offset/, erf/; MLflow's own system metrics are system/.
+TRAIN_PREFIX, VAL_PREFIX, TEST_PREFIX, OOD_PREFIX, CHANCE_PREFIX = "train/", "val/", "test/", "ood/", "chance/"
+BEST_PREFIX, FINAL_PREFIX, COST_PREFIX, DATA_PREFIX, TUNE_PREFIX = "best/", "final/", "cost/", "data/", "tune/"
+SYSTEM_PREFIX = "system/"  # MLflow's system metrics (train.system_metrics)
+# Per epoch (step = epoch): train/loss, val/<m> for every harness.metrics name m, and these.
+TRAIN_LOSS = "train/loss"
+LR = "train/lr"
+VAL_LOSS = "val/loss"
+VAL_MAP = "val/map"
+VAL_MICRO_F1 = "val/micro_f1"
+VAL_MICRO_PRECISION = "val/micro_precision"
+VAL_MICRO_RECALL = "val/micro_recall"
+EPOCH_TIME = "cost/epoch_time_s"
+TRAIN_IMAGES_PER_S = "cost/train_images_per_s"
+DATA_WAIT = "cost/data_wait_s"
+# Once per run (step 0): best/<val metric>, final/<val metric>, and these.
+BEST_EPOCH = "best/epoch"
+MEAN_EPOCH_TIME = "cost/mean_epoch_time_s"
+MEAN_TRAIN_IMAGES_PER_S = "cost/mean_train_images_per_s"
+TOTAL_DATA_WAIT = "cost/total_data_wait_s"
+PEAK_RSS_MB = "cost/peak_rss_mb"
+PEAK_CUDA_MB = "cost/peak_cuda_mb"
+PARAMS = "cost/params"
+FLOPS_PER_IMAGE = "cost/flops_per_image"
+PROFILE_DEFORM_SHARE = "cost/profile_deform_share"
+PROFILE_STEP_MS = "cost/profile_step_ms"
+LR_USED = "train/lr_used"
+TRAIN_IMAGES = "data/train_images"
+VAL_IMAGES = "data/val_images"
+SKIPPED_IMAGES = "data/skipped_images"
+# Held-out evaluation at the selected epoch (the best val/map epoch), step 0: test/<m> for every
+# harness.metrics name m on data.test_size's subset; ood/<m> on the synthetic task's out-of-distribution
+# set; <prefix>map_<size> per dominant-object size; chance/<m>: the label-prior baseline (each class
 # scored by its training frequency) on the headline set (test when there is one, else val).
-SELECTED_EPOCH = "selected_epoch"
-TEST_PREFIX = "test_"
-OOD_PREFIX = "ood_"
-CHANCE_PREFIX = "chance_"
+SELECTED_EPOCH = "best/selected_epoch"
 OBJECT_SIZES = ("small", "medium", "large")  # COCO areas: < 32², < 96², larger (of the image's largest object)
-TEST_IMAGES = "test_images"
-OOD_IMAGES = "ood_images"
-OBJECTIVE = "objective"  # a trial's score
-STUDY_BEST_VALUE = "best_value"  # on a study's run, step = trial number
+TEST_IMAGES = "data/test_images"
+OOD_IMAGES = "data/ood_images"
+OBJECTIVE = "tune/objective"  # a trial's score
+STUDY_BEST_VALUE = "tune/best_value"  # on a study's run, step = trial number
 # harness eval (step 0): robust/…, offset/…, erf/…
 ANALYSIS_METRIC_PREFIXES = ("robust/", "offset/", "erf/")
 ROBUST_PREFIX, OFFSET_PREFIX, ERF_PREFIX = ANALYSIS_METRIC_PREFIXES
+
+# The flat names stores written before the prefixes hold (val_map, best_val_map, test_map, lr, …). The
+# search objective (search.objective.metric) keeps this spelling too: logged_name maps it.
+_LEGACY = {
+    TRAIN_LOSS: "train_loss", LR: "lr", EPOCH_TIME: "epoch_time_s", TRAIN_IMAGES_PER_S: "train_images_per_s",
+    DATA_WAIT: "data_wait_s", BEST_EPOCH: "best_epoch", MEAN_EPOCH_TIME: "mean_epoch_time_s",
+    MEAN_TRAIN_IMAGES_PER_S: "mean_train_images_per_s", TOTAL_DATA_WAIT: "total_data_wait_s",
+    PEAK_RSS_MB: "peak_rss_mb", PEAK_CUDA_MB: "peak_cuda_mb", PARAMS: "params", FLOPS_PER_IMAGE: "flops_per_image",
+    PROFILE_DEFORM_SHARE: "profile_deform_share", PROFILE_STEP_MS: "profile_step_ms", LR_USED: "lr_used",
+    TRAIN_IMAGES: "train_images", VAL_IMAGES: "val_images", SKIPPED_IMAGES: "skipped_images",
+    SELECTED_EPOCH: "selected_epoch", TEST_IMAGES: "test_images", OOD_IMAGES: "ood_images",
+    OBJECTIVE: "objective", STUDY_BEST_VALUE: "best_value",
+}
+_CURRENT = {old: new for new, old in _LEGACY.items()}
+_LEGACY_WRAPPERS = ((BEST_PREFIX, "best_"), (FINAL_PREFIX, "final_"))  # around a whole metric name
+_LEGACY_GROUPS = ((VAL_PREFIX, "val_"), (TEST_PREFIX, "test_"), (OOD_PREFIX, "ood_"), (CHANCE_PREFIX, "chance_"))
 
 # --- artifacts ------------------------------------------------------------------------------------------
 CONFIG_ARTIFACT = "config.yaml"
@@ -152,38 +173,74 @@ ANALYSIS_ERF_PLOT = "erf.png"
 
 
 def best_of(metric: str) -> str:
-    """The run-level metric holding `metric`'s best epoch value, e.g. best_val_map."""
-    return f"best_{metric}"
+    """The run-level metric holding `metric`'s best epoch value, e.g. best/val/map."""
+    return f"{BEST_PREFIX}{metric}"
 
 
 def final_of(metric: str) -> str:
-    """The run-level metric holding `metric`'s last epoch value, e.g. final_val_map."""
-    return f"final_{metric}"
+    """The run-level metric holding `metric`'s last epoch value, e.g. final/val/map."""
+    return f"{FINAL_PREFIX}{metric}"
 
 
 def val_of(metric: str) -> str:
-    """The per-epoch metric of a `harness.metrics` name, e.g. val_map for map."""
+    """The per-epoch metric of a `harness.metrics` name, e.g. val/map for map."""
     return f"{VAL_PREFIX}{metric}"
 
 
 def test_of(metric: str) -> str:
-    """The held-out metric of a `harness.metrics` name at the selected epoch, e.g. test_map."""
+    """The held-out metric of a `harness.metrics` name at the selected epoch, e.g. test/map."""
     return f"{TEST_PREFIX}{metric}"
 
 
 def ood_of(metric: str) -> str:
-    """The out-of-distribution metric of a `harness.metrics` name at the selected epoch, e.g. ood_map."""
+    """The out-of-distribution metric of a `harness.metrics` name at the selected epoch, e.g. ood/map."""
     return f"{OOD_PREFIX}{metric}"
 
 
 def chance_of(metric: str) -> str:
-    """The label-prior baseline's value of a `harness.metrics` name, e.g. chance_map."""
+    """The label-prior baseline's value of a `harness.metrics` name, e.g. chance/map."""
     return f"{CHANCE_PREFIX}{metric}"
 
 
 def by_size(metric: str, size: str) -> str:
-    """`metric` on the images whose largest object is of `size` (OBJECT_SIZES), e.g. test_map_small."""
+    """`metric` on the images whose largest object is of `size` (OBJECT_SIZES), e.g. test/map_small."""
     return f"{metric}_{size}"
+
+
+def legacy_name(name: str) -> str:
+    """The flat name a store written before the prefixes holds for metric `name` (best/val/map:
+    best_val_map), so readers find old runs; a name that never had another spelling comes back as is."""
+    if name in _LEGACY:
+        return _LEGACY[name]
+    for new, old in _LEGACY_WRAPPERS:
+        if name.startswith(new):
+            return old + legacy_name(name.removeprefix(new))
+    for new, old in _LEGACY_GROUPS:
+        if name.startswith(new):
+            return old + name.removeprefix(new)
+    return name
+
+
+def logged_name(name: str) -> str:
+    """The metric the harness logs now for a flat name (val_map: val/map); the inverse of `legacy_name`.
+    Maps the search objective's spelling and old stores' keys; a current name comes back as is."""
+    if name in _CURRENT:
+        return _CURRENT[name]
+    for new, old in _LEGACY_WRAPPERS:
+        if name.startswith(old):
+            return new + logged_name(name.removeprefix(old))
+    for new, old in _LEGACY_GROUPS:
+        if name.startswith(old):
+            return new + name.removeprefix(old)
+    return name
+
+
+def with_logged_names(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A run's metrics keyed by their current names: an old store's flat keys renamed, and where a run
+    holds both spellings the current one wins."""
+    out = {logged_name(k): v for k, v in metrics.items() if logged_name(k) not in metrics}
+    out.update({k: v for k, v in metrics.items() if logged_name(k) == k})
+    return out
 
 
 def analysis_artifact(name: str) -> str:
@@ -206,3 +263,10 @@ GIT_DIRTY = "harness.git_dirty"  # "true" when the working tree had uncommitted 
 TRACE_ARTIFACT_DIR = "profile/trace"  # the gzipped Chrome trace(s) of the profiling window
 CHECKPOINT_ARTIFACT_DIR = "checkpoint"  # the last checkpoint, CHECKPOINT_ARTIFACT_DIR/last.pt
 COMPARISON_ARTIFACT = "comparison.csv"  # on a parent run: one row per child, its step-0 metrics
+REPORT_ARTIFACT_DIR = "report"  # on a parent run: the ablation's rendered HTML report, report/<ablation>.html
+
+
+def report_artifact(ablation: str) -> str:
+    """The artifact path of an ablation's HTML report on its parent runs, e.g. report/quickstart.html (a
+    name's characters other than letters, digits, '.', '_' and '-' become '_')."""
+    return f"{REPORT_ARTIFACT_DIR}/{re.sub(r'[^A-Za-z0-9._-]', '_', ablation)}.html"

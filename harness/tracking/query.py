@@ -121,7 +121,8 @@ def search_runs(store: Store, experiment_ids: Sequence[str], role: str | None = 
     """Runs of `experiment_ids` as one row each, like `mlflow.search_runs(output_format="pandas")`.
 
     Columns: run_id, experiment_id, run_name, status, start_time, end_time (UTC timestamps),
-    artifact_uri, then `metrics.<key>` (latest value), `params.<key>`, `tags.<key>`.
+    artifact_uri, then `metrics.<key>` (latest value; an older store's flat names under their current
+    names, `names.with_logged_names`), `params.<key>`, `tags.<key>`.
     `role` filters on the `harness.role` tag (None: every run).
     """
     if not experiment_ids:
@@ -144,7 +145,7 @@ def search_runs(store: Store, experiment_ids: Sequence[str], role: str | None = 
                 "end_time": _ms_to_time(info.end_time),
                 "artifact_uri": info.artifact_uri,
             }
-            row.update({f"metrics.{k}": v for k, v in data.metrics.items()})
+            row.update({f"metrics.{k}": v for k, v in names.with_logged_names(data.metrics).items()})
             row.update({f"params.{k}": v for k, v in data.params.items()})
             row.update({f"tags.{k}": v for k, v in data.tags.items()})
             rows.append(row)
@@ -162,12 +163,28 @@ def metric_histories(store: Store, run_ids: Sequence[str], keys: Iterable[str]) 
 
     Reads in bulk where the store allows (one query per key for a sqlite/SQL store) and otherwise
     fetches run by run in a thread pool. When a step was logged twice (a resumed run), the later
-    value wins. Sorted by run_id, key, step.
+    value wins. Sorted by run_id, key, step. A run of an older store answers under its flat name
+    (`names.legacy_name`), reported as the key asked for.
     """
     run_ids = list(dict.fromkeys(run_ids))
-    keys = list(dict.fromkeys(keys))
-    if not run_ids or not keys:
+    asked = {k: k for k in dict.fromkeys(keys)}
+    if not run_ids or not asked:
         return pd.DataFrame(columns=_HISTORY_COLUMNS)
+    asked.update({names.legacy_name(k): k for k in list(asked) if names.legacy_name(k) not in asked})
+    frame = _histories(store, run_ids, list(asked))
+    if frame.empty:
+        return frame
+    current = frame["key"].map(asked)
+    logged_now = set(zip(frame["run_id"][frame["key"] == current], current[frame["key"] == current], strict=True))
+    keep = [k == c or (r, c) not in logged_now for r, k, c in zip(frame["run_id"], frame["key"], current, strict=True)]
+    frame = frame.assign(key=current)[keep]
+    frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
+    frame = frame.drop_duplicates(["run_id", "key", "step"], keep="last")
+    return frame.reset_index(drop=True)
+
+
+def _histories(store: Store, run_ids: list[str], keys: list[str]) -> pd.DataFrame:
+    """Every logged value of `keys` for `run_ids`, as stored (bulk where the backend allows)."""
     backend = getattr(getattr(store.client, "_tracking_client", None), "store", None)
     bulk = getattr(backend, "get_metric_history_bulk", None)
     records: list[tuple[str, str, int, float, int]] = []
@@ -187,12 +204,7 @@ def metric_histories(store: Store, run_ids: Sequence[str], keys: Iterable[str]) 
         with ThreadPoolExecutor(max_workers=8) as pool:
             for chunk in pool.map(one, pairs):
                 records.extend(chunk)
-    frame = pd.DataFrame.from_records(records, columns=_HISTORY_COLUMNS)
-    if frame.empty:
-        return frame
-    frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
-    frame = frame.drop_duplicates(["run_id", "key", "step"], keep="last")
-    return frame.reset_index(drop=True)
+    return pd.DataFrame.from_records(records, columns=_HISTORY_COLUMNS)
 
 
 # ------------------------------------------------------------------------------------------- artifacts

@@ -23,6 +23,7 @@ from harness.errors import HarnessError, one_line
 from harness.tracking import names
 from harness.tracking.locks import StorageLock
 from harness.tracking.names import CHILD, PARENT, ROLE, STUDY_ROLE, TRIAL_ROLE
+from harness.tracking.retry import RetryingClient
 from harness.tracking.uri import check_store, resolve_uri, sqlite_path
 
 
@@ -30,7 +31,7 @@ def _client(uri: str) -> Any:
     settings.apply_mlflow_defaults()
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return RetryingClient(MlflowClient(tracking_uri=uri), uri)  # waits out a restarted tracking server
 
 
 def _artifact_root(uri: str) -> str | None:

@@ -218,7 +218,7 @@ def _run_trial(context: StudyContext, study: optuna.Study, trial: optuna.Trial) 
 
     def on_epoch(epoch: int, record: dict[str, float]) -> None:
         child.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        value = float(record[objective.metric])
+        value = float(record[names.logged_name(objective.metric)])
         values.append(value)
         if math.isfinite(value):
             trial.report(value, epoch)

@@ -28,8 +28,8 @@ def test_eval_logs_robustness_offsets_sampling_erf(trained):
         assert json.loads(run.data.tags["harness.analysis"])["parts"] == ["robustness", "offsets", "sampling", "erf"]
         # the identity magnitude is the plain val set: the same number fit's last evaluation logged
         for family, ident in (("rotation", "0"), ("scale", "1"), ("stretch", "1"), ("shear", "0")):
-            assert m[f"robust/{family}/{ident}/map"] == m["final_val_map"], (variant, family)
-            assert m[f"robust/{family}/{ident}/micro_f1"] == m["final_val_micro_f1"]
+            assert m[f"robust/{family}/{ident}/map"] == m["final/val/map"], (variant, family)
+            assert m[f"robust/{family}/{ident}/micro_f1"] == m["final/val/micro_f1"]
         for mag in ("15", "30", "45", "60", "90"):
             assert 0.0 <= m[f"robust/rotation/{mag}/map"] <= 1.0
         assert "robust/scale/0.5/map" in m and "robust/rotation/mean_map_drop" in m
@@ -114,6 +114,6 @@ def test_post_training_hook_runs_only_when_asked(tmp_path, synth_root, monkeypat
     m = runs["deform"].data.metrics
     assert runs["deform"].info.status == "FINISHED"
     assert "harness.analysis_failure" not in runs["deform"].data.tags
-    assert m["robust/rotation/0/map"] == m["final_val_map"]
+    assert m["robust/rotation/0/map"] == m["final/val/map"]
     assert "offset/conv0/eff_dilation" in m and "erf/rms_radius_px" in m
     assert Path(tmp_path / "r").is_dir()

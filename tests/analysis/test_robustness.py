@@ -45,14 +45,14 @@ def test_identity_transform_reproduces_evaluate_exactly(model_and_loader):
     identity = frame[frame["identity"]]
     assert sorted(identity["family"]) == sorted(families)
     for row in identity.itertuples():
-        assert row.map == plain["val_map"] and row.micro_f1 == plain["val_micro_f1"]
-        assert row.macro_f1 == plain["val_macro_f1"] and row.loss == plain["val_loss"]
+        assert row.map == plain["val/map"] and row.micro_f1 == plain["val/micro_f1"]
+        assert row.macro_f1 == plain["val/macro_f1"] and row.loss == plain["val/loss"]
         assert row.rel_map == 1.0
     rotated = frame[(frame["family"] == "rotation") & (frame["magnitude"] == 30)].iloc[0]
-    assert rotated["map"] != plain["val_map"]
+    assert rotated["map"] != plain["val/map"]
     metrics = robustness_metrics(frame)
-    assert metrics["robust/rotation/0/map"] == plain["val_map"]
-    assert metrics["robust/rotation/mean_map_drop"] == pytest.approx(1 - rotated["map"] / plain["val_map"])
+    assert metrics["robust/rotation/0/map"] == plain["val/map"]
+    assert metrics["robust/rotation/mean_map_drop"] == pytest.approx(1 - rotated["map"] / plain["val/map"])
     assert all(MLFLOW_KEY.match(k) for k in metrics)
 
 

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
+from harness.tracking import names
 
 USER_NET = textwrap.dedent("""
     import torch.nn.functional as F
@@ -64,7 +65,7 @@ def test_resnet18_c3_c5_trains_one_epoch_and_evaluates(coco_mini_root: Path, tmp
     assert main(["eval", "resnet_e2e", "--erf-images", "4", "--sampling-images", "1", "--only",
                  "offsets,sampling,erf", *args]) == 0
     metrics = _metrics(f"sqlite:///{tmp_path}/mlflow.db", "resnet_e2e")
-    assert metrics["c3-c5"]["params"] > metrics["plain"]["params"] > 11e6
+    assert metrics["c3-c5"][names.PARAMS] > metrics["plain"][names.PARAMS] > 11e6
     deform = metrics["c3-c5"]
     assert "offset/conv5/mean_abs" in deform and "offset/conv19/mean_abs" in deform  # layer2.0.conv1, layer4.1.conv2
     assert "offset/conv7/mean_abs" not in deform  # layer2.0.downsample.0 stays a 1×1 conv

@@ -27,8 +27,8 @@ import pytest
 
 T0 = 1_750_000_000_000  # ms
 VAL_METRICS = (
-    "val_loss", "val_map", "val_micro_precision", "val_micro_recall", "val_micro_f1", "val_macro_precision",
-    "val_macro_recall", "val_macro_f1", "val_cp", "val_cr", "val_cf1", "val_op", "val_or", "val_of1",
+    "val/loss", "val/map", "val/micro_precision", "val/micro_recall", "val/micro_f1", "val/macro_precision",
+    "val/macro_recall", "val/macro_f1", "val/cp", "val/cr", "val/cf1", "val/op", "val/or", "val/of1",
 )
 ENV = {
     "harness.git_commit": "0123456789abcdef0123456789abcdef01234567",
@@ -63,31 +63,31 @@ def child_values(spec: ChildSpec) -> dict[str, Any]:
     ramp = 1 - np.exp(-epochs / 2)
     hist: dict[str, list[float]] = {}
     val_map = spec.quality * ramp + rng.normal(0, 0.01, spec.epochs)
-    hist["val_map"] = list(val_map)
-    hist["train_loss"] = list(0.7 * np.exp(-epochs / 3) + 0.1 + rng.normal(0, 0.005, spec.epochs))
-    hist["val_loss"] = list(0.75 * np.exp(-epochs / 3) + 0.15 - 0.1 * spec.quality + rng.normal(0, 0.01, spec.epochs))
+    hist["val/map"] = list(val_map)
+    hist["train/loss"] = list(0.7 * np.exp(-epochs / 3) + 0.1 + rng.normal(0, 0.005, spec.epochs))
+    hist["val/loss"] = list(0.75 * np.exp(-epochs / 3) + 0.15 - 0.1 * spec.quality + rng.normal(0, 0.01, spec.epochs))
     for name in VAL_METRICS:
         if name not in hist:
             hist[name] = list(np.clip(val_map + rng.normal(0, 0.02, spec.epochs) + 0.05, 0, 1))
-    hist["epoch_time_s"] = list(spec.cost * (1 + rng.normal(0, 0.03, spec.epochs)))
+    hist["cost/epoch_time_s"] = list(spec.cost * (1 + rng.normal(0, 0.03, spec.epochs)))
     n_train = spec.grid.get("data.train_size", 500)
-    hist["train_images_per_s"] = [n_train / t for t in hist["epoch_time_s"]]
-    hist["data_wait_s"] = list(0.05 * np.ones(spec.epochs))
-    hist["lr"] = list(0.01 * np.ones(spec.epochs))
+    hist["cost/train_images_per_s"] = [n_train / t for t in hist["cost/epoch_time_s"]]
+    hist["cost/data_wait_s"] = list(0.05 * np.ones(spec.epochs))
+    hist["train/lr"] = list(0.01 * np.ones(spec.epochs))
     final: dict[str, float] = {}
     for name in VAL_METRICS:
         arr = np.asarray(hist[name])
-        final[f"best_{name}"] = float(arr.min() if name == "val_loss" else arr.max())
-        final[f"final_{name}"] = float(arr[-1])
-    final["best_epoch"] = float(int(np.argmax(hist["val_map"])) + 1)
-    final["mean_epoch_time_s"] = float(np.mean(hist["epoch_time_s"]))
-    final["mean_train_images_per_s"] = float(np.mean(hist["train_images_per_s"]))
-    final["total_data_wait_s"] = float(np.sum(hist["data_wait_s"]))
-    final["peak_rss_mb"] = float(900 + 100 * spec.cost + rng.integers(0, 20))
-    final["params"] = float(1_200_000 + 50_000 * spec.cost)
-    final["flops_per_image"] = float(3.1e8 * spec.cost)
-    final["profile_deform_share"] = spec.deform_share
-    final["profile_step_ms"] = 40.0 * spec.cost
+        final[f"best/{name}"] = float(arr.min() if name == "val/loss" else arr.max())
+        final[f"final/{name}"] = float(arr[-1])
+    final["best/epoch"] = float(int(np.argmax(hist["val/map"])) + 1)
+    final["cost/mean_epoch_time_s"] = float(np.mean(hist["cost/epoch_time_s"]))
+    final["cost/mean_train_images_per_s"] = float(np.mean(hist["cost/train_images_per_s"]))
+    final["cost/total_data_wait_s"] = float(np.sum(hist["cost/data_wait_s"]))
+    final["cost/peak_rss_mb"] = float(900 + 100 * spec.cost + rng.integers(0, 20))
+    final["cost/params"] = float(1_200_000 + 50_000 * spec.cost)
+    final["cost/flops_per_image"] = float(3.1e8 * spec.cost)
+    final["cost/profile_deform_share"] = spec.deform_share
+    final["cost/profile_step_ms"] = 40.0 * spec.cost
     return {"history": hist, "final": final}
 
 
@@ -110,6 +110,19 @@ def group_name(spec: ChildSpec) -> str:
     return " · ".join([spec.variant, *(f"{k}={v}" for k, v in spec.grid.items())])
 
 
+def flat_name(key: str) -> str:
+    """The name a store written before the metric prefixes holds (best/val/map: best_val_map; cost/params: params)."""
+    fixed = {"train/loss": "train_loss", "train/lr": "lr", "best/epoch": "best_epoch"}
+    if key in fixed:
+        return fixed[key]
+    head, _, rest = key.partition("/")
+    if head in ("best", "final"):
+        return f"{head}_{flat_name(rest)}"
+    if head in ("val", "test", "ood", "chance"):
+        return f"{head}_{rest}"
+    return rest
+
+
 def write_ablation(
     uri: str,
     artifact_root: Path,
@@ -117,8 +130,12 @@ def write_ablation(
     description: str,
     baseline: str | None,
     children: list[ChildSpec],
+    flat: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Write one ablation (experiment) the way the runner does; return {run_name: {values, spec, run_id}}."""
+    """Write one ablation (experiment) the way the runner does; return {run_name: {values, spec, run_id}}.
+
+    `flat`: metrics under the names stores held before the prefixes (`flat_name`), as an old store has them.
+    """
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
@@ -149,11 +166,13 @@ def write_ablation(
         rid = run.info.run_id
         values = child_values(spec)
         logged = spec.epochs if spec.status == "FINISHED" else 2
+        key_of = flat_name if flat else str
         metrics = [
-            Metric(key, float(vals[i]), T0 + i, i + 1) for key, vals in values["history"].items() for i in range(logged)
+            Metric(key_of(key), float(vals[i]), T0 + i, i + 1)
+            for key, vals in values["history"].items() for i in range(logged)
         ]
         if spec.status == "FINISHED":
-            metrics += [Metric(k, v, T0 + 100, 0) for k, v in values["final"].items()]
+            metrics += [Metric(key_of(k), v, T0 + 100, 0) for k, v in values["final"].items()]
         params = {"model.deform_layers": spec.variant, "train.lr": "0.01", "train.epochs": str(spec.epochs),
                   "seed": str(spec.seed), **{k: str(v) for k, v in spec.grid.items()}}
         client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
@@ -237,5 +256,5 @@ def report_store(tmp_path_factory: pytest.TempPathFactory) -> ReportStore:
     from mlflow.entities import Metric
 
     resumed = written["no_baseline"]["solo/seed=1"]
-    MlflowClient(tracking_uri=uri).log_batch(resumed["run_id"], metrics=[Metric("val_map", 0.999, T0 + 10_000, 5)])
+    MlflowClient(tracking_uri=uri).log_batch(resumed["run_id"], metrics=[Metric("val/map", 0.999, T0 + 10_000, 5)])
     return ReportStore(uri=uri, root=root, written=written, empty_uri=f"sqlite:///{root}/empty.db")

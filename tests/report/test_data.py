@@ -61,7 +61,8 @@ def test_group_means_and_std_match_written_values(placement, report_store: Repor
             runs = _finished(report_store, variant, size)
             row = table.loc[f"{variant} · data.train_size={size}"]
             assert row["n_finished"] == len(runs)
-            for key in ("best_val_map", "final_val_micro_f1", "final_val_loss", "mean_epoch_time_s", "peak_rss_mb"):
+            for key in ("best/val/map", "final/val/micro_f1", "final/val/loss", "cost/mean_epoch_time_s",
+                        "cost/peak_rss_mb"):
                 vals = [v["final"][key] for v in runs.values()]
                 assert row[f"{key}_mean"] == pytest.approx(statistics.mean(vals)), key
                 assert row[f"{key}_std"] == pytest.approx(statistics.stdev(vals)), key
@@ -76,9 +77,9 @@ def test_failed_and_running_runs_are_counted_not_averaged(placement, report_stor
     assert (busy["n_finished"], busy["n_failed"], busy["n_running"]) == (3, 0, 1)
     # the running run logged 2 epochs of val_map at a much higher level; the curve must not see them
     curves = curve_stats(placement)
-    step1 = curves[(curves.group == busy.name) & (curves.key == "val_map") & (curves.step == 1)].iloc[0]
+    step1 = curves[(curves.group == busy.name) & (curves.key == "val/map") & (curves.step == 1)].iloc[0]
     seeds = _finished(report_store, "deform_first2", 250)
-    expected = [v["history"]["val_map"][0] for v in seeds.values()]
+    expected = [v["history"]["val/map"][0] for v in seeds.values()]
     assert step1["n"] == 3
     assert step1["mean"] == pytest.approx(statistics.mean(expected))
     assert step1["std"] == pytest.approx(statistics.stdev(expected))
@@ -92,23 +93,23 @@ def test_delta_vs_baseline_at_same_grid_point(placement, report_store: ReportSto
         for variant in ("deform_first2", "deform_all"):
             runs = _finished(report_store, variant, size)
             seeds = sorted(set(runs) & set(base))
-            a = [runs[s]["final"]["final_val_map"] for s in seeds]
-            b = [base[s]["final"]["final_val_map"] for s in seeds]
+            a = [runs[s]["final"]["final/val/map"] for s in seeds]
+            b = [base[s]["final"]["final/val/map"] for s in seeds]
             ci = st.ttest_rel(a, b).confidence_interval(0.95)
             row = table.loc[f"{variant} · data.train_size={size}"]
-            assert row["delta_final_val_map_method"] == "paired t"
-            assert row["delta_final_val_map_n"] == len(seeds)
-            assert row["delta_final_val_map"] == pytest.approx(float(np.mean(np.subtract(a, b))))
-            assert row["delta_final_val_map_low"] == pytest.approx(ci.low)
-            assert row["delta_final_val_map_high"] == pytest.approx(ci.high)
-    assert table.loc["deform_all · data.train_size=1000", "delta_final_val_map_n"] == 2  # seed 3 failed
+            assert row["delta_final/val/map_method"] == "paired t"
+            assert row["delta_final/val/map_n"] == len(seeds)
+            assert row["delta_final/val/map"] == pytest.approx(float(np.mean(np.subtract(a, b))))
+            assert row["delta_final/val/map_low"] == pytest.approx(ci.low)
+            assert row["delta_final/val/map_high"] == pytest.approx(ci.high)
+    assert table.loc["deform_all · data.train_size=1000", "delta_final/val/map_n"] == 2  # seed 3 failed
 
 
 def test_baseline_delta_is_zero_centred(placement) -> None:
     table = group_stats(placement)
     base = table[table["is_baseline"]]
     assert list(base["variant"]) == ["conv", "conv"]
-    for col in ("delta_final_val_map", "delta_final_val_map_low", "delta_final_val_map_high"):
+    for col in ("delta_final/val/map", "delta_final/val/map_low", "delta_final/val/map_high"):
         assert list(base[col]) == [0.0, 0.0]
     # rows: grid point order, baseline first within each
     assert list(table["group"])[:3] == ["conv · data.train_size=250", "deform_all · data.train_size=250",
@@ -122,9 +123,9 @@ def test_baseline_override(report_store: ReportStore) -> None:
     table = group_stats(data).set_index("group")
     conv = _finished(report_store, "conv", 1000)
     dall = _finished(report_store, "deform_all", 1000)
-    diffs = [conv[s]["final"]["final_val_map"] - dall[s]["final"]["final_val_map"] for s in (1, 2)]
-    assert table.loc["conv · data.train_size=1000", "delta_final_val_map"] == pytest.approx(statistics.mean(diffs))
-    assert table.loc["deform_all · data.train_size=250", "delta_final_val_map"] == 0.0
+    diffs = [conv[s]["final"]["final/val/map"] - dall[s]["final"]["final/val/map"] for s in (1, 2)]
+    assert table.loc["conv · data.train_size=1000", "delta_final/val/map"] == pytest.approx(statistics.mean(diffs))
+    assert table.loc["deform_all · data.train_size=250", "delta_final/val/map"] == 0.0
     with pytest.raises(HarnessError, match="not a variant"):
         load_ablations(store, ["dcn_placement"], baseline="resnet")
 
@@ -134,8 +135,8 @@ def test_no_baseline_means_no_delta(report_store: ReportStore) -> None:
     assert data.baseline is None and data.grid_axes == []
     table = group_stats(data)
     assert list(table["group"]) == ["solo"]
-    assert math.isnan(table.loc[0, "delta_final_val_map"])
-    assert "delta_best_val_map" not in table  # the Δ is on the headline metric, never on best-on-val
+    assert math.isnan(table.loc[0, "delta_final/val/map"])
+    assert "delta_best/val/map" not in table  # the Δ is on the headline metric, never on best-on-val
 
 
 def test_unknown_and_empty(report_store: ReportStore) -> None:
@@ -151,20 +152,20 @@ def test_unknown_and_empty(report_store: ReportStore) -> None:
 def test_best_rows_per_grid_point(placement) -> None:
     table = group_stats(placement)
     cols = {c.key: c for c in table_columns(placement)}
-    best_map = best_rows(table, cols["best_val_map"])
+    best_map = best_rows(table, cols["best/val/map"])
     for rank, part in table.groupby("point_rank"):
-        winner = part["best_val_map_mean"].idxmax()
+        winner = part["best/val/map_mean"].idxmax()
         assert winner in best_map, rank
-    fastest = best_rows(table, cols["mean_epoch_time_s"])
+    fastest = best_rows(table, cols["cost/mean_epoch_time_s"])
     assert {table.loc[i, "variant"] for i in fastest} == {"conv"}  # lower is better
-    share = next(c for c in COST_COLUMNS if c.key == "profile_deform_share")
+    share = next(c for c in COST_COLUMNS if c.key == "cost/profile_deform_share")
     assert best_rows(table, share) == set()  # not a quality: never highlighted
 
 
 def test_table_columns_pick_one_memory_column(placement) -> None:
     keys = [c.key for c in table_columns(placement)]
-    assert "peak_rss_mb" in keys and "peak_cuda_mb" not in keys  # CPU runs: no peak_cuda_mb logged
-    assert keys[:2] == ["best_val_map", "final_val_map"]
+    assert "cost/peak_rss_mb" in keys and "cost/peak_cuda_mb" not in keys  # CPU runs: no peak_cuda_mb logged
+    assert keys[:2] == ["best/val/map", "final/val/map"]
 
 
 def test_op_summary_and_environment(placement) -> None:
@@ -184,7 +185,7 @@ def test_op_summary_and_environment(placement) -> None:
 def test_resumed_step_keeps_the_later_value(report_store: ReportStore) -> None:
     (data,) = load_ablations(query.open_store(report_store.uri), ["no_baseline"], with_artifacts=False)
     rid = report_store.written["no_baseline"]["solo/seed=1"]["run_id"]
-    hist = data.histories[(data.histories.run_id == rid) & (data.histories.key == "val_map")]
+    hist = data.histories[(data.histories.run_id == rid) & (data.histories.key == "val/map")]
     assert list(hist["step"]) == [1, 2, 3, 4, 5]
     assert hist["value"].iloc[-1] == 0.999
 

@@ -87,12 +87,12 @@ def _row(table: pd.DataFrame, variant: str) -> pd.Series:
 
 
 def test_headline_is_test_map_when_logged(datas) -> None:
-    assert headline(datas["heldout"]).key == "test_map"
-    assert headline(datas["valonly"]).key == "final_val_map"  # never best_val_map
+    assert headline(datas["heldout"]).key == "test/map"
+    assert headline(datas["valonly"]).key == "final/val/map"  # never best/val/map
     table = evidence_table(datas["valonly"])
     fin = datas["valonly"].finished
     deform = fin[fin["variant"] == "deform"]
-    assert _row(table, "deform")["mean"] == pytest.approx(deform["final_val_map"].mean())
+    assert _row(table, "deform")["mean"] == pytest.approx(deform["final/val/map"].mean())
     html = render_ablation_html(datas["valonly"])
     assert OPTIMISTIC in html and "final val mAP (last epoch" in html
 
@@ -100,7 +100,7 @@ def test_headline_is_test_map_when_logged(datas) -> None:
 def test_deltas_p_and_holm_match_scipy_and_statsmodels(datas) -> None:
     data = datas["heldout"]
     table = evidence_table(data)
-    fin = data.finished.set_index(["variant", "seed"])["test_map"]
+    fin = data.finished.set_index(["variant", "seed"])["test/map"]
     ps = []
     for variant in ("chancey", "strong", "tiny"):
         a, b = [fin[(variant, s)] for s in SEEDS], [fin[("base", s)] for s in SEEDS]
@@ -171,7 +171,7 @@ def test_size_ood_and_robustness_tables(datas) -> None:
     data = datas["heldout"]
     sizes = size_table(data)
     small = sizes[(sizes["variant"] == "strong") & (sizes["size"] == "small")].iloc[0]
-    assert small["metric"] == "test_map_small" and small["delta"] == pytest.approx(0.08 + 0.05, abs=0.01)
+    assert small["metric"] == "test/map_small" and small["delta"] == pytest.approx(0.08 + 0.05, abs=0.01)
     ood = ood_table(data).set_index("variant")
     assert ood.loc["strong", "gap"] == pytest.approx(-0.1, abs=1e-9)
     assert ood.loc["tiny", "delta"] == pytest.approx(_row(evidence_table(data), "tiny")["delta"], abs=1e-9)

@@ -65,8 +65,8 @@ def test_search_runs_returns_children_only(report_store) -> None:
     assert set(runs["tags.harness.role"]) == {"child"}
     assert sorted(runs["status"].unique()) == ["FAILED", "FINISHED", "RUNNING"]
     one = runs.set_index("run_name").loc["conv/data.train_size=250/seed=2"]
-    expected = written["conv/data.train_size=250/seed=2"]["values"]["final"]["best_val_map"]
-    assert one["metrics.best_val_map"] == pytest.approx(expected)
+    expected = written["conv/data.train_size=250/seed=2"]["values"]["final"]["best/val/map"]
+    assert one["metrics.best/val/map"] == pytest.approx(expected)
     assert one["params.data.train_size"] == "250"
     parents = query.search_runs(store, [exp], role="parent")
     assert len(parents) == 1
@@ -76,17 +76,17 @@ def test_metric_histories_bulk_equals_per_run_history(report_store) -> None:
     store = query.open_store(report_store.uri)
     written = report_store.written["dcn_placement"]
     ids = [w["run_id"] for w in written.values()]
-    hist = query.metric_histories(store, ids, ["val_map", "train_loss"])
+    hist = query.metric_histories(store, ids, ["val/map", "train/loss"])
     client = MlflowClient(tracking_uri=report_store.uri)
     for rid in ids[:4] + ids[-2:]:
-        for key in ("val_map", "train_loss"):
+        for key in ("val/map", "train/loss"):
             mine = hist[(hist.run_id == rid) & (hist.key == key)]
             theirs = sorted(client.get_metric_history(rid, key), key=lambda m: m.step)
             assert list(mine["step"]) == [m.step for m in theirs]
             assert list(mine["value"]) == pytest.approx([m.value for m in theirs])
     name = "deform_first2/data.train_size=250/seed=1"
-    got = hist[(hist.run_id == written[name]["run_id"]) & (hist.key == "val_map")]["value"]
-    assert list(got) == pytest.approx(written[name]["values"]["history"]["val_map"])
+    got = hist[(hist.run_id == written[name]["run_id"]) & (hist.key == "val/map")]["value"]
+    assert list(got) == pytest.approx(written[name]["values"]["history"]["val/map"])
 
 
 class _NoBulkClient:
@@ -102,8 +102,8 @@ class _NoBulkClient:
 def test_metric_histories_fallback_path(report_store) -> None:
     store = query.open_store(report_store.uri)
     ids = [w["run_id"] for w in report_store.written["xss"].values()]
-    bulk = query.metric_histories(store, ids, ["val_loss"])
-    slow = query.metric_histories(query.Store(store.uri, _NoBulkClient(store.client)), ids, ["val_loss"])
+    bulk = query.metric_histories(store, ids, ["val/loss"])
+    slow = query.metric_histories(query.Store(store.uri, _NoBulkClient(store.client)), ids, ["val/loss"])
     assert bulk[["run_id", "step", "value"]].equals(slow[["run_id", "step", "value"]])
     assert len(bulk) == 4 * 5 + 2  # 4 finished runs × 5 epochs, the failed one logged 2
 

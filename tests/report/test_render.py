@@ -71,8 +71,8 @@ def test_placement_page_contents(pages, datas) -> None:
     assert table.count('<td class="grp"') == 6
     assert table.count('class="badge base">baseline') == 2
     row = group_stats(datas["dcn_placement"]).set_index("group").loc["deform_first2 · data.train_size=250"]
-    delta = f"{row['delta_final_val_map']:+.3f}".replace("-", "−")
-    ci = f"[{row['delta_final_val_map_low']:+.3f}, {row['delta_final_val_map_high']:+.3f}]".replace("-", "−")
+    delta = f"{row['delta_final/val/map']:+.3f}".replace("-", "−")
+    ci = f"[{row['delta_final/val/map_low']:+.3f}, {row['delta_final/val/map_high']:+.3f}]".replace("-", "−")
     assert delta in table and ci in table
     assert "paired t" in html and "Welch" in html  # footnote says which test
     assert 'class="num best"' in table
@@ -114,7 +114,7 @@ def test_markdown_table(datas) -> None:
     comparison = lines[lines.index(header):]  # the evidence table comes first, then the comparison table
     row = next(line for line in comparison if line.startswith("| deform\\_all · data.train\\_size=1000 |"))
     r = table.loc["deform_all · data.train_size=1000"]
-    assert f"| 2 | {r['best_val_map_mean']:.3f} ±{r['best_val_map_std']:.3f} |" in row
+    assert f"| 2 | {r['best/val/map_mean']:.3f} ±{r['best/val/map_std']:.3f} |" in row
     assert "(paired t)" in row
     assert any(line.startswith("| conv · data.train\\_size=250 (baseline) |") for line in comparison)
     assert "\\<script\\>alert(1)\\</script\\>" in md and XSS not in md
@@ -128,13 +128,13 @@ def test_csv_table(datas) -> None:
     place = frame[frame.ablation == "dcn_placement"].set_index("group")
     table = group_stats(datas["dcn_placement"]).set_index("group")
     for group in table.index:
-        for col in ("best_val_map_mean", "best_val_map_std", "mean_epoch_time_s_mean"):
+        for col in ("best/val/map_mean", "best/val/map_std", "cost/mean_epoch_time_s_mean"):
             assert place.loc[group, col] == pytest.approx(table.loc[group, col], rel=1e-5)
-        assert place.loc[group, "delta_final_val_map_ci_low"] == pytest.approx(
-            table.loc[group, "delta_final_val_map_low"], rel=1e-5, abs=1e-9
+        assert place.loc[group, "delta_final/val/map_ci_low"] == pytest.approx(
+            table.loc[group, "delta_final/val/map_low"], rel=1e-5, abs=1e-9
         )
     assert place.loc["deform_all · data.train_size=1000", "n_failed"] == 1
-    assert place.loc["deform_all · data.train_size=1000", "delta_final_val_map_method"] == "paired t"
+    assert place.loc["deform_all · data.train_size=1000", "delta_final/val/map_method"] == "paired t"
     assert XSS in set(frame["variant"])  # CSV carries the raw name; quoting is the CSV writer's job
     failed_only = frame[frame.ablation == "all_failed"]
     assert list(failed_only["n_finished"]) == [0] and list(failed_only["n_failed"]) == [2]

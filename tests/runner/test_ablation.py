@@ -21,14 +21,14 @@ from harness.ops import kernel_summary
 from harness.planning import expand, load_ablation, parse_set
 
 EPOCH_METRICS = [
-    "train_loss", "val_loss", "val_map", "val_micro_precision", "val_micro_recall", "val_micro_f1",
-    "val_macro_precision", "val_macro_recall", "val_macro_f1", "val_cp", "val_cr", "val_cf1",
-    "val_op", "val_or", "val_of1", "epoch_time_s", "train_images_per_s", "data_wait_s", "lr",
+    "train/loss", "val/loss", "val/map", "val/micro_precision", "val/micro_recall", "val/micro_f1",
+    "val/macro_precision", "val/macro_recall", "val/macro_f1", "val/cp", "val/cr", "val/cf1",
+    "val/op", "val/or", "val/of1", "cost/epoch_time_s", "cost/train_images_per_s", "cost/data_wait_s", "train/lr",
 ]
 RUN_METRICS = [
-    "best_val_map", "final_val_map", "best_val_loss", "best_val_micro_f1", "mean_epoch_time_s",
-    "mean_train_images_per_s", "total_data_wait_s", "peak_rss_mb", "params", "flops_per_image",
-    "profile_deform_share", "profile_step_ms",
+    "best/val/map", "final/val/map", "best/val/loss", "best/val/micro_f1", "cost/mean_epoch_time_s",
+    "cost/mean_train_images_per_s", "cost/total_data_wait_s", "cost/peak_rss_mb", "cost/params",
+    "cost/flops_per_image", "cost/profile_deform_share", "cost/profile_step_ms",
 ]
 
 
@@ -85,10 +85,10 @@ def test_run_logs_everything_and_rerun_skips(tmp_path, synth_root, capsys):
         assert {"config.yaml", "model_summary.txt", "profile"} <= artifacts
         table = client.download_artifacts(run.info.run_id, "profile/op_table.csv", str(tmp_path / run.info.run_id))
         assert Path(table).read_text().startswith("name,calls,self_cpu_ms")
-        assert 0 <= run.data.metrics["best_val_map"] <= 1
+        assert 0 <= run.data.metrics["best/val/map"] <= 1
     by_name = {r.info.run_name: r for r in runs}
-    assert by_name["deform/seed=0"].data.metrics["profile_deform_share"] > 0
-    assert by_name["standard/seed=0"].data.metrics["profile_deform_share"] == 0
+    assert by_name["deform/seed=0"].data.metrics["cost/profile_deform_share"] > 0
+    assert by_name["standard/seed=0"].data.metrics["cost/profile_deform_share"] == 0
     assert by_name["standard/seed=0"].data.tags["harness.baseline"] == "true"
     assert list((tmp_path / "results" / "profiles").glob("*/*.pt.trace.json"))
 
@@ -216,11 +216,11 @@ def test_sigkill_mid_epoch_resumes_and_redoes_no_finished_run(tmp_path, synth_ro
     assert all(r.info.status == "FINISHED" for r in after)
     deform = next(r for r in after if r.info.run_name == "deform/seed=0")
     assert int(deform.data.tags["harness.resumed_from_epoch"]) >= 1
-    steps = [m.step for m in client.get_metric_history(deform.info.run_id, "val_map")]
+    steps = [m.step for m in client.get_metric_history(deform.info.run_id, "val/map")]
     assert sorted(steps) == list(range(1, 9)), "every epoch logged exactly once"
     standard = next(r for r in after if r.info.run_name == "standard/seed=0")
     assert standard.info.run_id == standard_id
-    assert len(client.get_metric_history(standard_id, "val_map")) == 8, "finished run not redone"
+    assert len(client.get_metric_history(standard_id, "val/map")) == 8, "finished run not redone"
 
 
 def test_run_on_real_coco_mini(tmp_path, coco_mini_root):
@@ -241,6 +241,6 @@ variants:
     client, runs = children(uri, "coco_mini_smoke")
     (run,) = runs
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["train_images"] == 48 and run.data.metrics["val_images"] == 40
+    assert run.data.metrics["data/train_images"] == 48 and run.data.metrics["data/val_images"] == 40
     summary = client.download_artifacts(run.info.run_id, "model_summary.txt", str(tmp_path))
     assert "out_features=80" in Path(summary).read_text()  # the 80 COCO categories

@@ -52,7 +52,7 @@ def _audit(uri: str, planned: set[str]) -> None:
     everything = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert not everything, "nothing left RUNNING"
     for run in runs:
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_map")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/map")]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), f"{run.info.run_name}: val_map steps {steps}"
         claims = [k for k in run.data.params if k.startswith("harness.claim.")]
         assert claims == ["harness.claim.0"], f"{run.info.run_name} was taken over: {claims}"

@@ -74,7 +74,7 @@ def test_ray_runs_every_run_once_and_retries_a_killed_worker(tmp_path, synth_roo
     deform = next(c for c in children if c.info.run_name == "deform")
     assert int(deform.data.tags["harness.pid"]) != killed, "the retry ran in another worker"
     assert int(deform.data.tags.get("harness.resumed_from_epoch", "0")) >= 1
-    steps = sorted(m.step for m in client.get_metric_history(deform.info.run_id, "val_map"))
+    steps = sorted(m.step for m in client.get_metric_history(deform.info.run_id, "val/map"))
     assert steps == list(range(1, 13))
 
     # a repeated invocation trains nothing

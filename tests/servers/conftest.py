@@ -171,3 +171,42 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@dataclass
+class RestartableServer:
+    """An `mlflow server` on a sqlite back end that a test stops and starts again on the same port and store."""
+
+    home: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.home}/mlflow.db",
+                   "--serve-artifacts", "--artifacts-destination", str(self.home / "artifacts"), "--host",
+                   "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        log = self.home / "server.log"
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=self.home,
+                                            start_new_session=True)
+        wait_http(f"{self.url}/health", self.process, log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_group(self.process)
+            self.process = None
+
+
+@pytest.fixture
+def restartable_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
+    """A tracking server of its own (sqlite store, artifacts served) that the test may stop and restart."""
+    server = RestartableServer(tmp_path_factory.mktemp("mlflow-restart"), free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

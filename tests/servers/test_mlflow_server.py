@@ -53,7 +53,7 @@ def test_two_workers_share_a_grid_through_the_tracking_server(mlflow_server, syn
     runs = children(mlflow_server.url, ABLATION)
     assert sorted(r.info.run_name for r in runs) == ["deform", "standard"], "each run trained exactly once"
     assert {r.info.status for r in runs} == {"FINISHED"}
-    steps = MlflowClient(mlflow_server.url).get_metric_history(runs[0].info.run_id, "val_map")
+    steps = MlflowClient(mlflow_server.url).get_metric_history(runs[0].info.run_id, "val/map")
     assert sorted(m.step for m in steps) == [1, 2], "each epoch logged once"
 
     # the report, from a directory that holds nothing of the run

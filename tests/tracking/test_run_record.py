@@ -91,8 +91,8 @@ def test_parent_holds_a_comparison_of_its_children(tiny_run, tmp_path):
     path = client.download_artifacts(parents[0].info.run_id, names.COMPARISON_ARTIFACT, str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(path).read_text())))
     assert sorted(r["run"] for r in rows) == ["deform/seed=0", "standard/seed=0"]
-    assert all(r["status"] == "FINISHED" and float(r["best_val_map"]) >= 0 for r in rows)
-    assert "val_map" not in rows[0] and "train_loss" not in rows[0]  # per-epoch metrics stay out
+    assert all(r["status"] == "FINISHED" and float(r["best/val/map"]) >= 0 for r in rows)
+    assert "val/map" not in rows[0] and "train/loss" not in rows[0]  # per-epoch metrics stay out
 
 
 def test_eval_finds_the_checkpoint_among_the_artifacts_when_the_local_one_is_gone(tiny_run, tmp_path):

@@ -121,9 +121,9 @@ def test_mlflow_has_a_study_run_and_nested_trial_runs_with_true_states(tuned):
         assert run.data.tags["harness.study"] == "tiny.standard"
         assert float(run.data.params["lr"]) == float(run.data.params["train.lr"])
     assert "DivergedError: diverged at epoch 1" in by_number[2].data.tags["harness.failure"]
-    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "val_loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(by_number[1].info.run_id, "val_loss")] == [1]
-    assert by_number[0].data.metrics["objective"] == pytest.approx(best.value)
+    assert [m.step for m in client.get_metric_history(by_number[0].info.run_id, "val/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(by_number[1].info.run_id, "val/loss")] == [1]
+    assert by_number[0].data.metrics["tune/objective"] == pytest.approx(best.value)
     optuna_ids = {t.number: t.user_attrs["harness.mlflow_run_id"] for t in trials(tuned["storage"])}
     assert all(optuna_ids[n] == by_number[n].info.run_id for n in range(3))
 
@@ -176,7 +176,7 @@ def test_from_study_trains_with_the_best_rate(tuned, synth_root, harness_env):
                  "--no-profile"]) == 0
     _, runs = mlflow_runs(tuned["uri"], experiment="reuse", role="child")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["lr_used"] == pytest.approx(GOOD_LR)
+    assert runs[0].data.metrics["train/lr_used"] == pytest.approx(GOOD_LR)
     assert float(runs[0].data.params["train.lr"]) == pytest.approx(GOOD_LR)  # resolved before the hash
     assert runs[0].data.tags["harness.lr_from_study"] == "tiny.standard"
     # the study and trial runs do not count as children of the tuned ablation either
