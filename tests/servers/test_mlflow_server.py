@@ -64,3 +64,11 @@ def test_two_workers_share_a_grid_through_the_tracking_server(mlflow_server, syn
     assert report.returncode == 0, output[-2000:]
     page = (elsewhere / "reports" / f"{ABLATION}.html").read_text()
     assert "deform" in page and "standard" in page
+
+    # `harness eval` from there too: the checkpoint comes from the run's artifacts on the server
+    analysis = harness("eval", ABLATION, "--tracking-uri", mlflow_server.url, "--results-dir",
+                       str(elsewhere / "results"), "--only", "offsets", cwd=elsewhere)
+    output = analysis.communicate(timeout=180)[0]
+    assert analysis.returncode == 0, output[-2000:]
+    deform = next(r for r in children(mlflow_server.url, ABLATION) if r.info.run_name == "deform")
+    assert "offset/conv0/mean_abs" in deform.data.metrics and deform.info.status == "FINISHED"
