@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import optimize
 from scipy import stats as st
 
-from harness.report.stats import NO_CI, PAIRED, WELCH, paired_t, welch_t
+from harness.report.stats import NO_CI, PAIRED, Delta, delta_vs_baseline, paired_t, welch_t
 
 ALPHA = 0.05
 POWER = 0.80
@@ -28,15 +28,9 @@ BETTER, WORSE, INCONCLUSIVE, TOO_FEW = "better", "worse", "inconclusive", "too f
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """A variant − baseline comparison: estimate, CI, p, Holm, MDE and seeds needed."""
+class Evidence(Delta):
+    """A variant − baseline comparison (`Delta`'s estimate and CI) with p, Holm, MDE and seeds needed."""
 
-    estimate: float
-    low: float
-    high: float
-    method: str  # PAIRED, WELCH or NO_CI
-    n: int  # seed pairs (paired) or runs of the variant
-    n_baseline: int
     p: float = math.nan
     sd: float = math.nan  # sd of the per-seed differences (paired) or pooled sd (two-sample)
     mde: float = math.nan  # smallest |Δ| found with 80 % power at this n and sd
@@ -157,29 +151,26 @@ def _pooled_sd(a: Sequence[float], b: Sequence[float]) -> float:
 
 def compare(variant: Mapping[object, float], baseline: Mapping[object, float],
             effect: float | None = None, level: float = 0.95) -> Evidence:
-    """variant − baseline, both {seed: value}: Δ, CI, p, MDE and seeds needed (no Holm yet)."""
+    """variant − baseline, both {seed: value}: `delta_vs_baseline`'s Δ and CI with p, MDE and seeds needed
+    for the same test (no Holm yet)."""
+    delta = delta_vs_baseline(variant, baseline, level)
+    if delta.method == NO_CI:
+        return Evidence(**asdict(delta))
     a, b = _finite(variant), _finite(baseline)
-    if not a or not b:
-        return Evidence(math.nan, math.nan, math.nan, NO_CI, len(a), len(b))
-    shared = sorted(set(a) & set(b), key=str)
-    if len(shared) >= 2:
-        diffs = [a[s] - b[s] for s in shared]
-        est, lo, hi = paired_t(diffs, level)
+    est = delta.estimate
+    if delta.method == PAIRED:
+        diffs = [a[s] - b[s] for s in sorted(set(a) & set(b), key=str)]
         sd = float(np.std(diffs, ddof=1))
         p = float(st.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else (0.0 if est != 0 else 1.0)
-        target = abs(est) if effect is None else abs(effect)
-        return Evidence(est, lo, hi, PAIRED, len(shared), len(shared), p, sd, mde(sd, len(shared)),
-                        seeds_needed(target, sd, paired=True), target)
-    est = float(np.mean(list(a.values())) - np.mean(list(b.values())))
-    if len(a) < 2 or len(b) < 2:
-        return Evidence(est, math.nan, math.nan, NO_CI, len(a), len(b))
-    xa, xb = list(a.values()), list(b.values())
-    est, lo, hi = welch_t(xa, xb, level)
-    sd = _pooled_sd(xa, xb)
-    p = float(st.ttest_ind(xa, xb, equal_var=False).pvalue) if sd > 0 else (0.0 if est != 0 else 1.0)
+        detectable, paired = mde(sd, delta.n), True
+    else:
+        xa, xb = list(a.values()), list(b.values())
+        sd = _pooled_sd(xa, xb)
+        p = float(st.ttest_ind(xa, xb, equal_var=False).pvalue) if sd > 0 else (0.0 if est != 0 else 1.0)
+        detectable, paired = mde(sd, len(a), len(b)), False
     target = abs(est) if effect is None else abs(effect)
-    return Evidence(est, lo, hi, WELCH, len(a), len(b), p, sd, mde(sd, len(a), len(b)),
-                    seeds_needed(target, sd, paired=False), target)
+    return Evidence(**asdict(delta), p=p, sd=sd, mde=detectable, seeds_needed=seeds_needed(target, sd, paired=paired),
+                    effect=target)
 
 
 def compare_family(pairs: Sequence[tuple[Mapping[object, float], Mapping[object, float]]],
