@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import HarnessError
-from harness.models import arch_names, check_network, known_arch
+from harness.models import MODELS, arch_names, check_network, known_arch
 
 
 class Strict(BaseModel):
@@ -124,6 +124,11 @@ class ModelConfig(Strict):
             check_network(self)
         except HarnessError as exc:
             raise ValueError(f"{exc} ({self.arch})") from None
+        if self.arch not in MODELS:  # what is declared is what runs: no key the network would ignore
+            for key in ("width", "dropout"):
+                if getattr(self, key) != ModelConfig.model_fields[key].default:
+                    raise ValueError(f"{key} applies to the harness's own networks ({', '.join(MODELS)}), "
+                                     f"not to {self.arch}")
         return self
 
 

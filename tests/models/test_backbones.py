@@ -180,3 +180,10 @@ def test_pretrained_weights_name_resolves_only_in_the_hub_cache(tmp_path: Path) 
             build_network(ModelConfig(arch="resnet18", pretrained="ResNet18_Weights.NOPE"), 3)
     finally:
         torch.hub.set_dir(previous)
+
+
+@pytest.mark.parametrize("key,value", [("width", 0.5), ("dropout", 0.0)])
+def test_keys_a_resnet_would_ignore_are_refused(key: str, value: float) -> None:
+    with pytest.raises(ValidationError, match=f"{key} applies to the harness's own networks"):
+        ModelConfig(arch="resnet18", **{key: value})
+    assert ModelConfig(arch="resnet18", **{key: ModelConfig.model_fields[key].default}).arch == "resnet18"
