@@ -107,6 +107,21 @@ def _open_child(
 ) -> tuple[ChildRun, bool] | str:
     """The run's MLflow record, owned by this process: the interrupted one reopened when its checkpoint is
     there, else a new one. Or why not: another process finished it, trains it, or took it just now."""
+    with store.exclusive():  # look and take in one step: two processes never both find the config free
+        opened = _take_child(run, config, store, parent_id, tags, checkpoint)
+    if isinstance(opened, str):
+        return opened
+    child, resumed = opened
+    if resumed and not checkpoints.exists(checkpoint):
+        fetch_checkpoint(child, checkpoint, store.uri)  # another machine trained it: resume from its artifact
+    if not resumed:
+        child.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), names.CONFIG_ARTIFACT)
+    return child, resumed
+
+
+def _take_child(
+    run: PlannedRun, config: RunConfig, store: AblationStore, parent_id: str, tags: dict[str, str], checkpoint: Path
+) -> tuple[ChildRun, bool] | str:
     if run.config_hash in store.finished_hashes():
         return "already FINISHED with this config hash (by another process)"
     owner = store.busy_hashes().get(run.config_hash)
@@ -119,15 +134,11 @@ def _open_child(
     if previous is not None:
         if not store.claim(previous.info.run_id):
             return "another process took it to resume at the same moment"
-        child = store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id})
-        if not local:  # another machine trained it (no shared results directory): resume from its artifact
-            fetch_checkpoint(child, checkpoint, store.uri)
-        return child, True
+        return store.reopen_child(previous.info.run_id, {**tags, names.RESUMED_BY: parent_id}), True
     child = store.start_child(parent_id, run.name, flatten(config.model_dump(mode="json")), tags)
     if not store.first_claim(child, run.config_hash):
         return "another process started it at the same moment"
     checkpoints.remove(checkpoint)  # a checkpoint without its run cannot be resumed honestly
-    child.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), names.CONFIG_ARTIFACT)
     return child, False
 
 

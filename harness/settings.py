@@ -44,6 +44,8 @@ class Settings:
     tracking_retry_s: float = 180.0
     # a checkpoint artifact every N epochs while a run trains, for resume without a shared disk (0: at the end only)
     checkpoint_upload_every: int = 1
+    # seconds a new run waits on a lockless store (an HTTP tracking server) before checking for a rival run
+    claim_settle_s: float = 2.0
 
     def switches(self) -> str:
         """The switches that differ from their defaults, as JSON (logged with every run)."""

@@ -34,6 +34,13 @@ class StorageLock:
             self._thread_lock = _THREAD_LOCKS.setdefault(url, threading.Lock())
         self._release: Callable[[], None] | None = None
 
+    @property
+    def locks(self) -> bool:
+        """Whether this store gets a lock between processes (not an HTTP tracking server, not sqlite in memory)."""
+        if self.family == "sqlite":
+            return sqlite_path(self.url) is not None
+        return self.family in ("postgresql", "mysql")
+
     def __enter__(self) -> StorageLock:
         self._thread_lock.acquire()
         try:

@@ -277,18 +277,30 @@ class AblationStore:
             return False
         return True
 
+    def exclusive(self) -> contextlib.AbstractContextManager[Any]:
+        """Held while a process decides which run it trains and creates or claims it, so that two processes
+        cannot both see a config as free (a database store; an HTTP tracking server has no such lock and
+        relies on `first_claim`)."""
+        return StorageLock(self.uri)
+
     def first_claim(self, child: ChildRun, config_hash: str) -> bool:
-        """After a new child run is created: True when no live process trains an earlier run of the same
-        config; otherwise the new run is deleted and False returned (processes that created runs of one
-        config at the same moment all agree which is first: the earliest by start time, then run id)."""
+        """After a new child run is created: True when no run of the same config FINISHED and no live
+        process trains an earlier one; otherwise the new run is deleted and False returned (processes
+        that created runs of one config at the same moment all agree which is first: the earliest by
+        start time, then run id)."""
+        if not StorageLock(self.uri).locks:
+            time.sleep(settings.current().claim_settle_s)  # a rival created a moment earlier becomes visible
         mine = self.client.get_run(child.run_id)
 
         def order(run: Any) -> tuple[int, str]:
             return run.info.start_time or 0, run.info.run_id
 
-        rivals = [r for r in self._children("RUNNING") if r.data.tags.get(names.CONFIG_HASH) == config_hash
-                  and r.info.run_id != child.run_id and owned_by_another_live_process(r) is not None]
-        if any(order(r) < order(mine) for r in rivals):
+        same = [r for r in self._children() if r.data.tags.get(names.CONFIG_HASH) == config_hash
+                and r.info.run_id != child.run_id]
+        finished = any(r.info.status == "FINISHED" for r in same)
+        earlier = any(r.info.status == "RUNNING" and order(r) < order(mine)
+                      and owned_by_another_live_process(r) is not None for r in same)
+        if finished or earlier:
             self.client.delete_run(child.run_id)
             return False
         return True
