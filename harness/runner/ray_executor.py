@@ -4,8 +4,9 @@ Each task asks for the CPUs/GPUs its config needs, trains through the same `harn
 as the local runner and logs to the shared MLflow store itself. Ray re-runs a task whose worker died
 (`max_retries`); the retry resumes from the run's epoch checkpoint into the same MLflow run, and a
 run that already FINISHED (same config hash) is skipped, so nothing is counted twice. Checkpoints and
-caches live under the results directory, which must be shared by all nodes (e.g. NFS) for resume
-across machines; the tracking store must be a server or database every node reaches.
+caches live under the results directory on each node; a retry on a node that lacks the checkpoint
+downloads the run's checkpoint artifact, so no shared disk is needed. The tracking store must be a
+server or database every node reaches.
 """
 
 from __future__ import annotations
