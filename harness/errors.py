@@ -1,7 +1,7 @@
 """The one exception type for user mistakes, and the one way an exception becomes a line of text.
 
-The CLI prints a `HarnessError` as a single line and exits with status 2; anything else is a bug and
-keeps its traceback.
+The CLI prints a `HarnessError` as a single line and exits with status 2 (1 for `TrackingUnreachable`, an
+outage rather than a mistake); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +9,11 @@ from __future__ import annotations
 
 class HarnessError(Exception):
     """A mistake in user input (a path, a file, a key, a value) explained in one line."""
+
+
+class TrackingUnreachable(HarnessError):
+    """The tracking server stopped answering for longer than the harness waits for it: nothing more can be
+    logged, so the command stops (one line, exit status 1); what it left RUNNING the next command resumes."""
 
 
 def one_line(exc: BaseException, *, with_type: bool = True, limit: int = 500) -> str:

@@ -22,7 +22,7 @@ from harness.checkpoints import checkpoint_path, saved_epoch
 from harness.config import RunConfig, flatten
 from harness.data import DataCache, PreparedData
 from harness.distributed import DistContext, barrier
-from harness.errors import HarnessError, one_line
+from harness.errors import HarnessError, TrackingUnreachable, one_line
 from harness.planning import PlannedRun, resolve_lr
 from harness.tracking import names
 from harness.tracking.artifacts import (
@@ -190,6 +190,9 @@ def run_one(
         child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})
         child.finish("KILLED")
         raise
+    except TrackingUnreachable as exc:  # nothing can be written: the run stays RUNNING for the next command
+        raise TrackingUnreachable(f"{exc}; run {run.name} stays RUNNING there and the next `harness run` "
+                                  "resumes it") from None
     except (HarnessError, DivergedError) as exc:  # the run's own failure, said in one line: no traceback
         child.fail(str(exc))
         return RunOutcome(run, "failed", str(exc), run_id=child.run_id)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from harness import settings
 from harness.cli import bench, data, evaluate, examples, report, run, trace, tune, ui, version  # noqa: F401
 from harness.cli.app import app, err_console  # the command modules above register on app
-from harness.errors import HarnessError, HarnessWarning
+from harness.errors import HarnessError, HarnessWarning, TrackingUnreachable
 
 
 def _click_errors() -> tuple[type[Exception], ...]:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=argv, standalone_mode=False, prog_name="harness")
     except HarnessError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        return 2
+        return 1 if isinstance(exc, TrackingUnreachable) else 2
     except (click.exceptions.Abort, typer.Abort):
         err_console.print("aborted")
         return 130

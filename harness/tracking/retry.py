@@ -6,7 +6,7 @@ in `harness.settings`); a restart takes longer. `RetryingClient` wraps an `Mlflo
 call that failed to reach the server, with exponential backoff, for up to the `tracking_retry_s` switch's
 seconds. Only failures where the request never got an answer (connection refused or reset, 502/503/504)
 are retried; a server that never answered is reported at once, so a wrong
-`--tracking-uri` is still a quick one-line error. After the wait runs out the error is a `HarnessError`
+`--tracking-uri` is still a quick one-line error. After the wait runs out the error is a `TrackingUnreachable`
 and later calls try once until the server answers again.
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from harness import settings
-from harness.errors import HarnessError, HarnessWarning, one_line
+from harness.errors import HarnessWarning, TrackingUnreachable, one_line
 
 MAX_PAUSE_S = 10.0
 # how a call that never reached the server reads, after MLflow's own retries (requests/urllib3 texts)
@@ -68,8 +68,8 @@ class RetryingClient:
                     with self._lock:
                         self._gave_up = True
                     switch = f"{settings.variable('tracking_retry_s')}={budget:g}"
-                    raise HarnessError(f"tracking server {self._uri} did not answer for {waited:.0f} s ({switch}): "
-                                       f"{one_line(exc)[:200]}") from None
+                    raise TrackingUnreachable(f"tracking server {self._uri} did not answer for {waited:.0f} s "
+                                              f"({switch}): {one_line(exc)[:200]}") from None
                 if not warned:
                     warnings.warn(TrackingRetryWarning(f"tracking server {self._uri} does not answer "
                                                        f"({method.__name__}); retrying for up to {budget:g} s"),

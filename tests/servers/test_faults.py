@@ -112,3 +112,36 @@ def test_tracking_server_restarted_mid_run(restartable_mlflow, synth_root, tmp_p
     children = [r for r in runs if r.data.tags.get(names.ROLE) == names.CHILD]
     assert [(r.info.run_name, r.info.status) for r in children] == [("standard", "FINISHED")]
     assert epochs_logged(client, children[0].info.run_id) == list(range(1, epochs + 1)), "every epoch once"
+
+
+def test_tracking_server_down_past_the_retry_window(restartable_mlflow, synth_root, tmp_path) -> None:
+    """The worker gives up in one line; the run it left RUNNING is taken over by the next `harness run`,
+    which resumes it into the same MLflow run: FINISHED once, every epoch once, nothing left RUNNING."""
+    epochs = 4
+    file = ablation(tmp_path / "gone.yaml", synth_root, "gone", epochs, "  standard: {}")
+    server = restartable_mlflow
+    client = MlflowClient(server.url)
+    results = tmp_path / "results"
+    worker = harness_run(file, server.url, results, HARNESS_TRACKING_RETRY_S="2")
+    try:
+        wait_for_epoch(client, "gone", 1, worker)
+        server.stop()
+        output = worker.communicate(timeout=120)[0]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert worker.returncode == 1, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "did not answer for" in output and "the next `harness run` resumes it" in output, output[-3000:]
+
+    server.start()
+    again = harness_run(file, server.url, results)
+    output = again.communicate(timeout=240)[0]
+    assert again.returncode == 0, output[-3000:]
+
+    runs = all_runs(client, "gone")
+    assert [r for r in runs if r.info.status == "RUNNING"] == [], "never left RUNNING"
+    children = [r for r in runs if r.data.tags.get(names.ROLE) == names.CHILD]
+    assert [(r.info.run_name, r.info.status) for r in children] == [("standard", "FINISHED")], "one run, resumed"
+    assert int(children[0].data.tags.get(names.RESUMED_FROM_EPOCH, "0")) >= 1
+    assert epochs_logged(client, children[0].info.run_id) == list(range(1, epochs + 1)), "every epoch once"
