@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
-from torchvision.models import get_weight
 
 from harness.errors import HarnessError, one_line
 
@@ -37,6 +35,8 @@ def is_factory_ref(arch: str) -> bool:
 
 def resnet(arch: str, num_classes: int) -> nn.Module:
     """torchvision's `arch` with a `num_classes`-logit fc (randomly initialised as torchvision does)."""
+    from torchvision import models as tv_models  # on use: importing torchvision costs a second per process
+
     return getattr(tv_models, arch)(weights=None, num_classes=num_classes)
 
 
@@ -75,6 +75,8 @@ def from_factory(arch: str, num_classes: int) -> nn.Module:
 
 def hub_checkpoint(name: str) -> tuple[Path, str]:
     """Where torchvision caches weights `name` (hub dir/checkpoints/<file name of the url>) and the url."""
+    from torchvision.models import get_weight
+
     try:
         weights = get_weight(name)
     except (ValueError, KeyError, AttributeError) as exc:
