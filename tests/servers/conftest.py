@@ -201,9 +201,10 @@ class RestartableServer:
             self.process = None
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def restartable_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RestartableServer]:
-    """A tracking server of its own (sqlite store, artifacts served) that the test may stop and restart."""
+    """A tracking server of the fault tests (sqlite store, artifacts served) that a test may stop and restart;
+    each test leaves it running and uses an experiment of its own."""
     server = RestartableServer(tmp_path_factory.mktemp("mlflow-restart"), free_port())
     server.start()
     try:
