@@ -90,7 +90,8 @@ def run_on_ray(
             try:
                 result = ray.get(ref)
             except Exception as exc:  # the task failed for good (retries used up)
-                result = {"status": "failed", "reason": f"Ray task failed: {type(exc).__name__}", "summary": {},
+                cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries what the task raised
+                result = {"status": "failed", "reason": f"Ray task failed: {one_line(cause)}", "summary": {},
                           "run_id": ""}
             on_done(run, result)
 
