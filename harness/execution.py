@@ -190,9 +190,8 @@ def run_one(
         child.set_tags({names.FAILURE: "interrupted (Ctrl-C); rerun to resume from the last epoch"})
         child.finish("KILLED")
         raise
-    except TrackingUnreachable as exc:  # nothing can be written: the run stays RUNNING for the next command
-        raise TrackingUnreachable(f"{exc}; run {run.name} stays RUNNING there and the next `harness run` "
-                                  "resumes it") from None
+    except TrackingUnreachable:  # nothing can be written: the run stays RUNNING and the next command resumes it
+        raise
     except (HarnessError, DivergedError) as exc:  # the run's own failure, said in one line: no traceback
         child.fail(str(exc))
         return RunOutcome(run, "failed", str(exc), run_id=child.run_id)

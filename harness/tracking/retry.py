@@ -69,7 +69,8 @@ class RetryingClient:
                         self._gave_up = True
                     switch = f"{settings.variable('tracking_retry_s')}={budget:g}"
                     raise TrackingUnreachable(f"tracking server {self._uri} did not answer for {waited:.0f} s "
-                                              f"({switch}): {one_line(exc)[:200]}") from None
+                                              f"({switch}): {one_line(exc)[:200]}; rerun the command once it "
+                                              "answers: what was left RUNNING there is resumed") from None
                 if not warned:
                     warnings.warn(TrackingRetryWarning(f"tracking server {self._uri} does not answer "
                                                        f"({method.__name__}); retrying for up to {budget:g} s"),

@@ -134,7 +134,7 @@ def test_tracking_server_down_past_the_retry_window(restartable_mlflow, synth_ro
             worker.kill()
     assert worker.returncode == 1, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    assert "did not answer for" in output and "the next `harness run` resumes it" in output, output[-3000:]
+    assert "did not answer for" in output and "what was left RUNNING there is resumed" in output, output[-3000:]
 
     server.start()
     again = harness_run(file, server.url, results)
