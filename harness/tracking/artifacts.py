@@ -14,6 +14,7 @@ import io
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,9 +68,30 @@ def dataset_inputs(data_config: Any, data: Any) -> list[Any]:
     return inputs
 
 
+# how a database says that a concurrent transaction inserted the same row first (PostgreSQL, sqlite, MySQL)
+DUPLICATE_KEY = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
 def log_data_inputs(run: ChildRun, data_config: Any, data: Any) -> None:
     """Record the train and val subsets `run` read as its dataset inputs (a resumed run logs them again)."""
-    run.client.log_inputs(run.run_id, datasets=dataset_inputs(data_config, data))
+    log_datasets(run, dataset_inputs(data_config, data))
+
+
+def log_datasets(run: ChildRun, datasets: list[Any], attempts: int = 5) -> None:
+    """`run.client.log_inputs`, tried again when a concurrent run inserted the same dataset first.
+
+    Runs that start together on one data subset all insert its dataset row; the store looks for it and
+    inserts it in one transaction, so all but one fail on its unique key. Tried again, the row is there.
+    """
+    for attempt in range(attempts):
+        try:
+            run.client.log_inputs(run.run_id, datasets=datasets)
+            return
+        except Exception as exc:
+            text = f"{type(exc).__name__} {getattr(exc, 'message', '')} {exc}"
+            if attempt == attempts - 1 or not any(marker in text for marker in DUPLICATE_KEY):
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 # --- the trace and the checkpoint, uploaded after training ----------------------------------------------------

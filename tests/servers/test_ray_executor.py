@@ -56,17 +56,19 @@ def test_ray_workers_without_a_shared_disk_resume_a_killed_run_from_its_artifact
                "--results-dir", str(results)]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "RAY_DEDUP_LOGS": "0"})
-    killed = None
+    killed, worker = None, None
     deadline = time.time() + 240
-    while killed is None and time.time() < deadline and driver.poll() is None:
+    while worker is None and time.time() < deadline and driver.poll() is None:
         client, children = _children(uri)
         worker = next((c for c in children if c.info.run_name == "deform" and c.info.status == "RUNNING"), None)
+        time.sleep(0.1)
+    while worker is not None and killed is None and time.time() < deadline and driver.poll() is None:
         # the checkpoint artifact is uploaded before an epoch's metrics: one logged epoch means one upload
-        if worker is not None and client.get_metric_history(worker.info.run_id, "val/map"):
+        if client.get_metric_history(worker.info.run_id, "val/map"):
             killed = int(worker.data.tags["harness.pid"])
             os.kill(killed, signal.SIGKILL)
             checkpoint.unlink(missing_ok=True)  # the worker's disk goes with it: only the artifact is left
-        time.sleep(0.2)
+        time.sleep(0.02)
     output, _ = driver.communicate(timeout=300)
     assert killed is not None, "never saw the deform run's worker mid-training:\n" + output[-3000:]
     assert driver.returncode == 0, output[-3000:]
