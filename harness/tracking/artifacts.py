@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlparse
 
 from harness.errors import HarnessError
 from harness.tracking import names
+from harness.tracking.retry import duplicate_key
 from harness.tracking.store import AblationStore, ChildRun, attach_run, read_run_text
 from harness.tracking.uri import check_store, resolve_uri, sqlite_path
 
@@ -68,10 +69,6 @@ def dataset_inputs(data_config: Any, data: Any) -> list[Any]:
     return inputs
 
 
-# how a database says that a concurrent transaction inserted the same row first (PostgreSQL, sqlite, MySQL)
-DUPLICATE_KEY = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
-
-
 def log_data_inputs(run: ChildRun, data_config: Any, data: Any) -> None:
     """Record the train and val subsets `run` read as its dataset inputs (a resumed run logs them again)."""
     log_datasets(run, dataset_inputs(data_config, data))
@@ -88,8 +85,7 @@ def log_datasets(run: ChildRun, datasets: list[Any], attempts: int = 5) -> None:
             run.client.log_inputs(run.run_id, datasets=datasets)
             return
         except Exception as exc:
-            text = f"{type(exc).__name__} {getattr(exc, 'message', '')} {exc}"
-            if attempt == attempts - 1 or not any(marker in text for marker in DUPLICATE_KEY):
+            if attempt == attempts - 1 or not duplicate_key(exc):
                 raise
             time.sleep(0.1 * (attempt + 1))
 

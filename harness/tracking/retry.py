@@ -33,10 +33,23 @@ class TrackingRetryWarning(HarnessWarning):
     """The tracking server stopped answering; the harness waits for it."""
 
 
+# how a database says that a concurrent transaction inserted the same row first (PostgreSQL, sqlite, MySQL)
+DUPLICATE_KEY = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def _says(exc: BaseException, markers: tuple[str, ...]) -> bool:
+    text = f"{type(exc).__name__}: {getattr(exc, 'message', '')} {exc}"
+    return any(marker in text for marker in markers)
+
+
 def unreachable(exc: BaseException) -> bool:
     """Whether `exc` says the server was not reached (worth retrying), not that it refused the request."""
-    text = f"{type(exc).__name__}: {getattr(exc, 'message', '')} {exc}"
-    return any(marker in text for marker in UNREACHABLE)
+    return _says(exc, UNREACHABLE)
+
+
+def duplicate_key(exc: BaseException) -> bool:
+    """Whether `exc` says another writer inserted the same row first (tried again, the row is there)."""
+    return _says(exc, DUPLICATE_KEY)
 
 
 class RetryingClient:
