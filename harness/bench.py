@@ -361,13 +361,16 @@ def _model_config(arch: str, placement: str, offset_channels: str, modulated: bo
 
 def bench_model(
     placements: Sequence[str], image_size: int = 64, batch: int = 32, arch: str = "unet_encoder",
-    width: float = 0.25, offset_channels: str = "per_tap", modulated: bool = False,
+    width: float | None = None, offset_channels: str = "per_tap", modulated: bool = False,
     warmup: int = 2, reps: int = 5, threads: int = 2, progress: Callable[[str], None] | None = None,
     device: str = "cpu", amp: str = "none", channels_last: bool = False,
 ) -> list[ModelRow]:
     """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement,
-    the placements' steps interleaved (see below), medians over the same number of steps each."""
+    the placements' steps interleaved (see below), medians over the same number of steps each.
+    `width` scales the harness's own networks (0.25 unless given); other archs have their own widths."""
     _check_device(device)
+    if width is not None and arch not in MODELS:
+        raise HarnessError(f"--width scales {' and '.join(MODELS)} only; {arch} is built at its own width")
     steady_heap()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -381,7 +384,7 @@ def bench_model(
         if progress:
             progress(placement)
         model = create_model(
-            arch, width=width, deform_layers=placement,
+            arch, width=0.25 if width is None else width, deform_layers=placement,
             options=DeformOptions(offset_channels=offset_channels, modulated=modulated),
         ) if arch in MODELS else build_network(_model_config(arch, placement, offset_channels, modulated), 80)
         model.to(device)

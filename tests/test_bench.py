@@ -60,6 +60,13 @@ def test_bench_model_relative_to_first():
     assert rows[1].relative_to_standard == pytest.approx(rows[1].images_per_s / rows[0].images_per_s)
 
 
+def test_bench_model_refuses_a_width_the_arch_does_not_take():
+    """--width scales the harness's own networks; a ResNet keeps torchvision's widths, so asking for another
+    is a one-line error rather than a figure for a network that was not built."""
+    with pytest.raises(HarnessError, match="--width scales unet_encoder and small3 only; resnet18"):
+        bench_model(["none"], image_size=32, batch=2, arch="resnet18", width=0.5, warmup=0, reps=1)
+
+
 def test_bench_model_interleaves_the_placements(monkeypatch):
     """Each timed round runs one step of every placement, so all get the same number of steps and a
     drifting machine slows them alike: the order of the models' steps alternates."""

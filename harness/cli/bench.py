@@ -24,6 +24,7 @@ from harness.bench import (
 from harness.cli.app import bench_app, console
 from harness.data.scale import DEFAULT_SIZES, TRAIN2017_IMAGES, bench_data, figures_json
 from harness.errors import HarnessError
+from harness.models import MODELS
 
 
 @bench_app.command("ops")
@@ -94,7 +95,8 @@ def model(
     batch: Annotated[int, typer.Option(help="batch size")] = 32,
     arch: Annotated[str, typer.Option(help="unet_encoder, small3, resnet18|34|50 or package.module:factory")] = (
         "unet_encoder"),
-    width: Annotated[float, typer.Option(help="width multiplier")] = 0.25,
+    width: Annotated[float | None, typer.Option(help="width multiplier of unet_encoder and small3 [default: 0.25]")] = (
+        None),
     offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
     modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
@@ -115,7 +117,8 @@ def model(
     if as_json:
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
         return
-    table = Table(title=f"{arch} ×{width} training step, {image_size} px, batch {batch}, {offset_channels}")
+    scale = "" if arch not in MODELS else f" ×{0.25 if width is None else width}"
+    table = Table(title=f"{arch}{scale} training step, {image_size} px, batch {batch}, {offset_channels}")
     for col in ("placement", "images/s", "ms/step", "vs standard", "steps"):
         table.add_column(col, justify="right")
     for r in rows:

@@ -292,14 +292,27 @@ def _fused_turned_off() -> bool:
 # of them in all (more threads or larger weights take the columns path, whose memory is bounded).
 FUSED_WEIGHT_GRAD_BYTES = 256 * 2**20
 
+# Below this many output points per output channel and thread the columns path is the faster one (see `fuses`).
+FUSED_MIN_POINTS_PER_OUTPUT = 0.5
 
-def fuses(x: Tensor, out_channels: int, taps: int = 9) -> bool:
+
+def fuses(x: Tensor, out_channels: int, taps: int, points: int) -> bool:
     """Whether `conv_forward`/`conv_backward` take this case: fp32 x [N, H, W, C], outputs a multiple
-    of 16, a library with the fused kernel, and the threads' weight gradients within
-    FUSED_WEIGHT_GRAD_BYTES."""
+    of 16, a library with the fused kernel, the threads' weight gradients within FUSED_WEIGHT_GRAD_BYTES,
+    and at least FUSED_MIN_POINTS_PER_OUTPUT·threads·O output points (N·Ho·Wo) in the batch.
+
+    The last is where the fused layer stops paying: each thread zeroes, accumulates into and sums its own
+    [K·C, O] weight gradient, while the columns path writes and reads the [points, K·C] columns once
+    and leaves the products to oneDNN. With fewer points than threads·O/2 (ResNet-18's conv5 at 64 px:
+    128 points, 512 outputs) the columns path runs a layer step 1.3-1.5x faster on 2 threads; from
+    there on the fused one is as fast or faster (docs/kernels.md).
+    """
+    threads = torch.get_num_threads()
     per_thread = padded_columns(taps, x.shape[-1]) * out_channels * 4
     return (x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0
-            and torch.get_num_threads() * per_thread <= FUSED_WEIGHT_GRAD_BYTES and fused_available())
+            and threads * per_thread <= FUSED_WEIGHT_GRAD_BYTES
+            and points >= FUSED_MIN_POINTS_PER_OUTPUT * threads * out_channels
+            and fused_available())
 
 
 def conv_forward(

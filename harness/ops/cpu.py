@@ -143,22 +143,28 @@ def columns_times_weight(columns: Tensor, w: Tensor, out_hw: tuple[int, int], bi
 def columns_times_weight_backward(
     columns: Tensor, w: Tensor, grad_out: Tensor, out_hw: tuple[int, int], need_weight: bool, need_columns: bool
 ) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of `columns_times_weight`: (grad_w [O, K·C], grad_columns [M, K·C]), both from one
-    oneDNN 1x1 convolution backward (fp32/bf16). Against BLAS it is as fast or faster for the weight
-    on every benchmark shape, and for the columns 1.5-1.9x faster at 16 and 32 outputs (64 px, batch 8:
-    the backward's products 7.9 -> 5.5 ms) and 1.25-2.3x at 64 or more.
+    """Gradients of `columns_times_weight`: (grad_w [O, K·C], grad_columns [M, K·C]) from one oneDNN 1x1
+    convolution backward (fp32/bf16). Against BLAS it is 1.25-2.3x faster for the columns (1.5-1.9x at 16
+    and 32 outputs: 64 px, batch 8, the backward's products 7.9 -> 5.5 ms), and as fast or faster for
+    the weight while there are at least as many rows as outputs; with fewer, BLAS takes the weight's.
     """
     if columns.dtype == torch.float64:
         return (torch.mm(grad_out.t(), columns) if need_weight else None,
                 torch.mm(grad_out, w) if need_columns else None)
+    grad_w = None
+    if need_weight and columns.dtype == torch.float32 and columns.shape[0] < w.shape[0]:
+        # Fewer rows than outputs (a deep layer on a small map): oneDNN's weight gradient then runs 1.3-3.7x
+        # slower than BLAS's (ResNet-18's conv5 at 64 px: 128 rows, 512 outputs, 13.2 against 3.6 ms)
+        grad_w, need_weight = torch.mm(grad_out.t(), columns), False
     if not (need_weight or need_columns):
-        return None, None
-    grad_image, grad_w, _ = torch.ops.aten.convolution_backward(
+        return grad_w, None
+    grad_image, grad_w_image, _ = torch.ops.aten.convolution_backward(
         _as_image(grad_out, out_hw), _as_image(columns, out_hw), w[:, :, None, None], None,
         [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [need_columns, need_weight, False],
     )
-    return (grad_w.view(w.shape) if need_weight else None,
-            grad_image.permute(0, 2, 3, 1).reshape(columns.shape) if need_columns else None)
+    if need_weight:
+        grad_w = grad_w_image.view(w.shape)
+    return grad_w, grad_image.permute(0, 2, 3, 1).reshape(columns.shape) if need_columns else None
 
 
 def _fused_weight(w: Tensor, dim: int) -> Tensor:
@@ -193,7 +199,7 @@ class _DeformColumnsNative(torch.autograd.Function):
         ctx.config = (sampling, gemm)
         ctx.bias_dtype = None if bias is None else bias.dtype
         # Under a dispatch mode (torch's FLOP counter, a tracer) the products stay aten ops that it sees.
-        ctx.fused = (gemm == torch.float32 and native.fuses(x, out_channels, taps)
+        ctx.fused = (gemm == torch.float32 and native.fuses(x, out_channels, taps, n * length)
                      and not is_in_torch_dispatch_mode())
         if ctx.fused:
             with torch.autocast(x.device.type, enabled=False), sampling_scope():
@@ -246,7 +252,7 @@ class _DeformColumnsNative(torch.autograd.Function):
                 grad_weight = (grad_w[: taps * c].t().reshape(out_channels, kh, kw, per_group).permute(0, 3, 1, 2)
                                .to(weight.dtype))
             return grad_x, grad_offset, grad_weight, grad_mask, grad_bias, None, None
-        grad_w = torch.zeros(out_channels, taps * c, dtype=torch.promote_types(gemm, torch.float32))
+        grad_w = None
         with torch.autocast(x.device.type, enabled=False):
             go = grad_out.permute(0, 2, 3, 1).reshape(n * length, out_channels).to(gemm)
             w = weight.to(gemm).permute(0, 2, 3, 1).reshape(out_channels, taps * c)
@@ -278,8 +284,9 @@ class _DeformColumnsNative(torch.autograd.Function):
                     with sampling_scope():
                         native.columns_forward(x[part], offset[part], mk, columns, sampling)
                 if need_weight:
-                    grad_w_part, _ = columns_times_weight_backward(columns.to(gemm), w, go[rows], out_hw, True, False)
-                    grad_w += grad_w_part
+                    part_w, _ = columns_times_weight_backward(columns.to(gemm), w, go[rows], out_hw, True, False)
+                    part_w = part_w.to(torch.promote_types(gemm, torch.float32))  # bf16 parts summed in fp32
+                    grad_w = part_w if grad_w is None else grad_w.add_(part_w)
                 columns = None
         grad_weight = None
         if need_weight:

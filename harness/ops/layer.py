@@ -71,7 +71,25 @@ class DeformConv2d(nn.Module):
             in_channels, self.n_offset + self.n_mask, self.kernel_size, self.stride, self.padding,
             self.dilation, bias=True,
         )
+        self._lay_out_weight()
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """After a move or cast (`.to`, `.cuda`, …) the weight is laid out for its device again, as torch's RNNs
+        flatten theirs for cuDNN here."""
+        moved = super()._apply(fn, recurse)
+        self._lay_out_weight()
+        return moved
+
+    def _lay_out_weight(self) -> None:
+        """The weight in the memory its device's kernels read without a copy: [O, kh, kw, C] (channels-last) on
+        the CPU, where the compiled kernel's column rows are tap-major, so that neither its forward nor its
+        backward re-lays it out and its gradient comes back in the parameter's own layout (autograd then
+        takes it as is, no copy); [O, C, kh, kw] (contiguous) elsewhere, for the GPU's batched matmuls."""
+        on_cpu = self.weight.device.type == "cpu" and self.groups == 1
+        layout = torch.channels_last if on_cpu else torch.contiguous_format
+        if not self.weight.is_contiguous(memory_format=layout):
+            self.weight.data = self.weight.data.contiguous(memory_format=layout)
 
     def reset_parameters(self) -> None:
         """Conv weights as `nn.Conv2d` initialises them; the offset/mask predictor at exactly zero."""

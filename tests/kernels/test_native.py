@@ -270,7 +270,7 @@ def test_narrower_vector_units_build_what_they_run_well(fresh_library, monkeypat
     assert ("fused fp32 layer: on (AVX2, 8-float vectors)" in native.status()) == fused
     x, offset, _ = _parity_case()
     weight = torch.randn(16, 5, 3, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    assert native.fuses(native.to_channels_last(x), 16) == fused
+    assert native.fuses(native.to_channels_last(x), 16, 9, 2 * 8 * 9) == fused
     if not fused:
         with pytest.raises(RuntimeError, match="no fused DCN kernel here: .*neither AVX2 nor AVX-512"):
             native.conv_forward(native.to_channels_last(x.detach()), offset.detach(), None, torch.zeros(48, 16),
@@ -294,7 +294,7 @@ def test_fused_layer_can_be_turned_off(harness_env):
     results = []
     for setting in ("1", "0"):
         harness_env(fused=setting)
-        assert native.fuses(native.to_channels_last(x), 16) == (setting == "1")
+        assert native.fuses(native.to_channels_last(x), 16, 9, 2 * 8 * 9) == (setting == "1")
         leaves = [t.detach().clone().requires_grad_() for t in (x, offset, weight)]
         out = deform_conv2d(*leaves, padding=1)
         out.square().sum().backward()

@@ -23,6 +23,13 @@ FUSED_CASES = [dict(case, o=16 if i % 2 else 48) for i, case in enumerate(CASES)
 ]
 
 
+@pytest.fixture(autouse=True)
+def fuse_small_layers(monkeypatch):
+    """The small cases here would take the columns path for speed (`native.fuses`: few output points per
+    output): they exist to check the fused kernel, so it takes them all."""
+    monkeypatch.setattr(native, "FUSED_MIN_POINTS_PER_OUTPUT", 0)
+
+
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_fused_path_matches_torchvision(case, monkeypatch):
     """fp32 with outputs a multiple of 16 runs the fused kernel (tiles of 64 pixels that cross image
@@ -85,6 +92,26 @@ def test_fused_path_bounds_the_threads_weight_gradients(monkeypatch):
         results.append(with_grads(ours_and_theirs(s, p, d)[0], [x, offset, weight, bias, mask]))
         assert calls == {"conv_forward": int(fused), "columns_forward": int(not fused)}
         monkeypatch.undo()
+    (out_a, grads_a), (out_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-4)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=1e-3)
+
+
+def test_few_points_per_output_take_the_columns_path(monkeypatch):
+    """A layer with fewer output points than threads x outputs / 2 (here 2 images of 2 x 2 points, 48 outputs)
+    takes the columns path, where oneDNN's products beat the threads' own weight gradients; the results are
+    those of the fused kernel."""
+    if not native.fused_available():
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
+    x, offset, weight, bias, mask, (s, p, d) = dcn_case(torch.float32, c=8, o=48, h=4, w=4, s=2)
+    results = []
+    for minimum, fused in ((0, True), (0.5, False)):
+        monkeypatch.setattr(native, "FUSED_MIN_POINTS_PER_OUTPUT", minimum)
+        with monkeypatch.context() as patch:
+            calls = count_calls(patch, native, "conv_forward", "columns_forward")
+            results.append(with_grads(ours_and_theirs(s, p, d)[0], [x, offset, weight, bias, mask]))
+        assert calls == {"conv_forward": int(fused), "columns_forward": int(not fused)}
     (out_a, grads_a), (out_b, grads_b) = results
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-4)
     for ga, gb in zip(grads_a, grads_b, strict=True):

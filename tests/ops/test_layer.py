@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision.ops
 
+from harness.kernels import native
 from harness.ops import DeformConv2d, cuda
 
 
@@ -110,3 +111,31 @@ def test_layer_trains_after_running_under_inference_mode(layout, cpu_kernel):
         layer(torch.randn(1, 4, 9, 9))
     layer(torch.randn(1, 4, 9, 9)).square().sum().backward()
     assert layer.offset_predictor.weight.grad is not None and layer.offset_predictor.weight.grad.abs().sum() > 0
+
+
+def test_weight_is_laid_out_for_its_device():
+    """On the CPU the weight is channels-last, [O, kh, kw, C] in memory, the compiled kernel's column order:
+    neither pass re-lays it out, and the columns path's weight gradient arrives in the same layout (autograd
+    keeps it without a copy). Moved off the CPU it is contiguous again, for the GPU's batched matmuls; the
+    values and a state dict go across unchanged."""
+    if not native.available():
+        pytest.skip(f"native kernel unavailable: {native.status()}")
+    conv = torch.nn.Conv2d(8, 48, 3, stride=2, padding=1)
+    layer = DeformConv2d.from_conv(conv)
+    assert layer.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(layer.weight, conv.weight)
+    arriving = []
+    layer.weight.register_hook(lambda grad: arriving.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, 8, 4, 4)  # 2 x 2 x 2 output points for 48 outputs: the columns path
+    out = layer(x)
+    out.square().sum().backward()
+    assert arriving == [True]
+    expected = torch.autograd.grad(conv(x).square().sum(), conv.weight)[0]
+    torch.testing.assert_close(layer.weight.grad, expected, atol=1e-4, rtol=0)
+
+    moved = DeformConv2d(8, 48, 3, stride=2, padding=1).to("meta")
+    assert moved.weight.is_contiguous() and not moved.weight.is_contiguous(memory_format=torch.channels_last)
+    assert layer.to(torch.float64).weight.is_contiguous(memory_format=torch.channels_last)
+    reloaded = DeformConv2d(8, 48, 3, stride=2, padding=1)
+    reloaded.load_state_dict(layer.state_dict())
+    assert torch.equal(reloaded.weight, layer.weight)

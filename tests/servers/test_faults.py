@@ -3,11 +3,13 @@ elsewhere from the checkpoint artifact, and a tracking server restarted mid-run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -57,6 +59,18 @@ def wait_for_epoch(client: MlflowClient, name: str, epoch: int, worker: subproce
     raise AssertionError(f"no child run of {name} reached epoch {epoch} within 120 s")
 
 
+@contextlib.contextmanager
+def frozen(worker: subprocess.Popen[str]) -> Iterator[None]:
+    """The worker stopped (SIGSTOP) for the block, then let go: a server taken down inside it is met by the
+    worker's next call, however few calls a run of tiny epochs has left to make."""
+    assert worker.poll() is None, f"the worker ended first:\n{worker.communicate()[0][-3000:]}"
+    worker.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        worker.send_signal(signal.SIGCONT)
+
+
 def epochs_logged(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, names.VAL_MAP))
 
@@ -90,15 +104,16 @@ def test_lost_worker_resumes_from_the_checkpoint_artifact_elsewhere(mlflow_serve
 
 
 def test_tracking_server_restarted_mid_run(restartable_mlflow, synth_root, tmp_path) -> None:
-    epochs = 3
+    epochs = 5
     file = ablation(tmp_path / "restart.yaml", synth_root, "restart", epochs, "  standard: {}")
     server = restartable_mlflow
     client = MlflowClient(server.url)
     worker = harness_run(file, server.url, tmp_path / "results", HARNESS_TRACKING_RETRY_S="120")
     try:
         wait_for_epoch(client, "restart", 1, worker)
-        stopped = time.monotonic()
-        server.stop()
+        with frozen(worker):
+            stopped = time.monotonic()
+            server.stop()
         server.start()  # the server's own start-up (about 10 s on 2 loaded cores) is the outage
         outage = time.monotonic() - stopped
         output = worker.communicate(timeout=240)[0]
@@ -119,7 +134,7 @@ def test_tracking_server_restarted_mid_run(restartable_mlflow, synth_root, tmp_p
 def test_tracking_server_down_past_the_retry_window(restartable_mlflow, synth_root, tmp_path) -> None:
     """The worker gives up in one line; the run it left RUNNING is taken over by the next `harness run`,
     which resumes it into the same MLflow run: FINISHED once, every epoch once, nothing left RUNNING."""
-    epochs = 4
+    epochs = 6
     file = ablation(tmp_path / "gone.yaml", synth_root, "gone", epochs, "  standard: {}")
     server = restartable_mlflow
     client = MlflowClient(server.url)
@@ -127,7 +142,8 @@ def test_tracking_server_down_past_the_retry_window(restartable_mlflow, synth_ro
     worker = harness_run(file, server.url, results, HARNESS_TRACKING_RETRY_S="2")
     try:
         wait_for_epoch(client, "gone", 1, worker)
-        server.stop()
+        with frozen(worker):
+            server.stop()
         output = worker.communicate(timeout=120)[0]
     finally:
         if worker.poll() is None:
@@ -145,5 +161,5 @@ def test_tracking_server_down_past_the_retry_window(restartable_mlflow, synth_ro
     assert [r for r in runs if r.info.status == "RUNNING"] == [], "never left RUNNING"
     children = [r for r in runs if r.data.tags.get(names.ROLE) == names.CHILD]
     assert [(r.info.run_name, r.info.status) for r in children] == [("standard", "FINISHED")], "one run, resumed"
-    assert int(children[0].data.tags.get(names.RESUMED_FROM_EPOCH, "0")) >= 1
+    assert int(children[0].data.tags.get(names.RESUMED_FROM_EPOCH, "0")) >= 1, output[-3000:]
     assert epochs_logged(client, children[0].info.run_id) == list(range(1, epochs + 1)), "every epoch once"
