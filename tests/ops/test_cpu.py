@@ -98,6 +98,25 @@ def test_fused_path_bounds_the_threads_weight_gradients(monkeypatch):
         torch.testing.assert_close(ga, gb, rtol=0, atol=1e-3)
 
 
+def test_fused_backward_repeats_bit_for_bit():
+    """Each thread adds its images' weight gradient into its own copy: the same images go to the same thread
+    on every call, so a seeded run repeats exactly (handing images to whichever thread was free varied the
+    sum's order, and the gradient's last bits, from call to call)."""
+    if not native.fused_available():
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, offset, weight, bias, mask, (s, p, d) = dcn_case(torch.float32, n=16, c=32, o=32, h=8, w=8)
+        runs = [with_grads(ours_and_theirs(s, p, d)[0], [x, offset, weight, bias, mask]) for _ in range(8)]
+    finally:
+        torch.set_num_threads(threads)
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name, grad, first in zip(("input", "offset", "weight", "bias", "mask"), grads, runs[0][1], strict=True):
+            assert torch.equal(grad, first), name
+
+
 def test_few_points_per_output_take_the_columns_path(monkeypatch):
     """A layer with fewer output points than threads x outputs / 2 (here 2 images of 2 x 2 points, 48 outputs)
     takes the columns path, where oneDNN's products beat the threads' own weight gradients; the results are

@@ -823,7 +823,9 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
                                    .zeros = tb.zeros, .scratch = tb.scratch, .cols = cols, .grad_pos = tb.grad_pos,
                                    .grad_scales = tb.grad_scales, .off = tb.off, .K = K, .G = G, .C = C, .ld = ld};
         const int64_t work = all_allocated(tb.base && cols ? cols : 0, &failed) && what ? geo->n : 0;
-#pragma omp for schedule(dynamic, 1)
+        /* static: the same images add into the same thread's slice on every call, so the weight's gradient
+         * is summed in one order and a run repeats bit for bit (dynamic scheduling varied its last bits) */
+#pragma omp for schedule(static)
         for (int64_t n = 0; n < work; ++n) {
             t.img = x + n * H * W * C;
             t.gimg = grad_x ? grad_x + n * H * W * C : 0;
