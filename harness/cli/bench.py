@@ -95,7 +95,7 @@ def model(
     batch: Annotated[int, typer.Option(help="batch size")] = 32,
     arch: Annotated[str, typer.Option(help="unet_encoder, small3, resnet18|34|50 or package.module:factory")] = (
         "unet_encoder"),
-    width: Annotated[float | None, typer.Option(help="width multiplier of unet_encoder and small3 [default: 0.25]")] = (
+    width: Annotated[float | None, typer.Option(help="width multiplier of unet_encoder and small3 (default 0.25)")] = (
         None),
     offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
     modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
