@@ -126,6 +126,9 @@ def library() -> ctypes.CDLL | None:
         lib.deform_conv_forward_f32.argtypes = [pointer] * 6 + [ctypes.c_int64, geometry, ctypes.c_int]
         lib.deform_conv_backward_f32.argtypes = [pointer] * 9 + [ctypes.c_int64, geometry, ctypes.c_int]
         lib.deform_conv_forward_f32.restype = lib.deform_conv_backward_f32.restype = ctypes.c_int
+        lib.sum_transposed_f32.argtypes = [pointer, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                           pointer, ctypes.c_int]
+        lib.sum_transposed_f32.restype = None
     return lib
 
 
@@ -295,22 +298,29 @@ FUSED_WEIGHT_GRAD_BYTES = 256 * 2**20
 # Below this many output points per output channel and thread the columns path is the faster one (see `fuses`).
 FUSED_MIN_POINTS_PER_OUTPUT = 0.5
 
+# Above this weight size (fp32, padded) the columns path is the faster one (see `fuses`).
+FUSED_MAX_WEIGHT_BYTES = 4 * 2**20
+
 
 def fuses(x: Tensor, out_channels: int, taps: int, points: int) -> bool:
     """Whether `conv_forward`/`conv_backward` take this case: fp32 x [N, H, W, C], outputs a multiple
     of 16, a library with the fused kernel, the threads' weight gradients within FUSED_WEIGHT_GRAD_BYTES,
-    and at least FUSED_MIN_POINTS_PER_OUTPUT·threads·O output points (N·Ho·Wo) in the batch.
+    and where the fused layer pays: a weight of at most FUSED_MAX_WEIGHT_BYTES and at least
+    FUSED_MIN_POINTS_PER_OUTPUT·threads·O output points (N·Ho·Wo) in the batch.
 
-    The last is where the fused layer stops paying: each thread zeroes, accumulates into and sums its own
-    [K·C, O] weight gradient, while the columns path writes and reads the [points, K·C] columns once
-    and leaves the products to oneDNN. With fewer points than threads·O/2 (ResNet-18's conv5 at 64 px:
-    128 points, 512 outputs) the columns path runs a layer step 1.3-1.5x faster on 2 threads; from
-    there on the fused one is as fast or faster (docs/kernels.md).
+    Each thread of the fused backward adds every 64-pixel tile's products into its own [K·C, O] copy of
+    the weight's gradient, reading the weight for each tile too; the columns path writes and reads the
+    [points, K·C] columns once and leaves the products to oneDNN. With fewer points than threads·O/2
+    (ResNet-18's conv5 at 64 px: 128 points, 512 outputs) the thread copies cost more than the columns:
+    the columns path runs the layer step 1.3-1.5x faster on 2 threads. With a weight past a few MiB
+    (256→512 channels: 4.5 MiB; 512→512: 9 MiB) neither it nor the copies stay in cache from tile to
+    tile: the columns path is 1.1-1.2x faster, while at 2.25 MiB (256→256) the fused layer still is
+    1.3x faster (docs/kernels.md).
     """
     threads = torch.get_num_threads()
     per_thread = padded_columns(taps, x.shape[-1]) * out_channels * 4
     return (x.dtype == torch.float32 and x.device.type == "cpu" and out_channels % 16 == 0
-            and threads * per_thread <= FUSED_WEIGHT_GRAD_BYTES
+            and threads * per_thread <= FUSED_WEIGHT_GRAD_BYTES and per_thread <= FUSED_MAX_WEIGHT_BYTES
             and points >= FUSED_MIN_POINTS_PER_OUTPUT * threads * out_channels
             and fused_available())
 
@@ -347,7 +357,8 @@ def conv_backward(
 ) -> Tensor | None:
     """`conv_forward`'s backward: grad_out [N·Ho·Wo, O] rows, weight [O, KCp] (`conv_forward`'s weight_t
     transposed). Overwrites grad_x, grad_offset and grad_mask (None skips one, as in `columns_backward`)
-    and returns the weight's gradient [KCp, O] when need_weight, else None."""
+    and returns the weight's gradient [O, K·C] (tap-major rows, a channels-last weight's memory) when
+    need_weight, else None."""
     lib = library()
     if not fused_available():
         raise RuntimeError(f"no fused DCN kernel here: {status()}")
@@ -360,11 +371,16 @@ def conv_backward(
         raise ValueError(f"fused DCN backward takes fp32 and grad_out [{rows}, {out_channels}], "
                          f"given {x.dtype} and {tuple(grad_out.shape)}")
     geo = _backward_geometry(x, offset, mask, sampling, grad_offset, grad_mask)
-    per_thread = torch.zeros(threads, kcp, out_channels, dtype=x.dtype) if need_weight else None
+    per_thread = torch.empty(threads, kcp, out_channels, dtype=x.dtype) if need_weight else None  # zeroed there
     _done(lib.deform_conv_backward_f32(_ptr(x), _ptr(offset), _ptr(mask), _ptr(weight), _ptr(grad_out),
                                        _ptr(grad_x), _ptr(grad_offset), _ptr(grad_mask), _ptr(per_thread),
                                        out_channels, ctypes.byref(geo), threads))
-    return None if per_thread is None else per_thread.sum(0)
+    if per_thread is None:
+        return None
+    columns = sampling.kernel[0] * sampling.kernel[1] * x.shape[-1]
+    grad_weight = torch.empty(out_channels, columns, dtype=x.dtype)
+    lib.sum_transposed_f32(_ptr(per_thread), threads, kcp, out_channels, columns, _ptr(grad_weight), threads)
+    return grad_weight
 
 
 def to_channels_last(x: Tensor, pad_y: int = 0, pad_x: int = 0) -> Tensor:

@@ -248,9 +248,8 @@ class _DeformColumnsNative(torch.autograd.Function):
                 grad_w = native.conv_backward(x, offset, mask, w, go, sampling, grad_x, grad_offset, grad_mask,
                                               need_weight)
             grad_weight = None
-            if grad_w is not None:
-                grad_weight = (grad_w[: taps * c].t().reshape(out_channels, kh, kw, per_group).permute(0, 3, 1, 2)
-                               .to(weight.dtype))
+            if grad_w is not None:  # [O, K·C]: a channels-last weight's own layout
+                grad_weight = grad_w.view(out_channels, kh, kw, per_group).permute(0, 3, 1, 2).to(weight.dtype)
             return grad_x, grad_offset, grad_weight, grad_mask, grad_bias, None, None
         grad_w = None
         with torch.autocast(x.device.type, enabled=False):

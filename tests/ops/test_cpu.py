@@ -117,16 +117,21 @@ def test_fused_backward_repeats_bit_for_bit():
             assert torch.equal(grad, first), name
 
 
-def test_few_points_per_output_take_the_columns_path(monkeypatch):
-    """A layer with fewer output points than threads x outputs / 2 (here 2 images of 2 x 2 points, 48 outputs)
-    takes the columns path, where oneDNN's products beat the threads' own weight gradients; the results are
-    those of the fused kernel."""
+@pytest.mark.parametrize("limit,value,shape", [
+    ("FUSED_MIN_POINTS_PER_OUTPUT", 0.5, dict(h=4, w=4, s=2)),  # 2 images of 2 x 2 points for 48 outputs
+    ("FUSED_MAX_WEIGHT_BYTES", 4096, dict(h=8, w=9)),  # 80 padded columns x 48 outputs in fp32: 15 KiB
+])
+def test_where_the_fused_layer_does_not_pay_the_columns_path_runs(limit, value, shape, monkeypatch):
+    """A layer with fewer output points than threads x outputs / 2, or with a weight past
+    FUSED_MAX_WEIGHT_BYTES, takes the columns path, where oneDNN's products beat the threads' own weight
+    gradients; the results are those of the fused kernel."""
     if not native.fused_available():
         pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
-    x, offset, weight, bias, mask, (s, p, d) = dcn_case(torch.float32, c=8, o=48, h=4, w=4, s=2)
+    x, offset, weight, bias, mask, (s, p, d) = dcn_case(torch.float32, c=8, o=48, **shape)
     results = []
-    for minimum, fused in ((0, True), (0.5, False)):
-        monkeypatch.setattr(native, "FUSED_MIN_POINTS_PER_OUTPUT", minimum)
+    monkeypatch.setattr(native, "FUSED_MAX_WEIGHT_BYTES", 2**30)
+    for setting, fused in ((0 if limit == "FUSED_MIN_POINTS_PER_OUTPUT" else 2**30, True), (value, False)):
+        monkeypatch.setattr(native, limit, setting)
         with monkeypatch.context() as patch:
             calls = count_calls(patch, native, "conv_forward", "columns_forward")
             results.append(with_grads(ours_and_theirs(s, p, d)[0], [x, offset, weight, bias, mask]))

@@ -9,6 +9,8 @@ import torchvision.ops
 from harness.kernels import native
 from harness.ops import DeformConv2d, cuda
 
+from .conftest import count_calls
+
 
 @pytest.mark.parametrize("layout", ["shared", "per_tap"])
 @pytest.mark.parametrize("backend", ["native", "torchvision"])
@@ -113,29 +115,33 @@ def test_layer_trains_after_running_under_inference_mode(layout, cpu_kernel):
     assert layer.offset_predictor.weight.grad is not None and layer.offset_predictor.weight.grad.abs().sum() > 0
 
 
-def test_weight_is_laid_out_for_its_device():
+@pytest.mark.parametrize("out_channels,size,path", [(48, 4, "columns_forward"), (16, 8, "conv_forward")])
+def test_weight_is_laid_out_for_its_device(out_channels, size, path, monkeypatch):
     """On the CPU the weight is channels-last, [O, kh, kw, C] in memory, the compiled kernel's column order:
-    neither pass re-lays it out, and the columns path's weight gradient arrives in the same layout (autograd
-    keeps it without a copy). Moved off the CPU it is contiguous again, for the GPU's batched matmuls; the
-    values and a state dict go across unchanged."""
+    the columns path reads it without a copy, and both paths' weight gradients arrive in the same layout
+    (autograd keeps them without a copy). Moved off the CPU it is contiguous again, for the GPU's batched
+    matmuls; the values and a state dict go across unchanged."""
     if not native.available():
         pytest.skip(f"native kernel unavailable: {native.status()}")
-    conv = torch.nn.Conv2d(8, 48, 3, stride=2, padding=1)
+    if path == "conv_forward" and not native.fused_available():
+        pytest.skip(f"no fused kernel (AVX2 or AVX-512 only): {native.status()}")
+    conv = torch.nn.Conv2d(8, out_channels, 3, stride=2, padding=1)
     layer = DeformConv2d.from_conv(conv)
     assert layer.weight.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(layer.weight, conv.weight)
     arriving = []
     layer.weight.register_hook(lambda grad: arriving.append(grad.is_contiguous(memory_format=torch.channels_last)))
-    x = torch.randn(2, 8, 4, 4)  # 2 x 2 x 2 output points for 48 outputs: the columns path
+    calls = count_calls(monkeypatch, native, path)
+    x = torch.randn(2, 8, size, size)  # 2 x 2 x 2 points for 48 outputs take the columns path, 2 x 4 x 4 for 16 fuse
     out = layer(x)
     out.square().sum().backward()
-    assert arriving == [True]
+    assert calls == {path: 1} and arriving == [True]
     expected = torch.autograd.grad(conv(x).square().sum(), conv.weight)[0]
     torch.testing.assert_close(layer.weight.grad, expected, atol=1e-4, rtol=0)
 
-    moved = DeformConv2d(8, 48, 3, stride=2, padding=1).to("meta")
+    moved = DeformConv2d(8, out_channels, 3, stride=2, padding=1).to("meta")
     assert moved.weight.is_contiguous() and not moved.weight.is_contiguous(memory_format=torch.channels_last)
     assert layer.to(torch.float64).weight.is_contiguous(memory_format=torch.channels_last)
-    reloaded = DeformConv2d(8, 48, 3, stride=2, padding=1)
+    reloaded = DeformConv2d(8, out_channels, 3, stride=2, padding=1)
     reloaded.load_state_dict(layer.state_dict())
     assert torch.equal(reloaded.weight, layer.weight)

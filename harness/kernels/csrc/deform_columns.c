@@ -800,10 +800,11 @@ int NAME(deform_conv_forward)(const T *x, const T *offset, const T *mask, const 
 
 /* The fused convolution's backward. grad_out [N*L, O] rows (channels last); weight [O, KCp] (row o:
  * tap-major K*C values, then zeros). grad_x, grad_offset, grad_mask as in deform_columns_backward
- * (overwritten, or NULL); grad_weight [threads, KCp, O] (or NULL): each thread adds its images' weight
- * gradient to its own slice, zeroed by the caller, who sums them. Per tile: the column gradient
- * (grad_out's rows times the weights), the sampling backward, which writes the columns over it, and
- * the weight gradient from those columns, all in the thread's buffer. */
+ * (overwritten, or NULL); grad_weight [threads, KCp, O] (or NULL): each thread zeroes its own slice and
+ * adds its images' weight gradient to it (slices of threads the team did not get are zeroed after);
+ * sum_transposed then adds them up. Per tile: the column gradient (grad_out's rows times the weights),
+ * the sampling backward, which writes the columns over it, and the weight gradient from those columns,
+ * all in the thread's buffer. */
 int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const T *weight, const T *grad_out,
                                T *grad_x, T *grad_offset, T *grad_mask, T *grad_weight, int64_t out_channels,
                                const geometry_t *geo, int threads) {
@@ -812,12 +813,15 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
     const int64_t kc = K * C, ld = (kc + 15) / 16 * 16;
     const int grads = (grad_x ? GRAD_X : 0) | (grad_offset ? GRAD_POS : 0) | (grad_mask ? GRAD_VALUE : 0);
     const int what = grads | (grad_weight ? COLUMNS : 0);
-    int failed = 0;
+    int failed = 0, team = threads;
 #pragma omp parallel num_threads(threads)
     {
         const NAME(tile_t) tb = NAME(tile_alloc)(GK, cg, 1, !mask);
         T *cols = calloc(TILE * ld, sizeof(T));
         T *gw = grad_weight ? grad_weight + (int64_t)omp_get_thread_num() * ld * O : 0;
+        if (gw) memset(gw, 0, sizeof(T) * ld * O);  /* by its thread: in parallel, and first touched there */
+#pragma omp master
+        team = omp_get_num_threads();
         int64_t where[TILE];
         NAME(tile_backward_t) t = {.dcols = cols, .wt = tb.wt, .lh = tb.lh, .lw = tb.lw, .scales = tb.scales,
                                    .zeros = tb.zeros, .scratch = tb.scratch, .cols = cols, .grad_pos = tb.grad_pos,
@@ -849,7 +853,31 @@ int NAME(deform_conv_backward)(const T *x, const T *offset, const T *mask, const
         free(cols);
         free(tb.base);
     }
+    if (grad_weight && team < threads) memset(grad_weight + team * ld * O, 0, sizeof(T) * (threads - team) * ld * O);
     return failed;
+}
+
+/* out [O, kc] (the weight's channels-last layout) = the sum of `count` slices [ld, O] of grad_weight (the
+ * fused backward's per-thread weight gradients), transposed, in 16 x 16 blocks held in registers and L1.
+ * One pass instead of a sum and a transposing copy; the slices are added in their order, so the result
+ * does not depend on the threads' timing. */
+void NAME(sum_transposed)(const T *slices, int64_t count, int64_t ld, int64_t O, int64_t kc, T *out, int threads) {
+    const int64_t kb = (kc + 15) / 16, ob = (O + 15) / 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < kb * ob; ++b) {
+        const int64_t k0 = b / ob * 16, o0 = b % ob * 16;
+        const int64_t kn = kc - k0 < 16 ? kc - k0 : 16, on = O - o0 < 16 ? O - o0 : 16;
+        T block[16][16];
+        for (int64_t k = 0; k < kn; ++k)
+            for (int64_t o = 0; o < on; ++o) block[k][o] = slices[(k0 + k) * O + o0 + o];
+        for (int64_t t = 1; t < count; ++t) {
+            const T *slice = slices + t * ld * O;
+            for (int64_t k = 0; k < kn; ++k)
+                for (int64_t o = 0; o < on; ++o) block[k][o] += slice[(k0 + k) * O + o0 + o];
+        }
+        for (int64_t o = 0; o < on; ++o)
+            for (int64_t k = 0; k < kn; ++k) out[(o0 + o) * kc + k0 + k] = block[k][o];
+    }
 }
 #endif
 
