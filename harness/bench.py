@@ -50,6 +50,7 @@ DEFAULT_SHAPES: list[tuple[int, int, int, int, int, int]] = [
     (16, 64, 64, 32, 1, 2),
 ]
 IMPLS = ("conv2d", "per_tap", "shared", "modulated", "torchvision", "im2col_gemm")
+MODEL_WIDTH = 0.25  # `bench model`'s width multiplier for the harness's own networks, unless given
 
 
 @dataclass
@@ -367,7 +368,7 @@ def bench_model(
 ) -> list[ModelRow]:
     """Training-step throughput (forward, BCE loss, backward, Adam step) per deformable placement,
     the placements' steps interleaved (see below), medians over the same number of steps each.
-    `width` scales the harness's own networks (0.25 unless given); other archs have their own widths."""
+    `width` scales the harness's own networks (MODEL_WIDTH unless given); other archs have their own widths."""
     _check_device(device)
     if width is not None and arch not in MODELS:
         raise HarnessError(f"--width scales {' and '.join(MODELS)} only; {arch} is built at its own width")
@@ -384,7 +385,7 @@ def bench_model(
         if progress:
             progress(placement)
         model = create_model(
-            arch, width=0.25 if width is None else width, deform_layers=placement,
+            arch, width=MODEL_WIDTH if width is None else width, deform_layers=placement,
             options=DeformOptions(offset_channels=offset_channels, modulated=modulated),
         ) if arch in MODELS else build_network(_model_config(arch, placement, offset_channels, modulated), 80)
         model.to(device)

@@ -15,6 +15,7 @@ from harness.bench import (
     CUDA_ROUNDS,
     DEFAULT_SHAPES,
     IMPLS,
+    MODEL_WIDTH,
     LayerShape,
     bench_model,
     bench_ops,
@@ -95,8 +96,9 @@ def model(
     batch: Annotated[int, typer.Option(help="batch size")] = 32,
     arch: Annotated[str, typer.Option(help="unet_encoder, small3, resnet18|34|50 or package.module:factory")] = (
         "unet_encoder"),
-    width: Annotated[float | None, typer.Option(help="width multiplier of unet_encoder and small3 (default 0.25)")] = (
-        None),
+    width: Annotated[
+        float | None, typer.Option(help=f"width multiplier of unet_encoder and small3 (default {MODEL_WIDTH})")
+    ] = None,
     offset_channels: Annotated[str, typer.Option(help="per_tap or shared")] = "per_tap",
     modulated: Annotated[bool, typer.Option("--modulated", help="DCNv2 masks")] = False,
     threads: Annotated[int, typer.Option(help="torch intra-op threads")] = 2,
@@ -117,7 +119,7 @@ def model(
     if as_json:
         print(json.dumps({"machine": machine_description(), "rows": [asdict(r) for r in rows]}, indent=2))
         return
-    scale = "" if arch not in MODELS else f" ×{0.25 if width is None else width}"
+    scale = "" if arch not in MODELS else f" ×{MODEL_WIDTH if width is None else width}"
     table = Table(title=f"{arch}{scale} training step, {image_size} px, batch {batch}, {offset_channels}")
     for col in ("placement", "images/s", "ms/step", "vs standard", "steps"):
         table.add_column(col, justify="right")
